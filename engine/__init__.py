@@ -1,0 +1,1 @@
+"""SeCO engine: chunk-wise exact (SeCO) and sparse unbiased (SpaCO) backprop for long-context fine-tuning."""
