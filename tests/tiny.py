@@ -1,0 +1,68 @@
+"""Tiny random models and the plain full-sequence reference, shared by the tests (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+VOCAB = 97
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    max_position_embeddings=512,
+)
+
+
+def tiny_model(config_cls: str = "LlamaConfig", dtype=torch.float64, attn: str = "sdpa", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(**{**BASE, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+    return model.to(dtype)
+
+
+def tiny_batch(batch: int = 2, seq: int = 37, seed: int = 1, pad_from: int | None = 30, ignore=(5, 9)):
+    """input_ids, labels and a right-padded attention mask, with a -100 span in row 0's labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad_from is not None and batch > 1:
+        mask[1, pad_from:] = 0
+        ids[1, pad_from:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    if ignore:
+        labels[0, ignore[0] : ignore[1]] = -100
+    return ids, labels, mask
+
+
+def reference_grads(model, ids, labels, mask=None):
+    """Plain full-sequence backprop; the loss is computed from the logits in the model's own dtype
+    (float32 at least), since HF's loss upcasts float64 logits down to float32."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    loss = F.cross_entropy(logits.flatten(0, 1).to(dtype), targets.flatten(), ignore_index=-100)
+    loss.backward()
+    grads = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def grads_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def rel_error(got: dict, ref: dict) -> float:
+    assert got.keys() == ref.keys(), (sorted(set(got) ^ set(ref)))
+    num = sum(((got[n].double() - ref[n].double()) ** 2).sum() for n in ref)
+    den = sum((ref[n].double() ** 2).sum() for n in ref)
+    return float((num / den).sqrt())
