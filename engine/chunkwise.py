@@ -15,12 +15,12 @@ state that grows with the sequence (DESIGN.md section 4).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from engine.distributed import backend_for
 from engine.kv_cache import ChunkKVCache
 
 IGNORE = -100
@@ -56,29 +56,38 @@ def chunkwise_backward(
     generator: torch.Generator | None = None,
     num_items_in_batch: int | None = None,
     compensation_cap: float | None = None,
-    backward: Callable[[torch.Tensor], None] | None = None,
 ) -> ChunkStats:
     """Add to every trainable parameter's .grad the gradient (SeCO) or an unbiased estimate of it (SpaCO) of
     `model(input_ids, labels=labels, attention_mask=attention_mask).loss`, one chunk's graph at a time.
 
-    `num_items_in_batch` overrides the token count the loss is divided by (HF's argument of the same name):
-    data-parallel callers pass the global count. `backward` replaces `loss.backward()` (DeepSpeed passes
-    `engine.backward`). `compensation_cap` caps the fixed sampler's weight k/t (trading bias for variance).
+    `model` may also be a `deepspeed.DeepSpeedEngine`: chunks then run and backprop through the engine, and
+    the caller calls `engine.step()` (engine/distributed.py). `num_items_in_batch` overrides the (global)
+    token count the loss is divided by, as HF's argument of that name. `compensation_cap` caps the fixed
+    sampler's weight k/t (trading bias for variance).
     """
     _check_args(input_ids, labels, attention_mask, chunk_size, mode, sample_prob, sampler, budget, selected)
-    _check_model(model)
-    batch, seq_len = input_ids.shape
+    backend = backend_for(model)
+    module = backend.module  # the transformers (or PEFT) model itself, for its config
+    _check_model(module)
     if labels is None:  # like a causal-LM collator: learn every real token, never padding
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE)
+    local_tokens = int((labels[:, 1:] != IGNORE).sum())
+    seq_len, num_tokens = backend.agree(input_ids.shape[1], local_tokens)
+    if num_items_in_batch is not None:
+        num_tokens = int(num_items_in_batch)
+    input_ids, labels, attention_mask = _pad_to(seq_len, input_ids, labels, attention_mask, _pad_id(module))
+    batch = input_ids.shape[0]
     targets = torch.full_like(labels, IGNORE)
     targets[:, :-1] = labels[:, 1:]
-    num_tokens = int((targets != IGNORE).sum()) if num_items_in_batch is None else int(num_items_in_batch)
     chunks = [(s, min(s + chunk_size, seq_len)) for s in range(0, seq_len, chunk_size)]
     k = len(chunks)
     chosen, weight = draw_chunks(k, mode, sample_prob, sampler, budget, selected, generator, compensation_cap)
+    # DeepSpeed ranks must all backprop at least once per step: an empty draw becomes one zero-weight pass.
+    order = sorted(chosen, reverse=True) or ([k - 1] if backend.must_backward else [])
+    weight = weight if chosen else 0.0
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    cache = ChunkKVCache(_num_layers(model), seq_len, needs_grad=bool(chosen) and bool(trainable))
+    cache = ChunkKVCache(_num_layers(module), seq_len, needs_grad=bool(order) and bool(trainable))
     position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(batch, -1)
 
     def run_chunk(c: int) -> torch.Tensor:
@@ -95,20 +104,22 @@ def chunkwise_backward(
         return _ce_sum(out.logits, targets[:, s:e])
 
     # Pass 1: every chunk, no graph. The K/V checkpoints fill up; the loss is exact for logging.
-    rng = _RngReplay(input_ids.device, active=_has_active_dropout(model))
+    rng = _RngReplay(input_ids.device, active=_has_active_dropout(module))
     loss_sum = 0.0
     with torch.no_grad():
         for c in range(k):
             rng.save(c)
             loss_sum += float(run_chunk(c))
     rng.save("end")
+    loss_sum = backend.total(loss_sum)
 
-    # Pass 2: drawn chunks in reverse; each backward deposits on earlier chunks' K/V gradients.
-    backward = backward or torch.Tensor.backward
-    with _Fp32GradAccumulation(trainable, enabled=backward is torch.Tensor.backward):
-        for c in sorted(chosen, reverse=True):
+    # Pass 2: drawn chunks in reverse; each backward deposits on earlier chunks' K/V gradients. DeepSpeed
+    # averages gradients over ranks, hence the world size against the global token count.
+    scale = weight * backend.world_size / max(num_tokens, 1)
+    with _Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32), backend.step_context():
+        for i, c in enumerate(order):
             rng.restore(c)  # dropout masks of the recompute equal pass 1's
-            backward(run_chunk(c) * (weight / num_tokens))
+            backend.backward(run_chunk(c) * scale, is_last=i == len(order) - 1)
     rng.restore("end")  # the caller's RNG stream continues as after one forward
 
     return ChunkStats(
@@ -116,14 +127,16 @@ def chunkwise_backward(
         num_tokens=num_tokens,
         num_chunks=k,
         selected=sorted(chosen),
-        compensation=weight,
+        compensation=weight if chosen else 0.0,
         seq_len=seq_len,
         chunk_size=chunk_size,
         kv_bytes=cache.kv_bytes(),
     )
 
 
-def draw_chunks(k, mode, sample_prob, sampler, budget, selected, generator, cap=None) -> tuple[list[int], float]:
+def draw_chunks(
+    k, mode, sample_prob, sampler, budget, selected, generator, cap=None
+) -> tuple[list[int], float]:
     """Which chunks pass 2 visits, and the weight w each carries.
 
     Bernoulli(q), w = 1/q: a gradient path through p distinct chunks survives with probability q^p and carries
@@ -157,7 +170,10 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # Like HF's loss, compute in float32 at least; float64 models keep float64 (the exactness reference).
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return F.cross_entropy(
-        logits.flatten(0, 1).to(dtype), targets.flatten().to(logits.device), ignore_index=IGNORE, reduction="sum"
+        logits.flatten(0, 1).to(dtype),
+        targets.flatten().to(logits.device),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
 
 
@@ -249,6 +265,25 @@ def _check_args(input_ids, labels, attention_mask, chunk_size, mode, sample_prob
             raise ValueError(f"budget={budget} is larger than the number of chunks ({k})")
 
 
+def _pad_to(seq_len, input_ids, labels, attention_mask, pad_id):
+    """Right-pad this rank's batch to the length all ranks agreed on (padding is masked and never a target)."""
+    extra = seq_len - input_ids.shape[1]
+    if extra == 0:
+        return input_ids, labels, attention_mask
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return (
+        F.pad(input_ids, (0, extra), value=pad_id),
+        F.pad(labels, (0, extra), value=IGNORE),
+        F.pad(attention_mask, (0, extra), value=0),
+    )
+
+
+def _pad_id(model) -> int:
+    pad = getattr(_config(model), "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
 def _config(model):
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -284,5 +319,7 @@ def _has_active_dropout(model) -> bool:
         return True
     cfg = _config(model)
     return any(
-        isinstance(v, float) and v > 0 for n, v in vars(cfg).items() if "dropout" in n and "classifier" not in n
+        isinstance(v, float) and v > 0
+        for n, v in vars(cfg).items()
+        if "dropout" in n and "classifier" not in n
     )

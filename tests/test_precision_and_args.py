@@ -15,7 +15,9 @@ from engine.kv_cache import ChunkKVCache
 def test_bf16_chunkwise_error_within_1_5x_of_plain_bf16_backprop():
     fp64 = tiny_model("LlamaConfig", torch.float64, seed=3)
     bf16 = copy.deepcopy(fp64).to(torch.bfloat16)
-    fp64.load_state_dict({k: v.to(torch.float64) for k, v in bf16.state_dict().items()})  # same rounded weights
+    fp64.load_state_dict(
+        {k: v.to(torch.float64) for k, v in bf16.state_dict().items()}
+    )  # same rounded weights
     ids, labels, mask = tiny_batch(batch=2, seq=256, pad_from=240, ignore=(10, 30))
     _, exact = reference_grads(fp64, ids, labels, mask)
     _, plain = reference_grads(bf16, ids, labels, mask)

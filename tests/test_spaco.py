@@ -26,7 +26,14 @@ def setup():
 def estimate(model, ids, labels, mask, selected, **kw):
     model.zero_grad(set_to_none=True)
     stats = chunkwise_backward(
-        model, ids, labels=labels, attention_mask=mask, chunk_size=CHUNK, mode="spaco", selected=selected, **kw
+        model,
+        ids,
+        labels=labels,
+        attention_mask=mask,
+        chunk_size=CHUNK,
+        mode="spaco",
+        selected=selected,
+        **kw,
     )
     grads = grads_of(model)
     # An empty selection adds nothing: its estimate is zero.
@@ -49,7 +56,9 @@ def test_bernoulli_is_exactly_unbiased(setup, q):
         sel = [c for c in range(K) if bits[c]]
         p = q ** len(sel) * (1 - q) ** (K - len(sel))
         terms.append((p, estimate(model, ids, labels, mask, sel, sample_prob=q)[1]))
-        uncompensated.append((p, estimate(model, ids, labels, mask, sel, sample_prob=q, compensation_cap=1.0)[1]))
+        uncompensated.append(
+            (p, estimate(model, ids, labels, mask, sel, sample_prob=q, compensation_cap=1.0)[1])
+        )
     assert rel_error(expectation(terms), seco) <= 1e-6
     # Without the 1/q weights the same check fails: the test can tell a biased estimator.
     assert rel_error(expectation(uncompensated), seco) > 0.1
@@ -67,7 +76,9 @@ def test_fixed_t_of_k_bias_is_recorded(setup, t):
     """The paper's t-of-k draw with weight k/t: exact for single-chunk paths, biased for longer ones."""
     model, ids, labels, mask, seco = setup
     subsets = list(itertools.combinations(range(K), t))
-    terms = [(1 / len(subsets), estimate(model, ids, labels, mask, list(s), sampler="fixed")[1]) for s in subsets]
+    terms = [
+        (1 / len(subsets), estimate(model, ids, labels, mask, list(s), sampler="fixed")[1]) for s in subsets
+    ]
     bias = rel_error(expectation(terms), seco)
     print(f"fixed sampler k={K} t={t}: relative bias of the expected gradient {bias:.3e}")
     if t == K:
@@ -77,7 +88,9 @@ def test_fixed_t_of_k_bias_is_recorded(setup, t):
 
 
 def test_fixed_draw_with_budget_and_generator_is_reproducible():
-    draws = [draw_chunks(16, "spaco", None, "fixed", 4, None, torch.Generator().manual_seed(3)) for _ in range(2)]
+    draws = [
+        draw_chunks(16, "spaco", None, "fixed", 4, None, torch.Generator().manual_seed(3)) for _ in range(2)
+    ]
     assert draws[0] == draws[1] and len(draws[0][0]) == 4 and draws[0][1] == 4.0
     chosen, w = draw_chunks(16, "spaco", None, "fixed", 4, None, torch.Generator().manual_seed(3), cap=2.0)
     assert w == 2.0
@@ -101,7 +114,12 @@ def test_spaco_loss_is_the_exact_full_loss():
     model = tiny_model("LlamaConfig", torch.float32)
     ids, labels, mask = tiny_batch()
     hf = model(input_ids=ids, labels=labels, attention_mask=mask).loss.item()
-    for mode, kw in (("seco", {}), ("spaco", {"sample_prob": 0.25, "generator": torch.Generator().manual_seed(0)})):
-        stats = chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8, mode=mode, **kw)
+    for mode, kw in (
+        ("seco", {}),
+        ("spaco", {"sample_prob": 0.25, "generator": torch.Generator().manual_seed(0)}),
+    ):
+        stats = chunkwise_backward(
+            model, ids, labels=labels, attention_mask=mask, chunk_size=8, mode=mode, **kw
+        )
         assert stats.loss == pytest.approx(hf, rel=1e-6), mode
         assert stats.num_tokens == int((labels[:, 1:] != -100).sum())

@@ -21,7 +21,9 @@ BASE = dict(
 )
 
 
-def tiny_model(config_cls: str = "LlamaConfig", dtype=torch.float64, attn: str = "sdpa", seed: int = 0, **overrides):
+def tiny_model(
+    config_cls: str = "LlamaConfig", dtype=torch.float64, attn: str = "sdpa", seed: int = 0, **overrides
+):
     torch.manual_seed(seed)
     cfg = getattr(transformers, config_cls)(**{**BASE, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
@@ -58,11 +60,15 @@ def reference_grads(model, ids, labels, mask=None):
 
 
 def grads_of(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return {
+        n: p.grad.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
 
 
 def rel_error(got: dict, ref: dict) -> float:
-    assert got.keys() == ref.keys(), (sorted(set(got) ^ set(ref)))
+    assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
     num = sum(((got[n].double() - ref[n].double()) ** 2).sum() for n in ref)
     den = sum((ref[n].double() ** 2).sum() for n in ref)
     return float((num / den).sqrt())

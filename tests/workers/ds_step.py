@@ -1,0 +1,64 @@
+"""One chunk-wise training step under the deepspeed launcher; rank 0 saves the updated weights.
+
+Usage: deepspeed --num_gpus 2 tests/workers/ds_step.py --zero 2 [--offload-optimizer] [--offload-param]
+       [--lora] [--mode seco|spaco] [--optim sgd|adamw] --out result.pt
+"""
+
+import argparse
+import os
+import sys
+
+import deepspeed
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ds_reference import build, global_batch, lora_wrap, make_optimizer  # noqa: E402
+
+from engine.chunkwise import chunkwise_backward  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--zero", type=int, required=True)
+p.add_argument("--offload-optimizer", action="store_true")
+p.add_argument("--offload-param", action="store_true")
+p.add_argument("--lora", action="store_true")
+p.add_argument("--mode", default="seco")
+p.add_argument("--optim", default="sgd", choices=["sgd", "adamw"])
+p.add_argument("--out", required=True)
+p.add_argument("--local_rank", type=int, default=0)
+args = p.parse_args()
+
+deepspeed.init_distributed(dist_backend="gloo")
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+model = build()
+if args.lora:
+    model = lora_wrap(model)
+zero = {"stage": args.zero}
+if args.offload_optimizer:
+    zero["offload_optimizer"] = {"device": "cpu"}
+if args.offload_param:
+    zero["offload_param"] = {"device": "cpu"}
+ds_config = {
+    "train_micro_batch_size_per_gpu": 1,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": zero,
+    "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
+    "zero_force_ds_cpu_optimizer": False,
+    "zero_allow_untested_optimizer": True,  # plain SGD: its update is the gradient
+}
+params = [p for p in model.parameters() if p.requires_grad]
+opt = make_optimizer(args.optim, params)
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+ids, labels, mask = (t[rank : rank + 1] for t in global_batch())
+n = int(mask[0].sum())  # uneven lengths: each rank sees only its own unpadded length
+ids, labels, mask = ids[:, :n], labels[:, :n], mask[:, :n]
+kw = {"sample_prob": 1.0} if args.mode == "spaco" else {}
+stats = chunkwise_backward(
+    engine, ids, labels=labels, attention_mask=mask, chunk_size=8, mode=args.mode, **kw
+)
+engine.step()
+state = {}
+for name, p in engine.module.named_parameters():
+    with deepspeed.zero.GatheredParameters([p], enabled=args.zero == 3):
+        state[name] = p.detach().clone().float()
+if rank == 0:
+    torch.save({"params": state, "loss": stats.loss, "tokens": stats.num_tokens}, args.out)
