@@ -14,7 +14,9 @@ state that grows with the sequence (DESIGN.md section 4).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -106,7 +108,7 @@ def chunkwise_backward(
     # Pass 1: every chunk, no graph. The K/V checkpoints fill up; the loss is exact for logging.
     rng = _RngReplay(input_ids.device, active=_has_active_dropout(module))
     loss_sum = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), _sdpa_gqa_without_repeat(input_ids.device):
         for c in range(k):
             rng.save(c)
             loss_sum += float(run_chunk(c))
@@ -116,7 +118,11 @@ def chunkwise_backward(
     # Pass 2: drawn chunks in reverse; each backward deposits on earlier chunks' K/V gradients. DeepSpeed
     # averages gradients over ranks, hence the world size against the global token count.
     scale = weight * backend.world_size / max(num_tokens, 1)
-    with _Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32), backend.step_context():
+    with (
+        _Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32),
+        backend.step_context(),
+        _sdpa_gqa_without_repeat(input_ids.device),
+    ):
         for i, c in enumerate(order):
             rng.restore(c)  # dropout masks of the recompute equal pass 1's
             backend.backward(run_chunk(c) * scale, is_last=i == len(order) - 1)
@@ -175,6 +181,27 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE,
         reduction="sum",
     )
+
+
+@contextlib.contextmanager
+def _sdpa_gqa_without_repeat(device: torch.device):
+    """On CPU, let transformers' sdpa attention pass grouped K/V heads to SDPA (enable_gqa) instead of
+    repeating them per query head: a chunk's queries always come with a mask (they see a prefix), and with a
+    mask transformers repeats K/V, an extra (heads / kv_heads) copies of the whole KV cache saved for backward
+    in every layer. torch's CPU flash kernel takes a mask and GQA together. On CUDA the same switch would
+    select the math kernel, which materialises attention probabilities: use flash_attention_2 there."""
+    if device.type != "cpu":
+        yield
+        return
+    key, old = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = old
 
 
 class _RngReplay:
