@@ -58,6 +58,7 @@ def chunkwise_backward(
     generator: torch.Generator | None = None,
     num_items_in_batch: int | None = None,
     compensation_cap: float | None = None,
+    offload_kv: bool = False,
 ) -> ChunkStats:
     """Add to every trainable parameter's .grad the gradient (SeCO) or an unbiased estimate of it (SpaCO) of
     `model(input_ids, labels=labels, attention_mask=attention_mask).loss`, one chunk's graph at a time.
@@ -65,7 +66,8 @@ def chunkwise_backward(
     `model` may also be a `deepspeed.DeepSpeedEngine`: chunks then run and backprop through the engine, and
     the caller calls `engine.step()` (engine/distributed.py). `num_items_in_batch` overrides the (global)
     token count the loss is divided by, as HF's argument of that name. `compensation_cap` caps the fixed
-    sampler's weight k/t (trading bias for variance).
+    sampler's weight k/t (trading bias for variance). `offload_kv` keeps the K/V checkpoints and their
+    gradients in (pinned) host memory, fetched layer by layer (engine/kv_cache.py).
     """
     _check_args(input_ids, labels, attention_mask, chunk_size, mode, sample_prob, sampler, budget, selected)
     backend = backend_for(model)
@@ -89,21 +91,24 @@ def chunkwise_backward(
     weight = weight if chosen else 0.0
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    cache = ChunkKVCache(_num_layers(module), seq_len, needs_grad=bool(order) and bool(trainable))
+    cache = ChunkKVCache(
+        _num_layers(module), seq_len, needs_grad=bool(order) and bool(trainable), offload=offload_kv
+    )
     position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(batch, -1)
 
     def run_chunk(c: int) -> torch.Tensor:
         """Summed CE of chunk c, run against the K/V of chunks 0..c-1 already in the cache."""
         s, e = chunks[c]
         cache.begin_chunk(s, relay=weight)
-        out = model(
-            input_ids=input_ids[:, s:e],
-            attention_mask=None if attention_mask is None else attention_mask[:, :e],
-            position_ids=position_ids[:, s:e],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        return _ce_sum(out.logits, targets[:, s:e])
+        with cache.saved_kv_offloaded():
+            out = model(
+                input_ids=input_ids[:, s:e],
+                attention_mask=None if attention_mask is None else attention_mask[:, :e],
+                position_ids=position_ids[:, s:e],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            return _ce_sum(out.logits, targets[:, s:e])
 
     # Pass 1: every chunk, no graph. The K/V checkpoints fill up; the loss is exact for logging.
     rng = _RngReplay(input_ids.device, active=_has_active_dropout(module))

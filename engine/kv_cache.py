@@ -19,16 +19,22 @@ scaling and 1/gradient_accumulation_steps included), which a surrogate dot produ
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
 class _AppendKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, new: torch.Tensor, buf: torch.Tensor, grad_buf: torch.Tensor, start: int, relay: float):
+    def forward(ctx, new: torch.Tensor, layer: ChunkKVLayer, which: str, start: int, relay: float):
+        buf, grad_buf = layer.buffers(which)
         end = start + new.shape[-2]
         buf[..., start:end, :].copy_(new)
         ctx.grad_buf, ctx.start, ctx.end, ctx.relay = grad_buf, start, end, relay
+        if layer.cache.offload:  # a device copy of prefix + chunk, which backward re-fetches from the host
+            return layer.cache.fetch(layer.idx, which, upto=start, total=end, tail=new)
         # A view, not a copy: attention reads prefix + chunk straight from the preallocated buffer.
         return buf[..., :end, :]
 
@@ -36,9 +42,19 @@ class _AppendKV(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         g, start, end = ctx.grad_buf, ctx.start, ctx.end
         if start > 0:
-            g[..., :start, :].add_(grad[..., :start, :])  # deposit on the prefix (fp32 accumulation)
-        own = grad[..., start:end, :].float().add_(g[..., start:end, :], alpha=ctx.relay)  # relay G_c
+            _add_into(g[..., :start, :], grad[..., :start, :])  # deposit on the prefix (fp32 accumulation)
+        relayed = g[..., start:end, :].to(grad.device, non_blocking=True)
+        own = grad[..., start:end, :].float().add_(relayed, alpha=ctx.relay)  # relay G_c
         return own.to(grad.dtype), None, None, None, None
+
+
+def _add_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if dst.device == src.device:
+        dst.add_(src)
+        return
+    # Host-resident accumulator: add on the device, copy back; same stream, so the next read sees it.
+    tmp = dst.to(src.device, non_blocking=True).add_(src)
+    dst.copy_(tmp, non_blocking=True)
 
 
 class ChunkKVLayer(CacheLayerMixin):
@@ -47,37 +63,52 @@ class ChunkKVLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, cache: ChunkKVCache):
+    def __init__(self, cache: ChunkKVCache, idx: int):
         super().__init__()
-        self.cache = cache
+        self.cache, self.idx = cache, idx
         self.k_buf = self.v_buf = self.k_grad = self.v_grad = None
+
+    def buffers(self, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return (self.k_buf, self.k_grad) if which == "k" else (self.v_buf, self.v_grad)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        n, dev = self.cache.seq_len, key_states.device
+        n = self.cache.seq_len
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.k_buf = torch.empty(b, h, n, d, dtype=key_states.dtype, device=dev)
-        self.v_buf = torch.empty(b, h, n, value_states.shape[-1], dtype=value_states.dtype, device=dev)
+        host = self.cache.offload
+        # Pinned host memory makes the copies asynchronous; only worth it (and possible) next to a GPU.
+        dev, pin = ("cpu", key_states.is_cuda) if host else (key_states.device, False)
+
+        def alloc(dv, dtype, zero=False):
+            t = torch.empty(b, h, n, dv, dtype=dtype, device=dev, pin_memory=pin)
+            return t.zero_() if zero else t
+
+        self.k_buf, self.v_buf = alloc(d, key_states.dtype), alloc(value_states.shape[-1], value_states.dtype)
         if self.cache.needs_grad:
-            self.k_grad = torch.zeros(b, h, n, d, dtype=torch.float32, device=dev)
-            self.v_grad = torch.zeros(b, h, n, value_states.shape[-1], dtype=torch.float32, device=dev)
+            self.k_grad = alloc(d, torch.float32, zero=True)
+            self.v_grad = alloc(value_states.shape[-1], torch.float32, zero=True)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, relay = self.cache.offset, self.cache.relay
-        assert start + key_states.shape[-2] <= self.cache.seq_len, "chunk runs past the planned sequence"
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            keys = _AppendKV.apply(key_states, self.k_buf, self.k_grad, start, relay)
-            values = _AppendKV.apply(value_states, self.v_buf, self.v_grad, start, relay)
-        else:  # pass 1: plain writes, no autograd node
-            end = start + key_states.shape[-2]
-            self.k_buf[..., start:end, :].copy_(key_states)
-            self.v_buf[..., start:end, :].copy_(value_states)
-            keys, values = self.k_buf[..., :end, :], self.v_buf[..., :end, :]
-        self.keys, self.values = keys, values
-        return keys, values
+        end = start + key_states.shape[-2]
+        assert end <= self.cache.seq_len, "chunk runs past the planned sequence"
+        out = []
+        for which, new in (("k", key_states), ("v", value_states)):
+            if torch.is_grad_enabled() and new.requires_grad:
+                out.append(_AppendKV.apply(new, self, which, start, relay))
+                continue
+            buf = self.buffers(which)[0]  # pass 1: plain writes, no autograd node
+            buf[..., start:end, :].copy_(new)
+            if self.cache.offload:
+                out.append(self.cache.fetch(self.idx, which, upto=start, total=end, tail=new))
+            else:
+                out.append(buf[..., :end, :])
+        # HF reads .keys for shapes only; never hold an offloaded device copy here.
+        self.keys, self.values = self.k_buf[..., :end, :], self.v_buf[..., :end, :]
+        return out[0], out[1]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Keys cover the whole prefix plus this chunk, starting at absolute position 0; the model then builds
@@ -96,16 +127,98 @@ class ChunkKVLayer(CacheLayerMixin):
 
 
 class ChunkKVCache(Cache):
-    """transformers Cache whose prefix is the K/V of chunks already run; `offset` is where the chunk starts."""
+    """transformers Cache whose prefix is the K/V of chunks already run; `offset` is where the chunk starts.
 
-    def __init__(self, num_layers: int, seq_len: int, needs_grad: bool = True):
-        self.seq_len, self.needs_grad = seq_len, needs_grad
+    With `offload=True` the K/V checkpoints and their gradients live in (pinned) host memory. Attention gets
+    a device copy of one layer's prefix at a time; the copies attention saves for backward are replaced by
+    handles (saved-tensor hooks, `saved_kv_offloaded`) and fetched again, one layer ahead, during backward.
+    Device memory then stays flat as the sequence grows; the sequence is bounded by host RAM.
+    """
+
+    def __init__(self, num_layers: int, seq_len: int, needs_grad: bool = True, offload: bool = False):
+        self.seq_len, self.needs_grad, self.offload = seq_len, needs_grad, offload
         self.offset, self.relay = 0, 1.0
-        super().__init__(layers=[ChunkKVLayer(self) for _ in range(num_layers)])
+        self._device_copies = []  # (weakref to storage, layer, which, end) of this chunk's device copies
+        self._prefetched = {}  # (layer, which, end) -> (tensor, event)
+        self._stream = None
+        super().__init__(layers=[ChunkKVLayer(self, i) for i in range(num_layers)])
 
     def begin_chunk(self, start: int, relay: float = 1.0) -> None:
         """Point the cache at the chunk starting at `start`; `relay` scales the KV gradient handed on to it."""
         self.offset, self.relay = start, relay
+        self._device_copies.clear()
 
     def kv_bytes(self) -> int:
         return sum(layer.kv_bytes() for layer in self.layers)
+
+    # ---- offload: host -> device copies, one layer ahead
+
+    def fetch(self, idx: int, which: str, upto: int, total: int, tail: torch.Tensor | None = None):
+        """Device tensor of length `total` whose first `upto` positions come from layer `idx`'s host buffer
+        (and the rest from `tail`, the chunk's own K/V); then start copying the next layer's prefix."""
+        key = (idx, which, upto, total)
+        t = self._take_prefetched(key) if key in self._prefetched else self._copy(idx, which, upto, total)
+        if tail is not None:
+            t[..., upto:total, :].copy_(tail)
+        self._device_copies.append((weakref.ref(t.untyped_storage()), idx, which, total))
+        if idx + 1 < len(self.layers) and t.is_cuda:  # forward walks layers upwards
+            self._prefetch((idx + 1, which, upto, total))
+        return t
+
+    def _copy(self, idx, which, upto, total, stream=None):
+        buf = self.layers[idx].buffers(which)[0]
+        device = self.layers[idx].device
+        out = torch.empty(*buf.shape[:2], total, buf.shape[-1], dtype=buf.dtype, device=device)
+        out[..., :upto, :].copy_(buf[..., :upto, :], non_blocking=True)
+        return out
+
+    def _prefetch(self, key) -> None:
+        if key in self._prefetched:
+            return
+        device = self.layers[key[0]].device
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))  # host buffers written on the main stream
+        with torch.cuda.stream(self._stream):
+            t = self._copy(*key)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._prefetched[key] = (t, event)
+
+    def _take_prefetched(self, key):
+        t, event = self._prefetched.pop(key)
+        torch.cuda.current_stream(t.device).wait_event(event)
+        t.record_stream(torch.cuda.current_stream(t.device))  # allocated on the side stream, used here
+        return t
+
+    @contextlib.contextmanager
+    def saved_kv_offloaded(self):
+        """While a chunk's graph is built, swap the device K/V copies attention saves for handles."""
+        if not self.offload:
+            yield
+            return
+
+        def pack(t: torch.Tensor):
+            storage = t.untyped_storage()
+            for ref, idx, which, end in self._device_copies:
+                if ref() is storage:
+                    return ("kv", idx, which, end, t.size(), t.stride(), t.storage_offset())
+            return t
+
+        def unpack(x):
+            if not (isinstance(x, tuple) and x and x[0] == "kv"):
+                return x
+            _, idx, which, end, size, stride, offset = x
+            with torch.no_grad():
+                fetched = self.fetch_for_backward(idx, which, end)
+            return fetched.as_strided(size, stride, offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+
+    def fetch_for_backward(self, idx: int, which: str, end: int) -> torch.Tensor:
+        key = (idx, which, end, end)
+        t = self._take_prefetched(key) if key in self._prefetched else self._copy(idx, which, end, end)
+        if idx > 0 and t.is_cuda:  # backward walks layers downwards
+            self._prefetch((idx - 1, which, end, end))
+        return t
