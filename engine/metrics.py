@@ -1,0 +1,123 @@
+"""What a run reports, from rank 0 only: TensorBoard scalars, a JSONL file, a progress bar, log lines.
+
+logging.dir/metrics.jsonl gets one JSON object per step (every step, whatever logging.every says): the
+record a script or test reads back. On resume, records past the resumed step (written by the interrupted
+run after its last checkpoint) are dropped so the file holds one clean curve; TensorBoard does the same via
+purge_step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import LoggingConfig
+from engine.memory import peak_rss_bytes
+
+SCALARS = (
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "step_time_s",
+    "peak_memory_bytes",
+    "num_chunks",
+    "chunks_backpropagated",
+    "compensation",
+)
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU memory of this rank's tensors, or on CPU the process's peak resident set size."""
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss_bytes()
+
+
+class Metrics:
+    """Rank 0 writes; every other rank holds an inert instance so the loop has no rank checks."""
+
+    def __init__(self, log_cfg: LoggingConfig, total_steps: int, start_step: int, enabled: bool):
+        self.cfg, self.enabled = log_cfg, enabled
+        self.writer = self.bar = self.jsonl = None
+        if not enabled:
+            return
+        out = Path(log_cfg.dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = _open_jsonl(out / "metrics.jsonl", keep_until=start_step)
+        if log_cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out), purge_step=start_step + 1 if start_step else None)
+        if log_cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        self.jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        self.jsonl.flush()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        if step % self.cfg.every:
+            return
+        if self.writer is not None:
+            for key in SCALARS:
+                value = values.get(key)
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+        self.print(format_line(step, values))
+
+    def print(self, line: str) -> None:
+        """A line for humans (rank 0 only), kept clear of the progress bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        for sink in (self.bar, self.writer, self.jsonl):
+            if sink is not None:
+                sink.close()
+        self.writer = self.bar = self.jsonl = None
+
+
+def format_line(step: int, v: dict[str, Any]) -> str:
+    parts = [f"step {step}/{v['total_steps']}", f"loss {v['loss']:.4f}", f"lr {v['lr']:.2e}"]
+    if v.get("grad_norm") is not None:
+        parts.append(f"grad_norm {v['grad_norm']:.3f}")
+    parts += [
+        f"{v['tokens_per_s']:.0f} tok/s",
+        f"{v['step_time_s']:.2f} s/step",
+        f"chunks {v['chunks_backpropagated']}/{v['num_chunks']}",
+        f"mem {v['peak_memory_bytes'] / 2**20:.0f} MiB",
+    ]
+    if v.get("skipped"):
+        parts.append("SKIPPED (non-finite)")
+    return " | ".join(parts)
+
+
+def _open_jsonl(path: Path, keep_until: int):
+    """Open for appending, first dropping records of steps after `keep_until` (0: start a new file)."""
+    kept = []
+    if keep_until and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= keep_until:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return open(path, "a")

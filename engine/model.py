@@ -1,0 +1,91 @@
+"""Building the model the engine trains: the HF causal LM, partitioned at load under ZeRO-3, then PEFT.
+
+Features are functions applied to the model in this order (engine/trainer.py calls them):
+
+    1. build_model   weights (local directory or random init), dtype, attention kernel; under ZeRO-3 the
+                     model is built inside HfDeepSpeedConfig so every rank holds only its partition
+    2. apply_lora    LoRA adapters (PEFT): only they are trainable
+    3. model.train() set by build_model; chunk-wise training replays dropout masks, so train mode is fine
+
+Each function takes only its config section.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from engine.config import LoraConfig, ModelConfig
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def model_vocab_size(model_cfg: ModelConfig) -> int:
+    """The embedding rows of the model the config names, without building it (for checking the data)."""
+    return _hf_config(model_cfg).vocab_size
+
+
+def _hf_config(model_cfg: ModelConfig):
+    if model_cfg.hf_config is not None:
+        kwargs = dict(model_cfg.hf_config)
+        return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return AutoConfig.from_pretrained(
+        model_cfg.name_or_path, local_files_only=True, trust_remote_code=model_cfg.trust_remote_code
+    )
+
+
+def zero3_context(ds_config: dict):
+    """Under ZeRO-3, an `HfDeepSpeedConfig` that makes transformers build the model already partitioned
+    (deepspeed.zero.Init) instead of materialising it whole on every rank first; None otherwise.
+
+    transformers keeps only a weak reference to it: the caller must hold the returned object for as long
+    as the model lives (loading, saving and gathering all consult it).
+    """
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def build_model(model_cfg: ModelConfig, seed: int) -> PreTrainedModel:
+    """The causal LM in train mode. A random init (model.hf_config) is drawn from `seed`; note that under
+    ZeRO-3 (inside zero3_context) the same seed draws different weights than without it (DESIGN.md 5)."""
+    kwargs = dict(dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation)
+    torch.manual_seed(seed)
+    if model_cfg.hf_config is not None:
+        model = AutoModelForCausalLM.from_config(_hf_config(model_cfg), **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.name_or_path,
+            local_files_only=True,  # training nodes rarely have network; never fetch another revision
+            trust_remote_code=model_cfg.trust_remote_code,
+            **kwargs,
+        )
+    # The chunk-wise code passes its own cache and use_cache=True per chunk; generation settings are moot.
+    model.train()
+    return model
+
+
+def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig) -> torch.nn.Module:
+    """Wrap in PEFT LoRA adapters when enabled: the base weights freeze, only the adapters train."""
+    if not lora_cfg.enabled:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_cfg)
+    model.train()
+    return model

@@ -1,0 +1,370 @@
+"""The training loop: setup -> run -> close (train() does all three).
+
+    prepare   (no process group, nothing written) tokenizer, dataset + vocabulary check, resume target,
+              ds_config for the world size the launcher announced: a user error costs seconds, not a hang
+    setup     process group, model (partitioned at load under ZeRO-3) + LoRA, deepspeed.initialize,
+              resume, this rank's data stream, metrics
+    run       per step: LR from the schedule -> batch -> chunk-wise backward through the engine -> step
+              (or skip it when the loss is non-finite) -> metrics -> checkpoint / preemption
+    close     flush metrics, release the process group
+
+Optimizer: the ds_config's AdamW. DeepSpeed then picks FusedAdam (GPU; a JIT build on first use unless
+DeepSpeed was installed with DS_BUILD_FUSED_ADAM=1) or DeepSpeedCPUAdam under ZeRO-Offload (JIT build of
+cpu_adam; several times faster than torch's AdamW on the host). On a machine without CUDA the engine asks
+for torch.optim.AdamW instead (`torch_adam: true`, unless the ds_config sets it): the CPU builds of
+fused_adam / cpu_adam take minutes on a small CI machine and buy nothing at test sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine import checkpoint
+from engine.chunkwise import chunkwise_backward
+from engine.config import Config, OptimConfig, config_to_dict, derive_ds_config
+from engine.data import DataStream, build_dataset, load_tokenizer
+from engine.metrics import Metrics, peak_memory_bytes
+from engine.model import apply_lora, build_model, model_vocab_size, zero3_context
+
+# Test hook (tests/test_train_errors.py): steps, e.g. "2,3", whose logits are multiplied by NaN, so the
+# loss and every gradient of that step are non-finite, as after a real divergence.
+NAN_HOOK = "SECO_TEST_NAN_STEPS"
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm: scancel / requeue, and --signal=USR1@secs
+
+
+class TrainingDiverged(RuntimeError):
+    """optim.max_nonfinite_steps steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass
+class Prepared:
+    """What can be checked and built before any process group exists."""
+
+    tokenizer: Any
+    dataset: Any
+    resume: tuple[str, str] | None  # (checkpoint dir, tag)
+    ds_config: dict
+    world_size: int
+
+
+@dataclass
+class Run:
+    cfg: Config
+    engine: Any  # deepspeed.DeepSpeedEngine
+    stream: DataStream
+    metrics: Metrics
+    tokenizer: Any
+    step: int  # steps done (the next one is step + 1)
+    nonfinite_streak: int = 0
+    saved_step: int | None = None
+    zero3_ctx: Any = None  # transformers only weakly references it: must live as long as the engine
+    signals: dict = field(default_factory=dict)  # previous handlers, restored by close()
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    run = setup(cfg)
+    try:
+        return run_loop(run)
+    finally:
+        close(run)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+def prepare(cfg: Config) -> Prepared:
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    dataset = build_dataset(cfg.data, tokenizer, model_vocab_size(cfg.model))  # checks ids < vocab_size
+    resume = checkpoint.find_resume(cfg.checkpoint)
+    world_size = _announced_world_size()
+    ds_config = derive_ds_config(cfg, world_size)
+    if not torch.cuda.is_available():
+        ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)  # see module doc
+    return Prepared(tokenizer, dataset, resume, ds_config, world_size)
+
+
+def setup(cfg: Config) -> Run:
+    prep = prepare(cfg)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != prep.world_size:
+        raise ValueError(f"the launcher announced {prep.world_size} ranks but {world} joined")
+
+    import deepspeed
+
+    # Order matters: partitioning context -> weights -> adapters -> engine (which copies the trainable
+    # weights into its optimizer's fp32 partitions, so nothing may change them after this point).
+    zero3_ctx = zero3_context(prep.ds_config)
+    model = build_model(cfg.model, seed=cfg.optim.seed)
+    model = apply_lora(model, cfg.lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=prep.ds_config)
+
+    stream = DataStream(prep.dataset, cfg.data.batch_size, rank, world, seed=cfg.data.seed)
+    step, streak = 0, 0
+    if prep.resume is not None:
+        state = checkpoint.load(engine, *prep.resume)
+        pass
+        step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
+    metrics = Metrics(cfg.logging, cfg.optim.steps, start_step=step, enabled=rank == 0)
+    if prep.resume is not None:
+        metrics.print(f"resumed from {os.path.join(*prep.resume)} at step {step}")
+        _warn_config_changes(metrics, state["config"], config_to_dict(cfg))
+    # From here a signal means "save and stop"; before, it simply ends the process (nothing to save yet).
+    _PREEMPT.clear()
+    previous = {s: signal.signal(s, _request_stop) for s in PREEMPT_SIGNALS}
+    return Run(cfg, engine, stream, metrics, prep.tokenizer, step, streak, step or None, zero3_ctx, previous)
+
+
+def init_distributed() -> None:
+    """Join the process group: under deepspeed / torchrun / srun with RANK etc. set, under mpirun through
+    DeepSpeed's MPI discovery, and as a world of one when started as plain `python launch/train.py`."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    mpi = _mpi_world_size() is not None and "RANK" not in os.environ
+    if not mpi:
+        for key, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():  # before the process group, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(_local_rank())
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, verbose=False)
+
+
+def _local_rank() -> int:
+    for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def _mpi_world_size() -> int | None:
+    for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):  # Open MPI, MPICH / Intel MPI, PMIx
+        if key in os.environ:
+            return int(os.environ[key])
+    return None
+
+
+def _announced_world_size() -> int:
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return _mpi_world_size() or 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _warn_config_changes(metrics: Metrics, saved: dict, now: dict, prefix: str = "") -> None:
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "hf_config":
+            _warn_config_changes(metrics, a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" != "checkpoint.resume":
+            metrics.print(f"warning: {prefix}{key} changed since the checkpoint: {a!r} -> {b!r}")
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+def run_loop(run: Run) -> dict[str, Any]:
+    cfg, engine = run.cfg, run.engine
+    first_step, losses, skipped = run.step, [], 0
+    nan_steps = {int(s) for s in os.environ.get(NAN_HOOK, "").split(",") if s.strip()}
+    preempted = False
+    while run.step < cfg.optim.steps:
+        run.step += 1
+        step, t0 = run.step, time.perf_counter()
+        lr = lr_at(step, cfg.optim)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        batch = {k: v.to(engine.device) for k, v in next(run.stream).items()}
+        with _poisoned_logits(engine.module) if step in nan_steps else contextlib.nullcontext():
+            stats = chunkwise_backward(
+                engine,
+                batch["input_ids"],
+                labels=batch["labels"],
+                attention_mask=batch["attention_mask"],
+                chunk_size=cfg.chunking.chunk_size,
+                mode=cfg.chunking.mode,
+                sample_prob=cfg.chunking.sample_prob,
+                sampler=cfg.chunking.sampler,
+                budget=cfg.chunking.budget,
+                generator=spaco_generator(cfg.optim.seed, step),
+                compensation_cap=cfg.chunking.compensation_cap,
+            )
+        applied = optimizer_step(engine, math.isfinite(stats.loss))
+        run.nonfinite_streak = 0 if applied else run.nonfinite_streak + 1
+        skipped += not applied
+        losses.append(stats.loss)
+        elapsed = time.perf_counter() - t0
+        grad_norm = engine.get_global_grad_norm() if applied else None
+        run.metrics.log(
+            step,
+            {
+                "total_steps": cfg.optim.steps,
+                "loss": stats.loss,
+                "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": stats.seq_len * cfg.data.batch_size * dist.get_world_size() / elapsed,
+                "step_time_s": elapsed,
+                "peak_memory_bytes": peak_memory_bytes(),
+                "num_chunks": stats.num_chunks,
+                "chunks_backpropagated": len(stats.selected),
+                "compensation": stats.compensation,
+                "skipped": not applied,
+            },
+        )
+        if not applied:
+            run.metrics.print(
+                f"warning: step {step}: non-finite loss or gradients ({stats.loss}); update skipped "
+                f"({run.nonfinite_streak} in a row, limit optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps})"
+            )
+        if run.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"{run.nonfinite_streak} steps in a row (up to step {step}) had a non-finite loss or gradients "
+                f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); lower optim.lr or check the data. "
+                "The last checkpoint is untouched."
+            )
+        # Every rank takes part, so a signal that reached only some ranks still stops all of them together.
+        preempted = _agree_any(bool(_PREEMPT))
+        every = cfg.checkpoint.every
+        if cfg.checkpoint.dir and (preempted or (every and step % every == 0)):
+            save(run)
+        if preempted:
+            break
+    if cfg.checkpoint.dir and run.saved_step != run.step:
+        save(run)
+    export_dir = None
+    if not preempted and cfg.checkpoint.dir:
+        export_dir = checkpoint.export(engine, cfg.checkpoint, checkpoint.tag_for(run.step), run.tokenizer)
+    if preempted:
+        signame = signal.Signals(_PREEMPT["signum"]).name if _PREEMPT else "a signal to another rank"
+        run.metrics.print(
+            f"preempted by {signame}: checkpoint saved at step {run.step} in "
+            f"{cfg.checkpoint.dir or '(no checkpoint.dir: nothing saved)'}; exiting (resume with checkpoint.resume=auto)"
+        )
+    return {
+        "first_step": first_step,
+        "last_step": run.step,
+        "losses": losses,
+        "skipped_steps": skipped,
+        "preempted": preempted,
+        "checkpoint": checkpoint.tag_for(run.step) if run.saved_step == run.step else None,
+        "export": export_dir,
+    }
+
+
+def lr_at(step: int, optim: OptimConfig) -> float:
+    """LR of (1-based) `step`: linear warmup to optim.lr, then constant / linear / cosine decay to
+    optim.lr * optim.min_lr_ratio at optim.steps."""
+    if step <= optim.warmup_steps:
+        return optim.lr * step / optim.warmup_steps
+    # 0 on the first step after warmup, 1 on the last: the run starts at the peak and ends at the floor.
+    progress = (step - optim.warmup_steps - 1) / max(1, optim.steps - optim.warmup_steps - 1)
+    floor = optim.min_lr_ratio
+    if optim.schedule == "cosine":
+        return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if optim.schedule == "linear":
+        return optim.lr * (1 - (1 - floor) * progress)
+    return optim.lr
+
+
+def spaco_generator(seed: int, step: int) -> torch.Generator:
+    """The SpaCO draw of `step`: identical on every rank (ZeRO deadlocks otherwise) and after a resume."""
+    (state,) = np.random.SeedSequence((seed, step)).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state))
+
+
+def optimizer_step(engine, loss_is_finite: bool) -> bool:
+    """engine.step(), or a skip that drops this step's gradients. Returns whether weights were updated.
+
+    The loss went through an all-reduce, so every rank takes the same branch. DeepSpeed itself skips (and
+    clears the gradients) when the gradient norm is non-finite under ZeRO 1-3, bf16 and fp16; only the
+    plain fp32 stage-0 optimizer would apply NaNs, so there the gradients are dropped without stepping.
+    """
+    if not loss_is_finite and not (
+        engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+    ):
+        engine.zero_grad()
+        return False
+    engine.step()
+    applied = engine.was_step_applied()
+    if applied and not loss_is_finite:
+        raise RuntimeError(
+            "DeepSpeed applied an update although the loss was non-finite; do not turn off "
+            "zero_optimization.compute_grad_norm or bf16.check_grad_overflow in the ds_config"
+        )
+    return applied
+
+
+@contextlib.contextmanager
+def _poisoned_logits(module):
+    handle = module.get_output_embeddings().register_forward_hook(lambda m, i, out: out * float("nan"))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------------------------------- checkpointing
+
+
+def save(run: Run) -> None:
+    state = {
+        "step": run.step,
+        "data": run.stream.state_dict(),
+        "config": config_to_dict(run.cfg),
+        "world_size": dist.get_world_size(),
+        "nonfinite_streak": run.nonfinite_streak,
+    }
+    path = checkpoint.save(run.engine, run.cfg.checkpoint.dir, run.step, state)
+    run.saved_step = run.step
+    run.metrics.print(f"checkpoint saved: {path}")
+
+
+# ------------------------------------------------------------------------------------------- preemption
+
+_PREEMPT: dict[str, int] = {}  # set by the signal handler; read once per step
+
+
+def _request_stop(signum, frame) -> None:
+    # Only a flag: the step in flight finishes, then all ranks agree, save and leave together.
+    _PREEMPT["signum"] = signum
+
+
+def _agree_any(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def close(run: Run) -> None:
+    run.metrics.close()
+    for sig, handler in run.signals.items():
+        signal.signal(sig, handler)
+    if dist.is_initialized():
+        dist.destroy_process_group()

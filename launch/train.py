@@ -1,0 +1,57 @@
+"""Train: parse, build, train, close.
+
+    deepspeed --num_gpus 2 launch/train.py --config configs/tiny-cpu.yaml --optim.steps=100
+    python launch/train.py --config configs/tiny-cpu.yaml          # one process, no launcher
+
+Arguments other than --config are overrides `--section.key=value` (values parsed as YAML).
+Exit codes: 0 done (or preempted by SIGTERM/SIGUSR1 after saving a checkpoint), 2 a user error (config,
+paths, data, tokenizer; reported before anything is written), 1 anything else (including divergence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from engine.config import DEFAULT_CONFIG_PATH, load_config  # noqa: E402
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description="Chunk-wise long-context fine-tuning. Other arguments: --section.key=value overrides.",
+        allow_abbrev=False,  # an override such as --conf... must never be taken for --config
+    )
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="YAML run config")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from LOCAL_RANK in the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        from engine import trainer  # after the config: a typo is reported without the heavy imports
+
+        run = trainer.setup(cfg)
+    except (ValueError, OSError) as e:  # ConfigError is a ValueError; missing files are OSErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = trainer.run_loop(run)
+    except trainer.TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.close(run)
+    if run.metrics.enabled:
+        status = "preempted" if summary["preempted"] else "done"
+        print(f"{status}: steps {summary['first_step'] + 1}..{summary['last_step']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

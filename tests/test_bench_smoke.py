@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end on tiny settings and write their JSON (seconds, not a measurement)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+TINY_MODEL = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--threads", "1"]
+
+
+def test_bench_memory_time(tmp_path):
+    pytest.importorskip("matplotlib")
+    bench = _load("bench_memory_time")
+    stem = tmp_path / "mt"
+    argv = [*TINY_MODEL, "--intermediate", "64", "--vocab", "128", "--lengths", "64,128", "--chunk", "32"]
+    argv += ["--spaco-chunks", "4", "--repeats", "1", "--out", str(stem)]
+    bench.main(argv)
+    out = json.loads(stem.with_suffix(".json").read_text())
+    ran = {(r["method"], r["seq_len"]) for r in out["rows"] if not r["skipped"]}
+    assert ran == {(m, L) for m in bench.METHODS for L in (64, 128)}
+    assert all(r["peak_bytes"] > 0 and r["median_s"] > 0 for r in out["rows"])
+    assert out["floor"]["seq_len"] == 128 and out["floor"]["seco_peak_over_floor"] > 0
+    assert set(out["time_ratios"]) >= {"seco_over_plain", "spaco32_over_forward", "seco_over_spaco"}
+    assert "seco" in out["longest_trainable"]
+    assert Path(f"{stem}_memory.png").exists() and Path(f"{stem}_time.png").exists()
+
+
+def test_bench_memory_time_skips_over_budget(tmp_path):
+    bench = _load("bench_memory_time")
+    stem = tmp_path / "mt"
+    argv = [*TINY_MODEL, "--intermediate", "64", "--vocab", "128", "--lengths", "64,128", "--chunk", "32"]
+    argv += ["--methods", "forward,plain", "--repeats", "1", "--mem-budget-gib", "1e-9", "--no-plot"]
+    bench.main([*argv, "--out", str(stem)])
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert [r["skipped"] is None for r in rows] == [True, True, False, False]  # 128 predicted over budget
+    assert "mem-budget" in rows[-1]["skipped"]
+
+
+def test_learning_curves(tmp_path):
+    lc = _load("learning_curves")
+    stem = tmp_path / "lc"
+    argv = [*TINY_MODEL, "--steps", "3", "--batch", "2", "--seq-len", "128", "--chunk", "32"]
+    argv += ["--eval-every", "2", "--eval-samples", "2", "--no-plot", "--out", str(stem)]
+    lc.main(argv)
+    out = json.loads(stem.with_suffix(".json").read_text())
+    assert set(out["runs"]) == set(lc.METHODS)
+    assert all(len(r["train_loss"]) == 3 for r in out["runs"].values())
+    # SeCO is exact: same init, same data, same updates as plain backprop
+    assert out["summary"]["seco_vs_plain_max_abs_train_loss_diff"] < 1e-4

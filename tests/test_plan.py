@@ -1,0 +1,226 @@
+"""The memory planner (engine/plan.py): its predictions against measured peaks, and its arithmetic.
+
+What is compared. `MemoryTracker.peak_bytes` (CPU: every live tensor storage allocated inside the block,
+beyond what was live on entry) around `chunkwise_backward(model, ids, chunk_size=C)`, for a tiny random Llama
+whose weights exist and whose trainable `.grad` tensors are allocated (zeros) before entering, after one
+warm-up step (one-time lazy allocations are not the step's). The prediction is `plan(..., backend="local")
+.step_bytes`: K/V checkpoints + their float32 gradients + the float32 gradient sums chunkwise_backward keeps for
+16-bit parameters + the last chunk's saved activations + the largest backward transient (cross-entropy of the
+logits, lm_head backward, one layer's attention backward, a weight gradient, or the final cast of the sums).
+Weights, `.grad` and optimizer states exist before the step and are not part of it.
+
+On CPU engine/chunkwise.py gives SDPA grouped K/V heads (no repeat_kv copies): repeat_kv=False for sdpa;
+eager repeats them. PEFT keeps adapters in float32 unless the model is cast afterwards (lora_dtype).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+
+from engine import plan as planner
+from engine.chunkwise import chunkwise_backward
+from engine.memory import MemoryTracker
+from engine.plan import GiB, Breakdown, longest_sequence, parse_bytes, plan, usable_memory
+
+TOLERANCE = 0.15
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHAPE = dict(layers=2, hidden=128, inter=352, heads=4, kv_heads=2, vocab=1000)
+LORA_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# (id, seq_len, chunk, dtype, attn, lora (rank, targets, adapter dtype) or None, batch, shape overrides)
+CASES = [
+    ("fp32-gqa-sdpa", 512, 128, "float32", "sdpa", None, 1, {}),
+    ("fp32-mha-3layers", 1024, 256, "float32", "sdpa", None, 1, dict(layers=3, kv_heads=4)),
+    ("bf16-full-small-chunks", 512, 64, "bfloat16", "sdpa", None, 1, {}),
+    ("bf16-lora-fp32-adapters", 512, 128, "bfloat16", "sdpa", (8, LORA_QKVO, "float32"), 1, {}),
+    (
+        "bf16-lora-mlp-wider",
+        512,
+        128,
+        "bfloat16",
+        "sdpa",
+        (8, ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), "bfloat16"),
+        1,
+        dict(hidden=256, inter=688, heads=8, kv_heads=2),
+    ),
+    ("fp32-eager", 512, 128, "float32", "eager", None, 1, {}),
+    ("bf16-eager-lora-mha", 512, 128, "bfloat16", "eager", (4, LORA_QKVO, "bfloat16"), 1, dict(kv_heads=4)),
+    ("fp32-batch2-attention-peak", 768, 64, "float32", "sdpa", None, 2, dict(vocab=100)),
+]
+
+
+def tiny_llama(dtype, attn, lora, layers, hidden, inter, heads, kv_heads, vocab, max_len):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=max_len,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).to(DTYPES[dtype])
+    if lora is not None:
+        rank, targets, adapter_dtype = lora
+        model = get_peft_model(model, LoraConfig(r=rank, target_modules=list(targets), lora_dropout=0.0))
+        model = model.to(DTYPES[adapter_dtype]) if adapter_dtype == dtype else model  # else PEFT's float32
+    model.train()
+    return cfg, model
+
+
+def measure(seq_len, chunk, dtype, attn, lora, batch, overrides):
+    shape = {**SHAPE, **overrides}
+    cfg, model = tiny_llama(dtype, attn, lora, max_len=seq_len, **shape)
+    ids = torch.randint(3, shape["vocab"], (batch, seq_len), generator=torch.Generator().manual_seed(1))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    chunkwise_backward(model, ids[:, : 2 * chunk], chunk_size=chunk)  # warm-up
+    for p in trainable:
+        p.grad.zero_()
+    with MemoryTracker("cpu") as mt:
+        stats = chunkwise_backward(model, ids, chunk_size=chunk)
+    predicted = plan(
+        cfg,
+        dtype=dtype,
+        chunk_size=chunk,
+        seq_len=seq_len,
+        batch=batch,
+        attn=attn,
+        lora_rank=lora[0] if lora else 0,
+        lora_targets=lora[1] if lora else LORA_QKVO,
+        lora_dtype=lora[2] if lora else None,
+        repeat_kv=attn == "eager",
+        backend="local",
+    )
+    return mt.peak_bytes, predicted, stats
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_prediction_matches_measured_peak(case):
+    name, *args = case
+    measured, predicted, stats = measure(*args)
+    err = predicted.step_bytes / measured - 1
+    print(
+        f"{name:<28} measured {measured / 2**20:8.3f} MiB  predicted {predicted.step_bytes / 2**20:8.3f} MiB"
+        f"  error {err:+.1%}  (peak: {predicted.peak_phase})"
+    )
+    assert abs(err) <= TOLERANCE, (name, measured, predicted)
+    assert predicted.kv + predicted.kv_grads == stats.kv_bytes  # the cache's own count of its buffers
+
+
+# ---------------------------------------------------------------------------------------- arithmetic
+
+
+def test_llama3_8b_sizes():
+    p = plan("llama3-8b", dtype="bfloat16", chunk_size=256, seq_len=16384, lora_rank=8)
+    assert p.kv == 2 * GiB  # DESIGN.md: 128 KiB per token in bf16, 16K tokens -> 2 GiB
+    assert p.kv_grads == 4 * GiB  # float32
+    assert p.params - p.trainable == pytest.approx(8.03e9, rel=0.002)
+    assert p.trainable == 32 * 8 * ((4096 + 4096) * 2 + (4096 + 1024) * 2)  # q, o and k, v adapters
+    assert p.weights == pytest.approx(2 * p.params, rel=1e-9)
+    assert p.total == sum(getattr(p, c) for c in Breakdown.COMPONENTS)
+    # The GQA copies repeat_kv makes (4 x KV per layer) are what native-GQA attention saves.
+    flash = plan("llama3-8b", chunk_size=256, seq_len=16384, lora_rank=8, attn="flash_attention_2")
+    assert p.activations - flash.activations == 4 * p.kv + 32 * 256 * 16384 * 2  # + SDPA's float masks
+
+
+def test_zero_partitions_and_offload():
+    kw = dict(dtype="bfloat16", chunk_size=512, seq_len=8192)
+    s0 = plan("llama2-7b", zero_stage=0, **kw)
+    s1 = plan("llama2-7b", zero_stage=1, world_size=8, **kw)
+    s2 = plan("llama2-7b", zero_stage=2, world_size=8, **kw)
+    s3 = plan("llama2-7b", zero_stage=3, world_size=8, **kw)
+    assert s0.optimizer == 12 * s0.trainable  # fp32 master + two moments
+    assert s1.optimizer == pytest.approx(s0.optimizer / 8, abs=8)
+    assert s1.grads == s0.grads and s2.grads < s1.grads
+    assert s3.weights < s2.weights == s0.weights
+    off = plan("llama2-7b", zero_stage=3, world_size=8, offload_optimizer=True, offload_param=True, **kw)
+    assert off.optimizer == 0 and off.weights < s3.weights and off.host > 0
+    # the step's own memory does not depend on how the static state is placed
+    assert s0.step_bytes == s3.step_bytes == off.step_bytes
+
+
+def test_longest_sequence_is_tight():
+    for kw in (
+        dict(dtype="bfloat16", chunk_size=256, lora_rank=8, zero_stage=2, offload_optimizer=True),
+        dict(dtype="bfloat16", chunk_size=1024, attn="flash_attention_2", lora_rank=16),
+        dict(dtype="bfloat16", chunk_size=512, zero_stage=3, world_size=8, attn="eager"),
+    ):
+        n = longest_sequence("llama3-8b", device_memory="80GiB", **kw)
+        budget = usable_memory("80GiB")
+        assert n > 0 and n % kw["chunk_size"] == 0
+        assert plan("llama3-8b", seq_len=n, **kw).total <= budget
+        assert plan("llama3-8b", seq_len=n + kw["chunk_size"], **kw).total > budget
+    assert longest_sequence("llama3-8b", device_memory="8GiB", chunk_size=256) == 0  # weights alone: 15 GiB
+
+
+def test_safety_margin_and_sizes():
+    assert parse_bytes("24GiB") == parse_bytes("24G") == 24 * GiB
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 << 20 and parse_bytes(7) == 7
+    assert usable_memory("24GiB", reserve="1GiB", margin=0.1) == int(23 * GiB * 0.9)
+    assert usable_memory("24GiB", reserve=0, margin=0.0) == 24 * GiB
+    small = longest_sequence("llama3-8b", device_memory="24GiB", margin=0.2, chunk_size=256, lora_rank=8)
+    large = longest_sequence("llama3-8b", device_memory="24GiB", margin=0.0, chunk_size=256, lora_rank=8)
+    assert small < large
+    for bad in ("lots", "24XB", ""):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(dtype="int8"),
+        dict(zero_stage=4),
+        dict(offload_param=True, zero_stage=2),
+        dict(offload_optimizer=True),
+        dict(lora_rank=-1),
+        dict(lora_rank=4, lora_targets=("qkv",)),
+        dict(attn="flash"),
+        dict(chunk_size=0),
+        dict(seq_len=0),
+        dict(backend="local", zero_stage=2),
+    ],
+)
+def test_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        plan("llama3-8b", **{"chunk_size": 256, "seq_len": 1024, **kwargs})
+
+
+def test_model_config_sources(tmp_path):
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=97)
+    as_dict = plan(cfg.to_dict(), chunk_size=16, seq_len=64).total
+    assert plan(cfg, chunk_size=16, seq_len=64).total == as_dict
+    cfg.save_pretrained(tmp_path)
+    name, fields = planner.load_model_config(model=str(tmp_path))
+    assert plan(fields, chunk_size=16, seq_len=64).total == as_dict
+    with pytest.raises(ValueError):
+        plan("no-such-preset", chunk_size=16, seq_len=64)
+
+
+def test_cli(capsys, tmp_path):
+    rc = planner.main(
+        ["--hf-config", "llama3-8b", "--device-memory", "24GiB", "--zero-stage", "2", "--offload-optimizer",
+         "--lora-rank", "8", "--chunk-sizes", "256,512"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    n = longest_sequence(
+        "llama3-8b", device_memory="24GiB", chunk_size=256, lora_rank=8, zero_stage=2, offload_optimizer=True
+    )
+    assert f"longest sequence that fits: {n} tokens" in out
+    for row in Breakdown.COMPONENTS + ("total", "peak phase"):
+        assert f"  {row} " in out
+    transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4).save_pretrained(tmp_path)
+    assert planner.main(["--model", str(tmp_path), "--chunk-sizes", "64", "--seq-lens", "1K"]) == 0
+    assert "chunk 64" in capsys.readouterr().out
+    assert planner.main(["--hf-config", "llama3-8b", "--offload-param"]) == 2  # needs ZeRO-3
+    assert "offload_param needs zero_stage 3" in capsys.readouterr().err
