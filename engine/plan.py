@@ -3,35 +3,45 @@
     python -m engine.plan --hf-config llama3-8b --device-memory 24GiB --zero-stage 2 --offload-optimizer \\
         --lora-rank 8 --dtype bfloat16 --chunk-sizes 256,512,1024
 
+Python: `plan(config, chunk_size=..., seq_len=..., ...) -> Breakdown`, `longest_sequence(config, device_memory=...,
+chunk_size=..., ...) -> int`.
+
 What is modelled (per data-parallel rank, bytes on the accelerator), for a Llama-shaped decoder (RMSNorm,
 RoPE, gated SiLU MLP, GQA) trained by engine/chunkwise.py:
 
-    static      weights + trainable grads + Adam states, as the ZeRO stage / world size / offload place them
-    per step    K/V checkpoints   2 * layers * kv_heads * head_dim * L * batch, model dtype (engine/kv_cache.py)
-                K/V gradients     the same shape in float32
-                fp32 grad accumulation across chunks (local backend with 16-bit weights only; DeepSpeed
-                                  accumulates in its own buffers, counted under "grads")
-                activations       what autograd saves for backward of ONE chunk of C tokens (the last chunk,
-                                  whose keys span the whole sequence): per layer the RMSNorm inputs in float32,
-                                  the inputs of trainable linears, RoPE'd queries, the attention output, the
-                                  MLP intermediates; and, growing with L, the K/V copies transformers'
-                                  `repeat_kv` makes for GQA and the float attention mask SDPA makes from the
-                                  boolean one (eager: the attention probabilities)
-                transient         the largest of what backward allocates on top of that: the cross-entropy of
-                                  the chunk's logits (log-softmax, its gradient and the NLL gradient, float32
-                                  [C, vocab] each), the lm_head backward, one layer's attention backward (the
-                                  gradient over prefix + chunk K/V, model dtype), a weight gradient
+    weights, grads, optimizer   as the ZeRO stage / world size / offload flags place them (Adam: two float32
+                      moments, plus float32 master weights for 16-bit models; one reduce bucket for ZeRO-2/3)
+    grad_accum        chunkwise_backward's float32 sums of 16-bit gradients (backend "local" only; under
+                      DeepSpeed the engine's own buffers, counted in grads)
+    kv                K/V checkpoints, 2 * layers * kv_heads * head_dim * L * batch in the model dtype
+    kv_grads          the same shape in float32 (both in host memory, `kv_host`, with offload_kv)
+    activations       what autograd saves for backward of ONE chunk of C tokens, the last one (its keys span
+                      the whole sequence): per layer the RMSNorm inputs (float32), the inputs of trainable
+                      linears and LoRA adapters, RoPE'd queries, the attention output, the MLP intermediates;
+                      growing with L: the K/V copies transformers' repeat_kv makes for GQA when it passes a
+                      mask (sdpa and eager on CUDA), the float mask SDPA makes from the boolean one in every
+                      layer [C, L], eager's attention probabilities
+    transient         the largest of what backward allocates on top of that: the cross-entropy of the chunk's
+                      logits (log-softmax, NLL gradient, log-softmax gradient: float32 [C, vocab] each), the
+                      lm_head backward, the top layer's attention backward (gradients over prefix + chunk K/V,
+                      model dtype; with offload_kv also its K/V fetched back from the host, the next layer's
+                      prefetched, and the float32 deposit staged on the device), the top layer's MLP backward
+                      (full fine-tuning)
 
-Every term is affine in the sequence length L, so the peak is the maximum of a few affine functions and the
-longest sequence is solved exactly (`longest_sequence`).
+Every term is affine in L, so the peak is the maximum of a few affine functions and the longest sequence is
+solved exactly. The last chunk is taken as a full chunk (an upper bound when C does not divide L).
 
-What is NOT modelled (hence `--reserve` and `--margin`): the CUDA context and library workspaces (cuBLAS,
-NCCL, ~0.5-1 GiB), allocator caching and fragmentation (often 5-15% at long context), scratch buffers that
-kernels allocate internally (flash / memory-efficient attention workspaces), DeepSpeed's communication
-buffers beyond one reduce bucket, pinned host buffers, Python-side objects. Non-Llama families (QK-norm,
-biases, parallel residuals, MoE) are approximated by the Llama shape. The activation model was checked on CPU
-against `engine.memory.MemoryTracker` (tests/test_plan.py, within 15%); on CUDA the attention kernels differ
-(their saved outputs are the same, their workspaces are not).
+Checked on CPU against engine.memory.MemoryTracker (tests/test_plan.py: 9 tiny-Llama configurations, GQA/MHA,
+fp32/bf16, full/LoRA, sdpa/eager, batch 1/2, every kind of peak; within 3%, asserted within 15%).
+
+NOT modelled, hence `--reserve` (default 1 GiB) and `--margin` (default 10% of the rest): the CUDA context
+(~0.3-0.5 GiB) and cuBLAS/NCCL workspaces; allocator caching and fragmentation (commonly 5-15% with
+long, varying shapes; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True reduces it); scratch buffers kernels
+allocate internally (memory-efficient / flash attention workspaces, their float32 dQ accumulators); DeepSpeed
+buffers beyond one reduce bucket and its exact gradient dtype choices; pinned host buffers. Non-Llama families
+(QK-norm, biases, parallel residuals, MoE, sliding windows) are approximated by the Llama shape. On CUDA the
+attention kernels differ from CPU's (their saved outputs agree, their workspaces do not): the CUDA numbers are
+a prediction, not a measurement.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from pathlib import Path
 GiB = 1 << 30
 DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 ATTN = ("sdpa", "eager", "flash_attention_2")
+DEVICES = ("cuda", "cpu")
 BACKENDS = ("deepspeed", "local")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -161,10 +172,6 @@ class ModelShape:
         dims = self.linear_dims()
         return self.layers * sum(rank * (dims[t][0] + dims[t][1]) for t in targets)
 
-    def largest_param(self) -> int:
-        """Elements of the largest single weight (the embedding / lm_head, or an MLP matrix)."""
-        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
-
 
 # ---------------------------------------------------------------------------------------------- result
 
@@ -187,7 +194,10 @@ class Breakdown:
     activations: int
     transient: int
     peak_phase: str  # which part of backward sets the peak: ce, lm_head, attention, weight_grad, finalize
-    host: int = 0
+    # informational (not added to total):
+    seq_activations: int = 0  # part of activations growing with L: GQA K/V copies, SDPA masks, eager probs
+    kv_host: int = 0  # K/V checkpoints and gradients kept in host memory (offload_kv); part of host
+    host: int = 0  # host memory: offloaded optimizer states, fp32 grads, parameters, K/V
     params: int = 0
     trainable: int = 0
 
@@ -221,6 +231,8 @@ class _Options:
     attn: str = "sdpa"
     repeat_kv: bool | None = None
     backend: str = "deepspeed"
+    offload_kv: bool = False
+    device: str = "cuda"
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -249,8 +261,10 @@ class _Options:
         set_("lora_targets", tuple(self.lora_targets) if self.lora_rank else ())
         if self.attn not in ATTN:
             raise ValueError(f"attn {self.attn!r} is not one of {ATTN}")
-        if self.repeat_kv is None:
-            set_("repeat_kv", self.attn != "flash_attention_2")
+        if self.device not in DEVICES:
+            raise ValueError(f"device {self.device!r} is not one of {DEVICES}")
+        if self.repeat_kv is None:  # see `plan`
+            set_("repeat_kv", self.attn == "eager" or (self.attn == "sdpa" and self.device == "cuda"))
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
         if self.backend == "local" and (self.zero_stage or self.world_size != 1):
@@ -277,6 +291,8 @@ def plan(
     lora_dtype: str | None = None,
     repeat_kv: bool | None = None,
     backend: str = "deepspeed",
+    offload_kv: bool = False,
+    device: str = "cuda",
 ) -> Breakdown:
     """Predicted peak memory of one chunk-wise step on `seq_len` tokens (per rank, bytes by component).
 
@@ -288,12 +304,14 @@ def plan(
         `lora_dtype` (default: the model dtype, as DeepSpeed casts every parameter; PEFT alone keeps them
         in float32).
     attn: "sdpa", "eager" or "flash_attention_2" (transformers' attn_implementation).
-    repeat_kv: whether attention gets K/V copied once per query head (GQA). None = what happens on CUDA:
-        transformers' sdpa and eager paths repeat K/V whenever they pass a mask, which chunks with a prefix
-        always do; flash_attention_2 takes grouped heads. (On CPU engine/chunkwise.py makes sdpa take grouped
-        heads: pass repeat_kv=False to model a CPU run.)
+    repeat_kv: whether attention gets K/V copied once per query head (GQA). None = what the engine does:
+        transformers' sdpa (on CUDA) and eager repeat K/V whenever they pass a mask, which chunks with a
+        prefix always do; flash_attention_2 takes grouped heads, and so does sdpa on CPU (engine/chunkwise.py).
     backend: "deepspeed" (the above applies) or "local" (a plain model in one process, torch AdamW, and
         chunkwise_backward's own float32 accumulation of 16-bit gradients).
+    offload_kv: chunkwise_backward(offload_kv=True): K/V and their gradients in host memory (`kv_host`),
+        one layer's K/V copied to the device at a time (and the next one prefetched, on CUDA).
+    device: "cuda" (the planner's purpose) or "cpu" (where tests/test_plan.py measures; no prefetch there).
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
@@ -301,14 +319,18 @@ def plan(
         chunk_size=chunk_size, dtype=dtype, batch=batch, zero_stage=zero_stage, world_size=world_size,
         offload_optimizer=offload_optimizer, offload_param=offload_param, lora_rank=lora_rank,
         lora_targets=tuple(lora_targets), lora_dtype=lora_dtype, attn=attn, repeat_kv=repeat_kv, backend=backend,
+        offload_kv=offload_kv, device=device,
     )  # fmt: skip
     shape = ModelShape.from_config(model_config)
     s, kv, kv_grads, acts, phases = _evaluate(shape, opts, seq_len)
+    kv_host = sum(_kv(shape, opts, seq_len)) if opts.offload_kv else 0
     phase = max(phases, key=phases.get)
+    seq_acts = acts - _activations(shape, opts, 0)[0]
     return Breakdown(
         weights=s["weights"], grads=s["grads"], optimizer=s["optimizer"], grad_accum=s["grad_accum"],
         kv=kv, kv_grads=kv_grads, activations=acts, transient=phases[phase] - acts, peak_phase=phase,
-        host=s["host"], params=s["params"], trainable=s["trainable"],
+        seq_activations=seq_acts, kv_host=kv_host, host=s["host"] + kv_host, params=s["params"],
+        trainable=s["trainable"],
     )  # fmt: skip
 
 
@@ -318,24 +340,27 @@ def longest_sequence(
     device_memory: int | str,
     reserve: int | str = GiB,
     margin: float = 0.10,
+    host_memory: int | str | None = None,
     multiple_of: int | None = None,
     **plan_kwargs,
 ) -> int:
-    """The longest sequence whose predicted peak fits in `usable_memory(device_memory, reserve, margin)`,
-    rounded down to `multiple_of` (default: the chunk size); 0 if not even one chunk fits.
-    `plan_kwargs` are those of `plan` except seq_len."""
-    budget = usable_memory(device_memory, reserve, margin)
+    """The longest sequence whose predicted peak fits in `usable_memory(device_memory, reserve, margin)`
+    (and whose host-side state fits in `host_memory`, if given), rounded down to `multiple_of` (default: the
+    chunk size); 0 if not even one chunk fits. `plan_kwargs` are those of `plan` except seq_len."""
     shape = ModelShape.from_config(model_config)
     opts = _Options(**plan_kwargs)
-    # Each candidate peak is affine in L, a + b*L: evaluate it at two lengths and solve a + b*L <= budget.
+    # Each candidate peak (and the host total) is affine in L, a + b*L: evaluate at two lengths and solve.
     at0, at1 = _phase_totals(shape, opts, 0), _phase_totals(shape, opts, 1)
+    budget = usable_memory(device_memory, reserve, margin)
+    limits = [(budget, at0[phase], at1[phase]) for phase in at0]
+    if host_memory is not None:
+        limits.append((parse_bytes(host_memory), _host_total(shape, opts, 0), _host_total(shape, opts, 1)))
     longest = math.inf
-    for phase, a in at0.items():
-        b = at1[phase] - a
-        if a > budget:
+    for limit, a, a_plus_b in limits:
+        if a > limit:
             return 0
-        if b > 0:
-            longest = min(longest, (budget - a) / b)
+        if a_plus_b > a:
+            longest = min(longest, (limit - a) / (a_plus_b - a))
     step = multiple_of or opts.chunk_size
     length = int(longest) // step * step
     return length if length >= opts.chunk_size else 0
@@ -429,15 +454,14 @@ def _activations(shape: ModelShape, o: _Options, seq_len: int) -> tuple[int, int
     full = o.lora_rank == 0
     lora = set(o.lora_targets)
 
-    def input_kept(consumers, tensor_dt=dt) -> int:
-        """Bytes per token kept of a tensor (width from its consumers) that feeds the given linears."""
+    def input_kept(consumers) -> int:
+        """Bytes per token kept of the tensor feeding these linears (full: their weight gradients need it;
+        LoRA: adapter A needs it, shared when the adapter dtype is the model's, else one cast per adapter)."""
         width = shape.linear_dims()[consumers[0]][0]
         if full:
-            return width * tensor_dt
+            return width * dt
         with_lora = [t for t in consumers if t in lora]
-        if not with_lora:
-            return 0
-        return width * (tensor_dt if ldt == dt else ldt * len(with_lora))
+        return width * (dt if ldt == dt else ldt * len(with_lora)) if with_lora else 0
 
     norm_x = 4 * h + 4  # RMSNorm keeps its input cast to float32 (even from float64) and 1/rms
     normed = dt * h if full else 0  # kept for the (trainable) norm weight's gradient
@@ -502,16 +526,25 @@ def _phases(
         # later Q K^T's backward holds the scores' gradient with Q's and K's.
         scores = b * shape.heads * c * L
         kv_grad = max((4 + xf) * scores, dt * scores + per_head_kv + q_grad)
+    if o.offload_kv:
+        # K/V come back from the host for backward: this layer's (when attention saved the fetched copy
+        # itself, i.e. without repeat_kv) and, on CUDA, the next layer's prefetched; on CUDA the float32
+        # deposit on the host-resident gradient is staged on the device, one of K/V at a time.
+        layer_kv = b * shape.kv_width * L
+        cuda = o.device == "cuda"
+        kv_grad += 0 if heads != shape.kv_heads else 2 * layer_kv * dt * (2 if cuda else 1)
+        kv_grad += 4 * layer_kv if cuda else 0
     phases["attention"] = acts - top_mlp - head + kv_grad
-    if full:  # the largest weight gradient before it is accumulated (embedding / lm_head, MLP matrix)
-        phases["weight_grad"] = acts - head + shape.largest_param() * dt
+    if full:  # the top layer's MLP backward: a weight gradient [h, I] with the input's and output's gradients
+        h, i = shape.hidden, shape.intermediate
+        phases["weight_grad"] = acts - head + dt * (h * i + b * c * (h + i))
     return phases
 
 
 def _evaluate(shape: ModelShape, o: _Options, seq_len: int) -> tuple[dict, int, int, int, dict[str, int]]:
     """static parts, K/V, K/V grads, activations, and the live bytes (beyond those) at each candidate peak."""
     s = _static(shape, o)
-    kv, kv_grads = _kv(shape, o, seq_len)
+    kv, kv_grads = (0, 0) if o.offload_kv else _kv(shape, o, seq_len)
     acts, top_mlp, head = _activations(shape, o, seq_len)
     phases = _phases(shape, o, seq_len, acts, top_mlp, head)
     if s["grad_accum"]:  # local backend, 16-bit: the float32 sums are cast back into .grad at the end
@@ -523,6 +556,10 @@ def _phase_totals(shape: ModelShape, o: _Options, seq_len: int) -> dict[str, int
     s, kv, kv_grads, _, phases = _evaluate(shape, o, seq_len)
     persistent = s["weights"] + s["grads"] + s["optimizer"] + s["grad_accum"] + kv + kv_grads
     return {name: persistent + value for name, value in phases.items()}
+
+
+def _host_total(shape: ModelShape, o: _Options, seq_len: int) -> int:
+    return _static(shape, o)["host"] + (sum(_kv(shape, o, seq_len)) if o.offload_kv else 0)
 
 
 def _kv(shape: ModelShape, o: _Options, seq_len: int) -> tuple[int, int]:
@@ -584,7 +621,8 @@ def _describe(name: str, shape: ModelShape, kw: dict, b0: Breakdown) -> list[str
     return [
         f"model      {name}: hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads / {shape.kv_heads} KV "
         f"heads (head_dim {shape.head_dim}), MLP {shape.intermediate}, vocab {shape.vocab}; {b0.params / 1e9:.2f}B params",
-        f"training   {what}; {o.dtype}, batch {o.batch}, attention {attn}",
+        f"training   {what}; {o.dtype}, batch {o.batch}, attention {attn}"
+        + ("; K/V offloaded to host" if o.offload_kv else ""),
         f"ZeRO       {zero}",
     ]
 
@@ -601,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         "--hf-config", help=f"config JSON file, inline JSON object, or a preset: {', '.join(PRESETS)}"
     )
     p.add_argument("--device-memory", help="accelerator memory, e.g. 24GiB, 80GB (omit: no longest sequence)")
+    p.add_argument("--host-memory", help="host memory for offloaded state, e.g. 256GiB (default: unbounded)")
     p.add_argument(
         "--reserve",
         default="1GiB",
@@ -634,7 +673,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="whether attention copies K/V per query head for GQA (default: sdpa/eager yes, flash no)",
     )
+    p.add_argument(
+        "--offload-kv",
+        action="store_true",
+        help="K/V checkpoints and gradients in host memory (chunkwise offload_kv)",
+    )
     p.add_argument("--backend", default="deepspeed", choices=BACKENDS)
+    p.add_argument("--device", default="cuda", choices=DEVICES, help="cpu: the engine's CPU code paths")
     a = p.parse_args(argv)
 
     try:
@@ -645,49 +690,66 @@ def main(argv: list[str] | None = None) -> int:
         kw = dict(dtype=a.dtype, batch=a.batch, zero_stage=a.zero_stage, world_size=a.world_size,
                   offload_optimizer=a.offload_optimizer, offload_param=a.offload_param, lora_rank=a.lora_rank,
                   lora_targets=tuple(t.strip() for t in a.lora_targets.split(",") if t.strip()),
-                  lora_dtype=a.lora_dtype, attn=a.attn, repeat_kv=a.repeat_kv, backend=a.backend)  # fmt: skip
+                  lora_dtype=a.lora_dtype, attn=a.attn, repeat_kv=a.repeat_kv, backend=a.backend,
+                  offload_kv=a.offload_kv, device=a.device)  # fmt: skip
         first = plan(shape, chunk_size=chunks[0], seq_len=lengths[0], **kw)
         budget = usable_memory(a.device_memory, a.reserve, a.margin) if a.device_memory else None
+        host = parse_bytes(a.host_memory) if a.host_memory else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    out = ["# python -m engine.plan " + " ".join(sys.argv[1:] if argv is None else argv), ""]
-    out += _describe(name, shape, kw, first)
+    lines = ["# python -m engine.plan " + " ".join(sys.argv[1:] if argv is None else argv), ""]
+    lines += _describe(name, shape, kw, first)
     if budget is not None:
-        out.append(
+        lines.append(
             f"device     {a.device_memory} - reserve {a.reserve}, margin {a.margin:.0%} -> {_gib(budget)} GiB "
-            "for the step's tensors"
+            "for the step's tensors" + (f"; host {a.host_memory}" if host else "")
         )
-    out.append("all sizes in GiB, per rank; peak = the largest moment of the last chunk's backward")
-    for c in chunks:
-        cols = list(lengths)
-        longest = (
-            longest_sequence(shape, device_memory=budget, reserve=0, margin=0.0, chunk_size=c, **kw)
-            if budget
-            else None
-        )
-        if longest:
-            cols.append(longest)
-        plans = [plan(shape, chunk_size=c, seq_len=n, **kw) for n in cols]
-        head = [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in cols]
-        if longest:
-            head[-1] = f"{head[-1]} (max)"
-        out += ["", f"chunk {c:<16}" + "".join(f"{h:>13}" for h in head)]
-        for comp in Breakdown.COMPONENTS:
-            out.append(f"  {comp:<20}" + "".join(f"{_gib(getattr(b, comp)):>13}" for b in plans))
-        out.append(f"  {'total':<20}" + "".join(f"{_gib(b.total):>13}" for b in plans))
-        out.append(f"  {'peak phase':<20}" + "".join(f"{b.peak_phase:>13}" for b in plans))
-        out.append(f"  {'host (offloaded)':<20}" + "".join(f"{_gib(b.host):>13}" for b in plans))
-        if budget is not None:
-            fits = "".join(f"{('yes' if b.total <= budget else 'no'):>13}" for b in plans)
-            out.append(f"  {'fits':<20}" + fits)
-            if longest:
-                out.append(f"  longest sequence that fits: {longest} tokens ({longest // c} chunks of {c})")
-            else:
-                out.append("  does not fit even one chunk")
-    print("\n".join(out))
+    lines.append("all sizes in GiB, per rank; peak = the largest moment of the last chunk's backward")
+    for chunk in chunks:
+        lines += ["", *_chunk_table(shape, kw, chunk, lengths, budget, host)]
+    print("\n".join(lines))
     return 0
+
+
+def _chunk_table(shape: ModelShape, kw: dict, chunk: int, lengths, budget, host) -> list[str]:
+    """One chunk size: the breakdown at the given lengths and at the longest that fits (if a budget)."""
+    longest = None
+    if budget is not None:
+        longest = longest_sequence(
+            shape, device_memory=budget, reserve=0, margin=0.0, host_memory=host, chunk_size=chunk, **kw
+        )
+    cols = [*lengths, longest] if longest else list(lengths)
+    plans = [plan(shape, chunk_size=chunk, seq_len=n, **kw) for n in cols]
+    head = [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in cols]
+    if longest:
+        head[-1] += " (max)"
+
+    def row(label: str, cells) -> str:
+        return f"  {label:<20}" + "".join(f"{cell:>13}" for cell in cells)
+
+    lines = [f"chunk {chunk:<16}" + "".join(f"{h:>13}" for h in head)]
+    for comp in Breakdown.COMPONENTS:
+        lines.append(row(comp, [_gib(getattr(b, comp)) for b in plans]))
+        if comp == "activations":
+            lines.append(row("  growing with L", [_gib(b.seq_activations) for b in plans]))
+    lines.append(row("total", [_gib(b.total) for b in plans]))
+    lines.append(row("peak phase", [b.peak_phase for b in plans]))
+    lines.append(row("host (offloaded)", [_gib(b.host) for b in plans]))
+    if budget is None:
+        return lines
+    fits = [b.total <= budget and (host is None or b.host <= host) for b in plans]
+    lines.append(row("fits", ["yes" if f else "no" for f in fits]))
+    if longest:
+        lines.append(f"  longest sequence that fits: {longest} tokens ({longest // chunk} chunks of {chunk})")
+    else:
+        one = plan(shape, chunk_size=chunk, seq_len=chunk, **kw)
+        lines.append(
+            f"  does not fit: one chunk of {chunk} tokens alone needs {_gib(one.total)} GiB"
+            + (f" (host {_gib(one.host)} GiB)" if host else "")
+        )
+    return lines
 
 
 if __name__ == "__main__":
