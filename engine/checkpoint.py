@@ -93,7 +93,9 @@ def find_resume(ckpt_cfg: CheckpointConfig) -> tuple[str, str] | None:
 
 def _read_latest(root: Path) -> str | None:
     latest = root / LATEST
-    return latest.read_text().strip() or None if latest.is_file() else None
+    if not latest.is_file():
+        return None
+    return latest.read_text().strip() or None
 
 
 def load(engine, load_dir: str, tag: str) -> dict[str, Any]:
@@ -134,6 +136,10 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict[str, Any]) -> str:
 
 
 def _commit(root: Path, tmp: str, tag: str) -> None:
+    # torch.save does not fsync: without this a power loss after the rename could leave a complete-looking
+    # directory of empty files. (On a network file system the writers' close() already reached the server.)
+    for f in (root / tmp).iterdir():
+        _fsync(f)
     final = root / tag
     if final.exists():  # the same step saved before (a run resumed from an older checkpoint): replace it
         old = root / (TMP_PREFIX + "old." + tag)
@@ -148,13 +154,13 @@ def _commit(root: Path, tmp: str, tag: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(latest_tmp, root / LATEST)
-    _fsync_dir(root)
+    _fsync(root)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)  # the renames themselves survive a power loss only once the directory is synced
+        os.fsync(fd)  # for a directory: its entries, i.e. the renames, survive a power loss
     finally:
         os.close(fd)
 

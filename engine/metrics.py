@@ -65,8 +65,8 @@ class Metrics:
         self.jsonl.write(json.dumps(record, allow_nan=True) + "\n")
         self.jsonl.flush()
         if self.bar is not None:
-            self.bar.update(1)
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+            self.bar.update(1)
         if step % self.cfg.every:
             return
         if self.writer is not None:

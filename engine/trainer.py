@@ -115,7 +115,7 @@ def setup(cfg: Config) -> Run:
     step, streak = 0, 0
     if prep.resume is not None:
         state = checkpoint.load(engine, *prep.resume)
-        pass
+        stream.load_state_dict(state["data"])
         step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
     metrics = Metrics(cfg.logging, cfg.optim.steps, start_step=step, enabled=rank == 0)
     if prep.resume is not None:
@@ -189,91 +189,103 @@ def _warn_config_changes(metrics: Metrics, saved: dict, now: dict, prefix: str =
 
 
 def run_loop(run: Run) -> dict[str, Any]:
-    cfg, engine = run.cfg, run.engine
-    first_step, losses, skipped = run.step, [], 0
+    cfg = run.cfg
+    first_step, losses, preempted = run.step, [], False
     nan_steps = {int(s) for s in os.environ.get(NAN_HOOK, "").split(",") if s.strip()}
-    preempted = False
     while run.step < cfg.optim.steps:
         run.step += 1
-        step, t0 = run.step, time.perf_counter()
-        lr = lr_at(step, cfg.optim)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        batch = {k: v.to(engine.device) for k, v in next(run.stream).items()}
-        with _poisoned_logits(engine.module) if step in nan_steps else contextlib.nullcontext():
-            stats = chunkwise_backward(
-                engine,
-                batch["input_ids"],
-                labels=batch["labels"],
-                attention_mask=batch["attention_mask"],
-                chunk_size=cfg.chunking.chunk_size,
-                mode=cfg.chunking.mode,
-                sample_prob=cfg.chunking.sample_prob,
-                sampler=cfg.chunking.sampler,
-                budget=cfg.chunking.budget,
-                generator=spaco_generator(cfg.optim.seed, step),
-                compensation_cap=cfg.chunking.compensation_cap,
-            )
-        applied = optimizer_step(engine, math.isfinite(stats.loss))
-        run.nonfinite_streak = 0 if applied else run.nonfinite_streak + 1
-        skipped += not applied
-        losses.append(stats.loss)
-        elapsed = time.perf_counter() - t0
-        grad_norm = engine.get_global_grad_norm() if applied else None
-        run.metrics.log(
-            step,
-            {
-                "total_steps": cfg.optim.steps,
-                "loss": stats.loss,
-                "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": stats.seq_len * cfg.data.batch_size * dist.get_world_size() / elapsed,
-                "step_time_s": elapsed,
-                "peak_memory_bytes": peak_memory_bytes(),
-                "num_chunks": stats.num_chunks,
-                "chunks_backpropagated": len(stats.selected),
-                "compensation": stats.compensation,
-                "skipped": not applied,
-            },
-        )
-        if not applied:
-            run.metrics.print(
-                f"warning: step {step}: non-finite loss or gradients ({stats.loss}); update skipped "
-                f"({run.nonfinite_streak} in a row, limit optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps})"
-            )
-        if run.nonfinite_streak >= cfg.optim.max_nonfinite_steps:
-            raise TrainingDiverged(
-                f"{run.nonfinite_streak} steps in a row (up to step {step}) had a non-finite loss or gradients "
-                f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); lower optim.lr or check the data. "
-                "The last checkpoint is untouched."
-            )
+        record = train_step(run, poison=run.step in nan_steps)
+        run.metrics.log(run.step, record)
+        losses.append(record["loss"])
+        _count_nonfinite(run, record)
         # Every rank takes part, so a signal that reached only some ranks still stops all of them together.
         preempted = _agree_any(bool(_PREEMPT))
         every = cfg.checkpoint.every
-        if cfg.checkpoint.dir and (preempted or (every and step % every == 0)):
+        if cfg.checkpoint.dir and (preempted or (every and run.step % every == 0)):
             save(run)
         if preempted:
             break
     if cfg.checkpoint.dir and run.saved_step != run.step:
         save(run)
     export_dir = None
-    if not preempted and cfg.checkpoint.dir:
-        export_dir = checkpoint.export(engine, cfg.checkpoint, checkpoint.tag_for(run.step), run.tokenizer)
     if preempted:
         signame = signal.Signals(_PREEMPT["signum"]).name if _PREEMPT else "a signal to another rank"
+        where = cfg.checkpoint.dir or "nowhere (no checkpoint.dir)"
         run.metrics.print(
-            f"preempted by {signame}: checkpoint saved at step {run.step} in "
-            f"{cfg.checkpoint.dir or '(no checkpoint.dir: nothing saved)'}; exiting (resume with checkpoint.resume=auto)"
+            f"preempted by {signame}: checkpoint of step {run.step} saved in {where}; exiting "
+            "(checkpoint.resume=auto continues from it)"
+        )
+    elif cfg.checkpoint.dir:
+        export_dir = checkpoint.export(
+            run.engine, cfg.checkpoint, checkpoint.tag_for(run.step), run.tokenizer
         )
     return {
         "first_step": first_step,
         "last_step": run.step,
         "losses": losses,
-        "skipped_steps": skipped,
         "preempted": preempted,
         "checkpoint": checkpoint.tag_for(run.step) if run.saved_step == run.step else None,
         "export": export_dir,
     }
+
+
+def train_step(run: Run, poison: bool = False) -> dict[str, Any]:
+    """One optimizer step (LR, batch, chunk-wise backward, update or skip); returns its metrics record."""
+    cfg, engine, t0 = run.cfg, run.engine, time.perf_counter()
+    lr = lr_at(run.step, cfg.optim)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    batch = {k: v.to(engine.device) for k, v in next(run.stream).items()}
+    chunking = cfg.chunking
+    with _poisoned_logits(engine.module) if poison else contextlib.nullcontext():
+        stats = chunkwise_backward(
+            engine,
+            batch["input_ids"],
+            labels=batch["labels"],
+            attention_mask=batch["attention_mask"],
+            chunk_size=chunking.chunk_size,
+            mode=chunking.mode,
+            sample_prob=chunking.sample_prob,
+            sampler=chunking.sampler,
+            budget=chunking.budget,
+            generator=spaco_generator(cfg.optim.seed, run.step),
+            compensation_cap=chunking.compensation_cap,
+            offload_kv=chunking.offload_kv,
+        )
+    applied = optimizer_step(engine, math.isfinite(stats.loss))
+    elapsed = time.perf_counter() - t0
+    grad_norm = engine.get_global_grad_norm() if applied else None
+    return {
+        "total_steps": cfg.optim.steps,
+        "loss": stats.loss,
+        "lr": lr,
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "tokens_per_s": stats.seq_len * cfg.data.batch_size * dist.get_world_size() / elapsed,
+        "step_time_s": elapsed,
+        "peak_memory_bytes": peak_memory_bytes(),
+        "num_chunks": stats.num_chunks,
+        "chunks_backpropagated": len(stats.selected),
+        "compensation": stats.compensation,
+        "skipped": not applied,
+    }
+
+
+def _count_nonfinite(run: Run, record: dict[str, Any]) -> None:
+    limit = run.cfg.optim.max_nonfinite_steps
+    if not record["skipped"]:
+        run.nonfinite_streak = 0
+        return
+    run.nonfinite_streak += 1
+    run.metrics.print(
+        f"warning: step {run.step}: non-finite loss or gradients (loss {record['loss']}); update skipped "
+        f"({run.nonfinite_streak} in a row, limit optim.max_nonfinite_steps={limit})"
+    )
+    if run.nonfinite_streak >= limit:
+        raise TrainingDiverged(
+            f"{run.nonfinite_streak} steps in a row (up to step {run.step}) had a non-finite loss or "
+            f"gradients (optim.max_nonfinite_steps={limit}); lower optim.lr or check the data. "
+            "Checkpoints already written are intact."
+        )
 
 
 def lr_at(step: int, optim: OptimConfig) -> float:

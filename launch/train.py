@@ -47,9 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         trainer.close(run)
+    first, last = summary["first_step"] + 1, summary["last_step"]
     if run.metrics.enabled:
         status = "preempted" if summary["preempted"] else "done"
-        print(f"{status}: steps {summary['first_step'] + 1}..{summary['last_step']}", flush=True)
+        print(
+            f"{status}: steps {first}..{last}" if first <= last else f"done: already at step {last}",
+            flush=True,
+        )
     return 0
 
 
