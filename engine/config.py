@@ -142,7 +142,7 @@ class ChunkingConfig:
     )
     budget: int | None = None  # spaco + fixed: chunks drawn per step (t)
     compensation_cap: float | None = None  # spaco: upper bound on the 1/q factor (trades bias for variance)
-    offload_kv: bool = False  # K/V checkpoints and their grads in pinned host memory: device memory stays flat
+    offload_kv: bool = False  # K/V and K/V grads in pinned host memory: device memory stays flat
 
     def __post_init__(self):
         _require(self.chunk_size >= 1, f"chunking.chunk_size: must be >= 1, got {self.chunk_size}")
