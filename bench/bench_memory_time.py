@@ -90,7 +90,7 @@ parser.add_argument("--batch", type=int, default=1)
 parser.add_argument("--methods", default=",".join(METHODS))
 parser.add_argument("--sample-prob", type=float, default=1 / 8, help="SpaCO's q")
 parser.add_argument("--spaco-chunks", type=int, default=32, help="number of chunks of the spaco32 method")
-parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (after a warm-up)")
+parser.add_argument("--repeats", type=int, default=3, help="timed steps per config after a warm-up (0: memory only)")
 parser.add_argument("--repeat-budget-s", type=float, default=30, help="fewer repeats (>= 1) past this time")
 parser.add_argument("--max-step-s", type=float, default=60, help="skip configs predicted slower than this")
 parser.add_argument("--mem-budget-gib", type=float, default=6, help="skip configs predicted above this peak")
@@ -102,6 +102,7 @@ parser.add_argument("--rss", action="store_true", help="cross-check: peak RSS of
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", help="output stem (default bench/results/memory_time_<device>)")
 parser.add_argument("--no-plot", action="store_true")
+parser.add_argument("--from-json", help="measure nothing: re-summarise, re-print and re-plot a saved result")
 parser.add_argument("--child", help=argparse.SUPPRESS)  # "method:length": one step in this process (--rss)
 # fmt: on
 
@@ -208,7 +209,7 @@ def measure(model, method, ids, args, repeat, track: bool) -> dict:
     return info
 
 
-def analytic_floor(args, seq_len: int) -> dict:
+def analytic_floor(args, seq_len: int, chunk: int | None = None) -> dict:
     """DESIGN.md section 4, beyond weights + grads: K/V checkpoints, their fp32 gradients, one chunk's activations.
 
     KV(L)       = 2 * layers * kv_heads * head_dim * L * batch * bytes(dtype)
@@ -222,7 +223,7 @@ def analytic_floor(args, seq_len: int) -> dict:
     b = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
     head_dim = args.hidden // args.heads
     kv_elems = 2 * args.layers * args.kv_heads * head_dim * seq_len * args.batch
-    chunk = min(args.chunk, seq_len)
+    chunk = min(chunk or args.chunk, seq_len)
     act = (
         chunk
         * args.batch
@@ -337,6 +338,7 @@ def run_benchmark(args, argv) -> dict:
             row["warmup_seconds"] = row.pop("seconds")
             t_est = t_est or row["warmup_seconds"]
             row["repeats"] = max(1, min(args.repeats, int(args.repeat_budget_s // max(t_est, 1e-3))))
+            row["repeats"] = 0 if args.repeats == 0 else row["repeats"]  # memory only: time = warm-up
             row["times"] = []
             mem_pts[m].append((seq_len, row["peak_bytes"]))
             live.append(row)
@@ -389,9 +391,11 @@ def summarize(args, res: dict) -> dict:
         floor["seq_len"] = L
         floor["seco_peak_bytes"] = at[("seco", L)]["peak_bytes"]
         floor["seco_peak_over_floor"] = floor["seco_peak_bytes"] / floor["floor_bytes"]
-        for m in ("spaco", "spaco32"):
+        for m in ("spaco", "spaco32"):  # against the floor with the method's own chunk size
             if (m, L) in at:
-                floor[f"{m}_peak_over_floor"] = at[(m, L)]["peak_bytes"] / floor["floor_bytes"]
+                own = analytic_floor(args, L, chunk=at[(m, L)]["chunk"])["floor_bytes"]
+                floor[f"{m}_floor_bytes"] = own
+                floor[f"{m}_peak_over_floor"] = at[(m, L)]["peak_bytes"] / own
 
     # longest trainable sequence within a memory budget, from a linear fit of the measured peaks
     budget = args.fit_budget_gib * GiB
@@ -504,7 +508,12 @@ def main(argv=None) -> dict:
     if args.child:
         child_main(args)
         return {}
-    res = run_benchmark(args, argv)
+    if args.from_json:  # the saved run's configuration, its measured rows
+        saved = json.loads(Path(args.from_json).read_text())
+        args = argparse.Namespace(**{**saved["config"], "out": args.out, "no_plot": args.no_plot})
+        res = {k: saved[k] for k in ("n_params", "rows", "wall_s")}
+    else:
+        res = run_benchmark(args, argv)
     summ = summarize(args, res)
     print_report(args, res, summ)
     out = {
