@@ -15,6 +15,7 @@ state that grows with the sequence (DESIGN.md section 4).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -96,7 +97,12 @@ def chunkwise_backward(
     )
     position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(batch, -1)
 
-    def run_chunk(c: int) -> torch.Tensor:
+    # Chunks that pass 2 recomputes get their loss there: pass 1 skips their LM head (a large share of a
+    # forward when the vocabulary is large) and keeps only their K/V.
+    recomputed = set(chosen)
+    skip_head = {"logits_to_keep": 1} if _accepts_logits_to_keep(module) else {}
+
+    def run_chunk(c: int, with_loss: bool = True) -> torch.Tensor | None:
         """Summed CE of chunk c, run against the K/V of chunks 0..c-1 already in the cache."""
         s, e = chunks[c]
         cache.begin_chunk(s, relay=weight)
@@ -107,18 +113,20 @@ def chunkwise_backward(
                 position_ids=position_ids[:, s:e],
                 past_key_values=cache,
                 use_cache=True,
+                **({} if with_loss else skip_head),
             )
-            return _ce_sum(out.logits, targets[:, s:e])
+            return _ce_sum(out.logits, targets[:, s:e]) if with_loss else None
 
     # Pass 1: every chunk, no graph. The K/V checkpoints fill up; the loss is exact for logging.
     rng = _RngReplay(input_ids.device, active=_has_active_dropout(module))
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
     with torch.no_grad(), _sdpa_gqa_without_repeat(input_ids.device):
         for c in range(k):
             rng.save(c)
-            loss_sum += float(run_chunk(c))
+            ce = run_chunk(c, with_loss=c not in recomputed or not skip_head)
+            if c not in recomputed:
+                loss_sum += ce
     rng.save("end")
-    loss_sum = backend.total(loss_sum)
 
     # Pass 2: drawn chunks in reverse; each backward deposits on earlier chunks' K/V gradients. DeepSpeed
     # averages gradients over ranks, hence the world size against the global token count.
@@ -130,8 +138,12 @@ def chunkwise_backward(
     ):
         for i, c in enumerate(order):
             rng.restore(c)  # dropout masks of the recompute equal pass 1's
-            backend.backward(run_chunk(c) * scale, is_last=i == len(order) - 1)
+            ce = run_chunk(c)
+            if c in recomputed:
+                loss_sum += ce.detach()
+            backend.backward(ce * scale, is_last=i == len(order) - 1)
     rng.restore("end")  # the caller's RNG stream continues as after one forward
+    loss_sum = backend.total(float(loss_sum))
 
     return ChunkStats(
         loss=loss_sum / num_tokens if num_tokens else float("nan"),
@@ -295,6 +307,11 @@ def _check_args(input_ids, labels, attention_mask, chunk_size, mode, sample_prob
         k = math.ceil(input_ids.shape[1] / chunk_size)
         if budget is not None and budget > k:
             raise ValueError(f"budget={budget} is larger than the number of chunks ({k})")
+
+
+def _accepts_logits_to_keep(module) -> bool:
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # PEFT wraps the HF model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _pad_to(seq_len, input_ids, labels, attention_mask, pad_id):
