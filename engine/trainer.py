@@ -147,7 +147,21 @@ def init_distributed() -> None:
     if torch.cuda.is_available():  # before the process group, so NCCL binds each rank to its own GPU
         torch.cuda.set_device(_local_rank())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, verbose=False)
+    # A hung rank must end the job, not stall it for torch's default 30 minutes: DeepSpeed creates its
+    # data-parallel groups later with torch's default timeout, so set that default too (DEEPSPEED_TIMEOUT,
+    # minutes, is DeepSpeed's own knob for it).
+    from deepspeed.constants import default_pg_timeout as timeout
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=mpi,
+        # MPI discovery would otherwise reset MASTER_PORT to 29500: two jobs on a node would collide.
+        distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+        timeout=timeout,
+        verbose=False,
+    )
 
 
 def _local_rank() -> int:

@@ -43,7 +43,14 @@ def on_signal(signum, frame):
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGUSR1, on_signal)
 
-kw = {"timeout": datetime.timedelta(seconds=args.timeout)} if args.timeout else {}
+kw = {}
+if args.timeout:
+    kw["timeout"] = datetime.timedelta(seconds=args.timeout)
+    # deepspeed.initialize makes its data-parallel group with dist.new_group(), which takes torch's default
+    # timeout (30 min gloo, 10 min nccl) and not init_distributed's: lower that default too.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = kw["timeout"]
 deepspeed.init_distributed(
     dist_backend="gloo", distributed_port=int(os.environ.get("MASTER_PORT", 29500)), **kw
 )

@@ -20,8 +20,14 @@ as_root() { $SUDO "$@"; }
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     log "installing slurm-wlm and munge"
     export DEBIAN_FRONTEND=noninteractive
-    as_root apt-get install -y -qq --no-install-recommends slurm-wlm munge >&2 ||
-        { as_root apt-get update -qq >&2 && as_root apt-get install -y -qq --no-install-recommends slurm-wlm munge >&2; }
+    apt_log=$(mktemp)
+    if ! { as_root apt-get install -y -qq --no-install-recommends slurm-wlm munge ||
+        { as_root apt-get update -qq && as_root apt-get install -y -qq --no-install-recommends slurm-wlm munge; }; } \
+        >"$apt_log" 2>&1; then
+        cat "$apt_log" >&2
+        exit 1
+    fi
+    rm -f "$apt_log"
 fi
 PATH=$PATH:/usr/sbin:/sbin
 
