@@ -4,6 +4,7 @@
     plain     full-sequence forward + backward
     ckpt      the same with HF activation checkpointing (every decoder layer)
     seco      chunkwise_backward(mode="seco"), chunk --chunk
+    seco_offload  the same with offload_kv=True (opt-in: --methods ...,seco_offload; meaningful on GPU)
     spaco     chunkwise_backward(mode="spaco"), chunk --chunk, t = max(1, round(q k)) of k chunks
     spaco32   the same with the sequence cut into --spaco-chunks (32) chunks: t = round(q 32) = 4 for q = 1/8
 
@@ -51,7 +52,10 @@ from engine.chunkwise import chunkwise_backward
 from engine.memory import MemoryTracker
 
 METHODS = ("forward", "plain", "ckpt", "seco", "spaco", "spaco32")
-TRAINING = ("plain", "ckpt", "seco", "spaco", "spaco32")
+# seco_offload: SeCO with K/V + K/V grads in pinned host memory. Only a GPU run shows its effect (device
+# memory stays flat); on CPU host and device are the same memory. Not in the default set: --methods.
+OPTIONAL = ("seco_offload",)
+TRAINING = ("plain", "ckpt", "seco", "spaco", "spaco32", "seco_offload")
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB, GiB = 2**20, 2**30
 
@@ -114,7 +118,7 @@ def parse_args(argv=None):
             setattr(args, k, v)
     args.lengths = [int(x) for x in str(args.lengths).split(",") if x]
     args.methods = [m for m in args.methods.split(",") if m]
-    assert set(args.methods) <= set(METHODS), args.methods
+    assert set(args.methods) <= set(METHODS + OPTIONAL), args.methods
     args.out = args.out or str(RESULTS / f"memory_time_{torch.device(args.device).type}")
     return args
 
@@ -178,8 +182,8 @@ def run_step(model, method: str, ids: torch.Tensor, args, repeat: int = 0) -> di
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     else:
         chunk, k = num_chunks(method, ids.shape[1], args)
-        kw = {}
-        if method != "seco":
+        kw = {"offload_kv": True} if method == "seco_offload" else {}
+        if method not in ("seco", "seco_offload"):
             gen = torch.Generator().manual_seed(args.seed * 1000 + repeat)
             kw = dict(
                 mode="spaco", sampler="fixed", budget=max(1, round(args.sample_prob * k)), generator=gen
