@@ -50,6 +50,8 @@ parser.add_argument("--kv-heads", type=int, default=2)
 parser.add_argument("--lr", type=float, default=3e-3)
 parser.add_argument("--warmup", type=int, default=20, help="linear LR warmup steps")
 parser.add_argument("--sample-prob", type=float, default=0.5, help="SpaCO's q")
+parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="float64 keeps plain and SeCO together through the plateau's chaotic exit")
 parser.add_argument("--eval-every", type=int, default=50)
 parser.add_argument("--eval-samples", type=int, default=32)
 parser.add_argument("--seed", type=int, default=0)
@@ -74,7 +76,8 @@ def build_model(args) -> torch.nn.Module:
         eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(args.seed)  # same init for every method
-    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    return model.to(getattr(torch, args.dtype))
 
 
 def batches(args, seed: int, n: int):
