@@ -18,7 +18,7 @@ import contextlib
 import inspect
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ SAMPLERS = ("bernoulli", "fixed")
 
 @dataclass
 class ChunkStats:
-    loss: float  # the full-sequence loss (pass 1 is exact, also under SpaCO)
+    loss: float  # the full-sequence loss: exact also under SpaCO (unvisited chunks' loss comes from pass 1)
     num_tokens: int  # valid target tokens the loss is averaged over
     num_chunks: int
     selected: list[int]  # chunks back-propagated in pass 2
@@ -41,7 +41,6 @@ class ChunkStats:
     seq_len: int
     chunk_size: int
     kv_bytes: int = 0  # K/V checkpoints + K/V gradients held during the step
-    extra: dict = field(default_factory=dict)
 
 
 def chunkwise_backward(
