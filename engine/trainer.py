@@ -34,6 +34,7 @@ from engine import checkpoint
 from engine.chunkwise import chunkwise_backward
 from engine.config import Config, OptimConfig, config_to_dict, derive_ds_config
 from engine.data import DataStream, build_dataset, load_tokenizer
+from engine.distributed import unlink_shm_comm_buffers
 from engine.metrics import Metrics, peak_memory_bytes
 from engine.model import apply_lora, build_model, model_vocab_size, zero3_context
 
@@ -162,6 +163,7 @@ def init_distributed() -> None:
         timeout=timeout,
         verbose=False,
     )
+    unlink_shm_comm_buffers()
 
 
 def _local_rank() -> int:

@@ -4,6 +4,7 @@ length on the two ranks)."""
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import subprocess
@@ -40,10 +41,13 @@ def free_port() -> int:
 
 
 def launch(args, out, nprocs=2):
-    cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(free_port())]
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(port)]
     cmd += [os.path.join(HERE, "workers", "ds_step.py"), *args, "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(HERE))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce leaves a 64 MiB /dev/shm file per rank unless we unlink it
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     return torch.load(out)
 
 

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ds_reference import build, global_batch, lora_wrap, make_optimizer  # noqa: E402
 
 from engine.chunkwise import chunkwise_backward  # noqa: E402
+from engine.distributed import unlink_shm_comm_buffers  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--zero", type=int, required=True)
@@ -28,6 +29,7 @@ p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
 
 deepspeed.init_distributed(dist_backend="gloo")
+unlink_shm_comm_buffers()
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 model = build()
 if args.lora:
