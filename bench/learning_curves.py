@@ -51,7 +51,7 @@ parser.add_argument("--lr", type=float, default=3e-3)
 parser.add_argument("--warmup", type=int, default=20, help="linear LR warmup steps")
 parser.add_argument("--sample-prob", type=float, default=0.5, help="SpaCO's q")
 parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
-                    help="float64 keeps plain and SeCO together through the plateau's chaotic exit")
+                    help="float64 (norms and loss too) keeps plain and SeCO together far longer")
 parser.add_argument("--eval-every", type=int, default=50)
 parser.add_argument("--eval-samples", type=int, default=32)
 parser.add_argument("--seed", type=int, default=0)
@@ -77,7 +77,28 @@ def build_model(args) -> torch.nn.Module:
     )
     torch.manual_seed(args.seed)  # same init for every method
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
-    return model.to(getattr(torch, args.dtype))
+    model = model.to(getattr(torch, args.dtype))
+    if args.dtype == "float64":
+        # HF's RMSNorm rounds to float32 even in a float64 model; a float64 run is meant to have no float32
+        # step anywhere (the loss is float64 too, see `loss_in_dtype`), so its norms compute in float64.
+        for m in model.modules():
+            if type(m).__name__ == "LlamaRMSNorm":
+                m.forward = _rmsnorm_in_dtype.__get__(m)
+    return model
+
+
+def _rmsnorm_in_dtype(self, x: torch.Tensor) -> torch.Tensor:
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def loss_in_dtype(model, input_ids, labels) -> torch.Tensor:
+    """Full-sequence loss as HF computes it, but in the model's dtype (float32 at least): HF's own loss
+    upcasts float64 logits *down* to float32, which would make the float64 reference less exact than SeCO."""
+    logits = model(input_ids=input_ids, use_cache=False).logits
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
 def batches(args, seed: int, n: int):
@@ -141,7 +162,7 @@ def train(method: str, args, eval_batches) -> dict:
         opt.zero_grad(set_to_none=True)
         ids, labels = b["input_ids"], b["labels"]
         if method == "plain":
-            loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+            loss = loss_in_dtype(model, ids, labels)
             loss.backward()
             loss, nsel = loss.item(), math.ceil(args.seq_len / args.chunk)
         elif method in ("seco", "spaco"):

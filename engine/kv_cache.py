@@ -2,7 +2,8 @@
 
 One `ChunkKVCache` lives for one chunk-wise step. Each decoder layer gets a `ChunkKVLayer` holding four
 preallocated buffers over the whole sequence: K and V exactly as attention consumes them (after RoPE, in the
-model's dtype) and their gradients G_K, G_V (float32, the accumulator of many chunks' contributions).
+model's dtype) and their gradients G_K, G_V (float32 at least, the accumulator of many chunks' contributions;
+float64 models keep float64, so the exactness reference loses nothing).
 
 The model calls `layer.update(k, v)` with the current chunk's K/V. We copy them into the buffers and hand
 attention a *view* of the buffers covering prefix + chunk, so no per-layer concatenated copy of the prefix is
@@ -44,7 +45,7 @@ class _AppendKV(torch.autograd.Function):
         if start > 0:
             _add_into(g[..., :start, :], grad[..., :start, :])  # deposit on the prefix (fp32 accumulation)
         relayed = g[..., start:end, :].to(grad.device, non_blocking=True)
-        own = grad[..., start:end, :].float().add_(relayed, alpha=ctx.relay)  # relay G_c
+        own = grad[..., start:end, :].to(g.dtype).add_(relayed, alpha=ctx.relay)  # relay G_c
         return own.to(grad.dtype), None, None, None, None
 
 
@@ -85,8 +86,9 @@ class ChunkKVLayer(CacheLayerMixin):
 
         self.k_buf, self.v_buf = alloc(d, key_states.dtype), alloc(value_states.shape[-1], value_states.dtype)
         if self.cache.needs_grad:
-            self.k_grad = alloc(d, torch.float32, zero=True)
-            self.v_grad = alloc(value_states.shape[-1], torch.float32, zero=True)
+            acc = torch.promote_types(key_states.dtype, torch.float32)
+            self.k_grad = alloc(d, acc, zero=True)
+            self.v_grad = alloc(value_states.shape[-1], acc, zero=True)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):

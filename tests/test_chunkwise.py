@@ -21,7 +21,15 @@ FAMILIES = {
     "Olmo2Config": {},
     "GPTNeoXConfig": {"num_key_value_heads": 4},  # MHA, partial rotary, parallel residual
 }
-TOL = 1e-6
+
+
+def tol(model) -> float:
+    """float64: the chunk-wise gradient equals full backprop to rounding (measured ~3e-16). HF's eager
+    attention (softmax) and Gemma's norms compute in float32 even in float64 models, and float32 rounds
+    prefix-then-chunk attention differently from one pass: 1e-6 there, as for float32 models."""
+    cfg = model.config
+    fp32_inside = cfg._attn_implementation == "eager" or cfg.model_type.startswith("gemma")
+    return 1e-12 if next(model.parameters()).dtype == torch.float64 and not fp32_inside else 1e-6
 
 
 def chunkwise_grads(model, ids, labels, mask, **kw):
@@ -38,7 +46,7 @@ def test_seco_matches_full_backprop(family, dtype):
     ref_loss, ref = reference_grads(model, ids, labels, mask)
     stats, got = chunkwise_grads(model, ids, labels, mask, chunk_size=8)
     assert stats.num_chunks == 5 and stats.selected == [0, 1, 2, 3, 4]
-    assert rel_error(got, ref) <= TOL
+    assert rel_error(got, ref) <= tol(model)
     assert stats.loss == pytest.approx(ref_loss, rel=1e-6)
 
 
@@ -49,7 +57,7 @@ def test_chunk_sizes_down_to_one_token_and_up_to_one_chunk(chunk_size):
     _, ref = reference_grads(model, ids, labels, mask)
     stats, got = chunkwise_grads(model, ids, labels, mask, chunk_size=chunk_size)
     assert stats.num_chunks == -(-37 // chunk_size)
-    assert rel_error(got, ref) <= TOL
+    assert rel_error(got, ref) <= tol(model)
 
 
 @pytest.mark.parametrize("family", ["LlamaConfig", "Qwen2Config", "MistralConfig", "Phi3Config"])
@@ -58,7 +66,7 @@ def test_eager_attention(family):
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=6)
-    assert rel_error(got, ref) <= TOL
+    assert rel_error(got, ref) <= tol(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -76,7 +84,7 @@ def test_lora_grads_on_adapters_only(family, dtype):
     assert ref and all("lora_" in n for n in ref)
     _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=8)
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
-    assert rel_error(got, ref) <= TOL
+    assert rel_error(got, ref) <= tol(model)
 
 
 @pytest.mark.parametrize(
@@ -93,7 +101,7 @@ def test_sliding_window_models_are_exact(family, attn, kw):
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=5)  # window 8 spans chunk boundaries
-    assert rel_error(got, ref) <= TOL
+    assert rel_error(got, ref) <= tol(model)
 
 
 def test_hybrid_cache_models_are_refused():
@@ -130,7 +138,7 @@ def test_dropout_masks_are_replayed_exactly():
 
     torch.manual_seed(123)
     _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=8)
-    assert rel_error(got, ref) <= TOL
+    assert rel_error(got, ref) <= tol(model)
     assert torch.equal(torch.rand(1), after_ref)  # the RNG stream continues as after one forward
 
     torch.manual_seed(7)  # other masks, other gradient: dropout really is active
@@ -143,7 +151,7 @@ def test_labels_default_to_input_ids_without_padding():
     ids, _, mask = tiny_batch(ignore=None)
     _, ref = reference_grads(model, ids, ids.masked_fill(mask == 0, -100), mask)
     _, got = chunkwise_grads(model, ids, None, mask, chunk_size=8)
-    assert rel_error(got, ref) <= TOL
+    assert rel_error(got, ref) <= tol(model)
 
 
 def test_gradients_are_added_to_existing_grads():
@@ -153,7 +161,7 @@ def test_gradients_are_added_to_existing_grads():
     model.zero_grad(set_to_none=True)
     for _ in range(2):
         chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8)
-    assert rel_error(grads_of(model), {n: 2 * g for n, g in ref.items()}) <= TOL
+    assert rel_error(grads_of(model), {n: 2 * g for n, g in ref.items()}) <= tol(model)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +173,7 @@ def test_kv_offload_gives_the_same_gradients(family, attn):
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=8, offload_kv=True)
-    assert rel_error(got, ref) <= TOL
+    assert rel_error(got, ref) <= tol(model)
     _, sp = chunkwise_grads(
         model,
         ids,
@@ -180,7 +188,7 @@ def test_kv_offload_gives_the_same_gradients(family, attn):
     _, sp_ref = chunkwise_grads(
         model, ids, labels, mask, chunk_size=8, mode="spaco", selected=[1, 3], sample_prob=0.5
     )
-    assert rel_error(sp, sp_ref) <= TOL
+    assert rel_error(sp, sp_ref) <= tol(model)
 
 
 def test_kv_offload_saves_handles_not_device_copies():
