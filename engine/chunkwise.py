@@ -119,7 +119,7 @@ def chunkwise_backward(
     # Pass 1: every chunk, no graph. The K/V checkpoints fill up; the loss is exact for logging.
     rng = _RngReplay(input_ids.device, active=_has_active_dropout(module))
     loss_sum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
-    with torch.no_grad(), _sdpa_gqa_without_repeat(input_ids.device):
+    with torch.no_grad(), _sdpa_without_copies(input_ids.device):
         for c in range(k):
             rng.save(c)
             ce = run_chunk(c, with_loss=c not in recomputed or not skip_head)
@@ -133,7 +133,7 @@ def chunkwise_backward(
     with (
         _Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32),
         backend.step_context(),
-        _sdpa_gqa_without_repeat(input_ids.device),
+        _sdpa_without_copies(input_ids.device),
     ):
         for i, c in enumerate(order):
             rng.restore(c)  # dropout masks of the recompute equal pass 1's
@@ -200,22 +200,44 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _sdpa_gqa_without_repeat(device: torch.device):
-    """On CPU, let transformers' sdpa attention pass grouped K/V heads to SDPA (enable_gqa) instead of
-    repeating them per query head: a chunk's queries always come with a mask (they see a prefix), and with a
-    mask transformers repeats K/V, an extra (heads / kv_heads) copies of the whole KV cache saved for backward
-    in every layer. torch's CPU flash kernel takes a mask and GQA together. On CUDA the same switch would
-    select the math kernel, which materialises attention probabilities: use flash_attention_2 there."""
-    if device.type != "cpu":
-        yield
-        return
+def _sdpa_without_copies(device: torch.device):
+    """Keep transformers' `sdpa` attention from copying what every layer saves for backward.
+
+    Mask: a chunk's queries always see a prefix, so they always come with a mask. transformers builds it
+    once per forward as booleans, and torch's SDPA turns a boolean mask into a float one inside every layer
+    and saves that copy for backward: one [chunk x L] float mask per layer, the largest term that grows with
+    L after the K/V themselves. Handing SDPA the float (additive) mask directly, built once by transformers'
+    own mask function (so padding and sliding windows are unchanged), leaves one copy shared by all layers.
+    Where the boolean mask is zero the additive one is dtype-min, which softmax turns into exactly 0.
+
+    GQA (CPU only): with a mask transformers repeats K/V per query head, an extra (heads / kv_heads) copies of
+    the whole KV cache saved in every layer; the switch below makes it pass grouped heads (enable_gqa), which
+    torch's CPU flash kernel takes together with a mask. On CUDA the same switch would select the math
+    kernel, which materialises attention probabilities: use flash_attention_2 there."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    def additive_sdpa_mask(*args, dtype: torch.dtype = torch.float32, **kwargs):
+        mask = sdpa_mask(*args, **kwargs)
+        if mask is None or mask.dtype != torch.bool:
+            return mask
+        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    masks = ALL_MASK_ATTENTION_FUNCTIONS
+    had_local = "sdpa" in masks._local_mapping
+    previous = masks["sdpa"]
+    masks["sdpa"] = additive_sdpa_mask if previous is sdpa_mask else previous  # never undo a user override
     key, old = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
-    os.environ[key] = "1"
+    if device.type == "cpu":
+        os.environ[key] = "1"
     try:
         yield
     finally:
+        if had_local:
+            masks["sdpa"] = previous
+        else:
+            del masks["sdpa"]
         if old is None:
-            del os.environ[key]
+            os.environ.pop(key, None)
         else:
             os.environ[key] = old
 

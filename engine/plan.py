@@ -19,8 +19,9 @@ RoPE, gated SiLU MLP, GQA) trained by engine/chunkwise.py:
                       the whole sequence): per layer the RMSNorm inputs (float32), the inputs of trainable
                       linears and LoRA adapters, RoPE'd queries, the attention output, the MLP intermediates;
                       growing with L: the K/V copies transformers' repeat_kv makes for GQA when it passes a
-                      mask (sdpa and eager on CUDA), the float mask SDPA makes from the boolean one in every
-                      layer [C, L], eager's attention probabilities
+                      mask (sdpa and eager on CUDA), sdpa's float mask [C, L] (one, shared by all layers:
+                      engine/chunkwise.py builds it additive so SDPA makes no per-layer copy), eager's
+                      attention probabilities
     transient         the largest of what backward allocates on top of that: the cross-entropy of the chunk's
                       logits (log-softmax, NLL gradient, log-softmax gradient: float32 [C, vocab] each), the
                       lm_head backward, the top layer's attention backward (gradients over prefix + chunk K/V,
@@ -445,8 +446,8 @@ def _activations(shape: ModelShape, o: _Options, seq_len: int) -> tuple[int, int
       linears    the input of every linear whose weight trains, or of a LoRA adapter (a copy per adapter
                  when the adapter dtype differs from the model's); LoRA's A output (rank r) for its B
       attention  RoPE'd queries, the output and log-sum-exp; K/V are views of the cache, except that GQA's
-                 repeat_kv copies them per query head; SDPA turns the boolean mask into a float one per
-                 layer (model dtype, [C, L]); eager keeps the softmax in float32 (+ its model-dtype copy)
+                 repeat_kv copies them per query head; sdpa's additive mask (model dtype, [C, L]) is one
+                 tensor for all layers; eager keeps the softmax in float32 (+ its model-dtype copy)
       MLP        gate and up outputs, silu(gate); the product too when down_proj's input is needed
     """
     h, i, q = shape.hidden, shape.intermediate, shape.q_width
@@ -481,8 +482,9 @@ def _activations(shape: ModelShape, o: _Options, seq_len: int) -> tuple[int, int
 
     # Terms growing with the sequence: per layer, for keys over the whole sequence.
     gqa_copies = 2 * q * dt if (o.repeat_kv and shape.heads != shape.kv_heads) else 0
+    shared_per_key = c * dt if o.attn == "sdpa" else 0  # the additive mask row per query, all layers
     if o.attn == "sdpa":
-        per_key = gqa_copies + c * dt  # + the float mask row per query
+        per_key = gqa_copies
     elif o.attn == "eager":
         per_key = gqa_copies + c * shape.heads * (4 + (dt if dt != 4 else 0))
     else:  # flash attention builds no mask
@@ -493,7 +495,8 @@ def _activations(shape: ModelShape, o: _Options, seq_len: int) -> tuple[int, int
     head = norm_x + normed + (dt * h if full else 0)  # final norm, lm_head's input
     rope = 2 * shape.head_dim * dt  # cos and sin of the chunk's positions
     acts = b * (
-        c * (shape.layers * layer_tokens - first_layer_saving + head + rope) + shape.layers * per_key * L
+        c * (shape.layers * layer_tokens - first_layer_saving + head + rope)
+        + (shape.layers * per_key + shared_per_key) * L
     )
     return acts, b * c * mlp_side, b * c * head
 

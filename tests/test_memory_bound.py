@@ -11,9 +11,11 @@ from engine.memory import MemoryTracker
 
 LENGTHS = (512, 1024, 2048)
 CHUNK = 64
-# Beyond K, V, G_K, G_V, what grows with the sequence is per chunk and one layer at a time: the gradient that
-# attention's backward returns for one layer's prefix K/V, and the chunk's [chunk x prefix] mask.
-FACTOR = 2.0
+# Beyond K, V, G_K, G_V (1 KiB per token here), what grows with the sequence is per chunk and one layer at a
+# time: the gradient attention's backward returns for one layer's prefix K/V (0.25 KiB per token), and the
+# chunk's [chunk x prefix] additive mask, one for all layers (0.25 KiB per token). Measured: 1.3x, 1.5x.
+# A float mask per layer (what SDPA makes from a boolean one) would be 2x; a GQA repeat of K/V, 3x.
+FACTOR = 1.6
 
 
 def peaks(attn: str):

@@ -70,6 +70,9 @@ CASES = [
     Case("fp32-batch2-mlp-backward-peak", chunk=64, batch=2, shape=dict(vocab=64)),
     Case("fp32-offload-kv-mha", seq_len=1024, chunk=64, offload_kv=True, shape=dict(kv_heads=4, vocab=64)),
     Case("bf16-offload-kv-lora", dtype="bfloat16", lora=(8, QKVO, "bfloat16"), offload_kv=True),
+    # Long against the chunk, small vocabulary: the [C, L] mask is a third of the peak (one copy per layer
+    # would be two thirds).
+    Case("fp32-sdpa-mask-grows-with-L", seq_len=4096, chunk=256, shape=dict(layers=4, vocab=64)),
 ]
 
 
@@ -166,7 +169,7 @@ def test_llama3_8b_sizes():
     assert p.total == sum(getattr(p, c) for c in Breakdown.COMPONENTS)
     # The GQA copies repeat_kv makes (4 x KV per layer) are what native-GQA attention saves.
     flash = plan("llama3-8b", chunk_size=256, seq_len=16384, lora_rank=8, attn="flash_attention_2")
-    assert p.activations - flash.activations == 4 * p.kv + 32 * 256 * 16384 * 2  # + SDPA's float masks
+    assert p.activations - flash.activations == 4 * p.kv + 256 * 16384 * 2  # + sdpa's one additive mask
     assert p.seq_activations == p.activations - flash.activations and flash.seq_activations == 0
 
 
