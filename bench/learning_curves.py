@@ -4,6 +4,8 @@ Trains the same tiny Llama (same init, same data order, AdamW) on the synthetic 
 sits at the end of the sequence and depends only on the header at its start, four ways:
 
     plain      full-sequence backprop (the reference)
+    plain_split  the same gradient computed as two half-batches summed: differs from plain only by rounding
+               (the control: how far rounding alone moves a curve on this task; opt-in via --methods)
     seco       chunkwise_backward(mode="seco"): exact, so its curve must equal plain's up to rounding
     spaco      chunkwise_backward(mode="spaco", sample_prob=q): unbiased but noisy
     truncated  chunk by chunk against the *detached* K/V of earlier chunks (Transformer-XL style): the
@@ -32,12 +34,13 @@ from engine.chunkwise import chunkwise_backward
 from engine.data import ByteTokenizer, SyntheticDataset
 
 IGNORE = -100
-METHODS = ("plain", "seco", "spaco", "truncated")
+METHODS = ("plain", "seco", "spaco", "truncated", "plain_split")
+DEFAULT_METHODS = METHODS[:4]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # fmt: off
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated subset of " + ",".join(METHODS))
 parser.add_argument("--steps", type=int, default=600)
 parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--seq-len", type=int, default=256)
@@ -93,14 +96,19 @@ def _rmsnorm_in_dtype(self, x: torch.Tensor) -> torch.Tensor:
     return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
-def loss_in_dtype(model, input_ids, labels) -> torch.Tensor:
+def loss_in_dtype(model, input_ids, labels, num_tokens: int | None = None) -> torch.Tensor:
     """Full-sequence loss as HF computes it, but in the model's dtype (float32 at least): HF's own loss
     upcasts float64 logits *down* to float32, which would make the float64 reference less exact than SeCO."""
     logits = model(input_ids=input_ids, use_cache=False).logits
     targets = torch.full_like(labels, IGNORE)
     targets[:, :-1] = labels[:, 1:]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    if num_tokens is None:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    return (
+        F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        / num_tokens
+    )
 
 
 def batches(args, seed: int, n: int):
@@ -163,7 +171,14 @@ def train(method: str, args, eval_batches) -> dict:
             print(f"  {method} step {step:4d}: answer loss {el:.3f} acc {ea:.3f}", flush=True)
         opt.zero_grad(set_to_none=True)
         ids, labels = b["input_ids"], b["labels"]
-        if method == "plain":
+        if method == "plain_split":
+            num_tokens, half, loss = int((labels[:, 1:] != IGNORE).sum()), ids.shape[0] // 2, 0.0
+            for part in (slice(0, half), slice(half, None)):
+                part_loss = loss_in_dtype(model, ids[part], labels[part], num_tokens)
+                part_loss.backward()
+                loss += part_loss.item()
+            nsel = math.ceil(args.seq_len / args.chunk)
+        elif method == "plain":
             loss = loss_in_dtype(model, ids, labels)
             loss.backward()
             loss, nsel = loss.item(), math.ceil(args.seq_len / args.chunk)
@@ -194,14 +209,26 @@ def plot(results: dict, args, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for m, log in results["runs"].items():
-        style = "--" if m == "seco" else "-"
+    runs = results["runs"]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for m, log in runs.items():
+        style = "--" if m in ("seco", "plain_split") else "-"
         axes[0].plot(log["step"], log["train_loss"], style, label=m, alpha=0.8)
         axes[1].plot(log["eval_step"], log["eval_loss"], style + "o", label=m, ms=3)
         axes[2].plot(log["eval_step"], log["eval_acc"], style + "o", label=m, ms=3)
+        if m != "plain" and "plain" in runs:
+            n = min(len(log["train_loss"]), len(runs["plain"]["train_loss"]))
+            d = [
+                max(abs(x - y), 1e-17) for x, y in zip(log["train_loss"][:n], runs["plain"]["train_loss"][:n])
+            ]
+            axes[3].semilogy(log["step"][:n], d, style, label=m, alpha=0.8)
     axes[2].axhline(results["chance_acc"], color="gray", lw=0.8, ls=":", label="chance")
-    titles = ("train loss (answer tokens)", "held-out answer loss", "held-out answer accuracy")
+    titles = (
+        "train loss (answer tokens)",
+        "held-out answer loss",
+        "held-out answer accuracy",
+        "|train loss - plain's| (1e-17 = equal)",
+    )
     for ax, t in zip(axes, titles, strict=True):
         ax.set_title(t), ax.set_xlabel("step"), ax.legend()
     fig.suptitle(
@@ -215,16 +242,19 @@ def plot(results: dict, args, path: Path) -> None:
 
 def summarize(runs: dict) -> dict:
     summary = {}
-    if "plain" in runs and "seco" in runs:
-        a, b = torch.tensor(runs["plain"]["train_loss"]), torch.tensor(runs["seco"]["train_loss"])
+    for other in ("seco", "plain_split"):  # how far each stays from plain backprop's curve
+        if "plain" not in runs or other not in runs:
+            continue
+        a, b = torch.tensor(runs["plain"]["train_loss"]), torch.tensor(runs[other]["train_loss"])
         n = min(len(a), len(b))
-        a, b = a[:n], b[:n]
-        summary["seco_vs_plain_max_abs_train_loss_diff"] = float((a - b).abs().max())
-        ea, eb = torch.tensor(runs["plain"]["eval_loss"]), torch.tensor(runs["seco"]["eval_loss"])
+        diff = (a[:n] - b[:n]).abs()
+        summary[f"{other}_vs_plain_max_abs_train_loss_diff"] = float(diff.max())
+        ea, eb = torch.tensor(runs["plain"]["eval_loss"]), torch.tensor(runs[other]["eval_loss"])
         m = min(len(ea), len(eb))
-        summary["seco_vs_plain_max_abs_eval_loss_diff"] = float((ea[:m] - eb[:m]).abs().max())
-        first = [i for i in range(n) if abs(a[i] - b[i]) > 1e-3]
-        summary["seco_vs_plain_first_step_diff_gt_1e-3"] = first[0] if first else None
+        summary[f"{other}_vs_plain_max_abs_eval_loss_diff"] = float((ea[:m] - eb[:m]).abs().max())
+        for tol in (1e-12, 1e-3):
+            over = (diff > tol).nonzero()
+            summary[f"{other}_vs_plain_first_step_diff_gt_{tol:g}"] = int(over[0]) if len(over) else None
     for m, log in runs.items():
         summary[f"{m}_final_eval_loss"] = log["eval_loss"][-1]
         summary[f"{m}_final_eval_acc"] = log["eval_acc"][-1]

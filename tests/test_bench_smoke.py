@@ -56,7 +56,7 @@ def test_learning_curves(tmp_path):
     argv += ["--eval-every", "2", "--eval-samples", "2", "--no-plot", "--out", str(stem)]
     lc.main(argv)
     out = json.loads(stem.with_suffix(".json").read_text())
-    assert set(out["runs"]) == set(lc.METHODS)
+    assert set(out["runs"]) == set(lc.DEFAULT_METHODS)
     assert all(len(r["train_loss"]) == 3 for r in out["runs"].values())
     # SeCO is exact: same init, same data, same updates as plain backprop
     assert out["summary"]["seco_vs_plain_max_abs_train_loss_diff"] < 1e-4
@@ -64,35 +64,18 @@ def test_learning_curves(tmp_path):
 
 def test_learning_curves_float64_and_merge(tmp_path):
     """Methods run as separate processes merge into one result; float64 plain and SeCO agree to rounding."""
+    pytest.importorskip("matplotlib")
     lc = _load("learning_curves")
-    argv = [
-        *TINY_MODEL,
-        "--steps",
-        "3",
-        "--batch",
-        "2",
-        "--seq-len",
-        "64",
-        "--chunk",
-        "16",
-        "--dtype",
-        "float64",
-    ]
-    argv += ["--eval-every", "2", "--eval-samples", "2", "--no-plot"]
-    lc.main([*argv, "--methods", "seco", "--out", str(tmp_path / "a")])
-    lc.main([*argv, "--methods", "plain", "--threads", "2", "--out", str(tmp_path / "b")])
-    merged = lc.main(
-        [
-            "--merge",
-            str(tmp_path / "a.json"),
-            str(tmp_path / "b.json"),
-            "--no-plot",
-            "--out",
-            str(tmp_path / "m"),
-        ]
-    )
-    assert list(merged["runs"]) == ["plain", "seco"]  # canonical order, whatever the files' order
+    argv = [*TINY_MODEL, *"--steps 3 --batch 2 --seq-len 64 --chunk 16 --dtype float64".split()]
+    argv += [*"--eval-every 2 --eval-samples 2 --no-plot".split()]
+    a, b, c, m = (str(tmp_path / x) for x in "abcm")
+    lc.main([*argv, "--methods", "seco,plain_split", "--out", a])
+    lc.main([*argv, "--methods", "plain", "--threads", "2", "--out", b])
+    merged = lc.main(["--merge", f"{a}.json", f"{b}.json", "--out", m])
+    assert list(merged["runs"]) == ["plain", "seco", "plain_split"]  # canonical order, whatever the files'
     assert merged["summary"]["seco_vs_plain_max_abs_train_loss_diff"] < 1e-12
-    lc.main([*argv, "--methods", "truncated", "--lr", "1e-3", "--out", str(tmp_path / "c")])
+    assert merged["summary"]["plain_split_vs_plain_max_abs_train_loss_diff"] < 1e-12
+    assert Path(f"{m}.png").exists()
+    lc.main([*argv, "--methods", "truncated", "--lr", "1e-3", "--out", c])
     with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
-        lc.merge([str(tmp_path / "a.json"), str(tmp_path / "c.json")])
+        lc.merge([f"{a}.json", f"{c}.json"])
