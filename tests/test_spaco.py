@@ -59,7 +59,9 @@ def test_bernoulli_is_exactly_unbiased(setup, q):
         uncompensated.append(
             (p, estimate(model, ids, labels, mask, sel, sample_prob=q, compensation_cap=1.0)[1])
         )
-    assert rel_error(expectation(terms), seco) <= 1e-6
+    # Not 1e-12: HF's RMSNorm backprops in float32 even in a float64 model, so each selection's estimate is
+    # rounded to float32 (SeCO against full backprop rounds the same totals, hence agrees to 1e-16).
+    assert rel_error(expectation(terms), seco) <= 1e-6  # measured 2e-8 (q=0.5), 5e-8 (q=0.3)
     # Without the 1/q weights the same check fails: the test can tell a biased estimator.
     assert rel_error(expectation(uncompensated), seco) > 0.1
 
@@ -82,7 +84,7 @@ def test_fixed_t_of_k_bias_is_recorded(setup, t):
     bias = rel_error(expectation(terms), seco)
     print(f"fixed sampler k={K} t={t}: relative bias of the expected gradient {bias:.3e}")
     if t == K:
-        assert bias <= 1e-6
+        assert bias <= 1e-12
     else:
         assert bias > 1e-3  # not zero: paths through 2+ chunks are under-weighted
 
