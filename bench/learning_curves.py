@@ -13,8 +13,12 @@ sits at the end of the sequence and depends only on the header at its start, fou
 
 Loss and accuracy are measured on the answer tokens only (the only labelled tokens), on a held-out set.
 
-    python bench/learning_curves.py                    # defaults: ~25 min on 2 free cores (plain learns by ~500)
-    python bench/learning_curves.py --steps 5 --seq-len 256 --chunk 64 --hidden 32 --eval-every 5
+    python bench/learning_curves.py     # the README's run, one process: about 40 min on 2 free cores
+    # the same on two cores as two processes, then one result (what bench/results/learning_curves.* is):
+    python bench/learning_curves.py --threads 1 --methods plain,seco --no-plot --out /tmp/lc_a &
+    python bench/learning_curves.py --threads 1 --methods spaco,truncated,plain_split --no-plot --out /tmp/lc_b
+    wait; python bench/learning_curves.py --merge /tmp/lc_a.json /tmp/lc_b.json
+    python bench/learning_curves.py --steps 5 --seq-len 256 --chunk 64 --hidden 32 --eval-every 5   # smoke
 """
 
 from __future__ import annotations
@@ -50,10 +54,10 @@ parser.add_argument("--hidden", type=int, default=128)
 parser.add_argument("--layers", type=int, default=2)
 parser.add_argument("--heads", type=int, default=4)
 parser.add_argument("--kv-heads", type=int, default=2)
-parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--lr", type=float, default=1e-3, help="3e-3 is past the edge of stability here")
 parser.add_argument("--warmup", type=int, default=20, help="linear LR warmup steps")
 parser.add_argument("--sample-prob", type=float, default=0.5, help="SpaCO's q")
-parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+parser.add_argument("--dtype", default="float64", choices=["float32", "float64"],
                     help="float64 (norms and loss too) keeps plain and SeCO together far longer")
 parser.add_argument("--eval-every", type=int, default=50)
 parser.add_argument("--eval-samples", type=int, default=32)
@@ -298,6 +302,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.merge:
         results = merge(args.merge)
+        results["config"]["out"] = args.out
         for k, v in results["config"].items():  # the plot's title reads the experiment's settings
             if k in vars(args) and k not in ("out", "no_plot", "merge"):
                 setattr(args, k, v)
