@@ -253,9 +253,9 @@ def summarize(runs: dict) -> dict:
         n = min(len(a), len(b))
         diff = (a[:n] - b[:n]).abs()
         summary[f"{other}_vs_plain_max_abs_train_loss_diff"] = float(diff.max())
-        ea, eb = torch.tensor(runs["plain"]["eval_loss"]), torch.tensor(runs[other]["eval_loss"])
-        m = min(len(ea), len(eb))
-        summary[f"{other}_vs_plain_max_abs_eval_loss_diff"] = float((ea[:m] - eb[:m]).abs().max())
+        ref = dict(zip(runs["plain"]["eval_step"], runs["plain"]["eval_loss"]))
+        ev = [abs(x - ref[s]) for s, x in zip(runs[other]["eval_step"], runs[other]["eval_loss"]) if s in ref]
+        summary[f"{other}_vs_plain_max_abs_eval_loss_diff"] = max(ev)  # at the steps both evaluated
         for tol in (1e-12, 1e-3):
             over = (diff > tol).nonzero()
             summary[f"{other}_vs_plain_first_step_diff_gt_{tol:g}"] = int(over[0]) if len(over) else None
@@ -278,7 +278,7 @@ def merge(paths: list[str]) -> dict:
     """Runs of one experiment made by separate processes (e.g. --methods plain,seco next to --methods
     spaco,truncated, one core each), combined as if made by one; their configs must agree."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    volatile = {"methods", "out", "threads", "no_plot", "merge"}
+    volatile = {"methods", "out", "threads", "no_plot", "merge", "steps"}  # a method may run longer
     base = {k: v for k, v in parts[0]["config"].items() if k not in volatile}
     runs = {}
     for p, part in zip(paths, parts, strict=True):
@@ -292,7 +292,9 @@ def merge(paths: list[str]) -> dict:
         runs.update(part["runs"])
     order = {m: i for i, m in enumerate(METHODS)}
     runs = dict(sorted(runs.items(), key=lambda kv: order[kv[0]]))
+    steps = {m: len(log["step"]) for m, log in runs.items()}
     config = dict(parts[0]["config"], methods=",".join(runs), merged_from=[str(p) for p in paths])
+    config.update(steps=max(steps.values()), steps_per_method=steps)
     return {"config": config, "chance_acc": parts[0]["chance_acc"], "runs": runs}
 
 

@@ -70,12 +70,13 @@ def test_learning_curves_float64_and_merge(tmp_path):
     argv += [*"--eval-every 2 --eval-samples 2 --no-plot".split()]
     a, b, c, m = (str(tmp_path / x) for x in "abcm")
     lc.main([*argv, "--methods", "seco,plain_split", "--out", a])
-    lc.main([*argv, "--methods", "plain", "--threads", "2", "--out", b])
+    lc.main([*argv, "--methods", "plain", "--threads", "2", "--steps", "4", "--out", b])  # may run longer
     merged = lc.main(["--merge", f"{a}.json", f"{b}.json", "--out", m])
     assert list(merged["runs"]) == ["plain", "seco", "plain_split"]  # canonical order, whatever the files'
     assert merged["summary"]["seco_vs_plain_max_abs_train_loss_diff"] < 1e-12
     assert merged["summary"]["plain_split_vs_plain_max_abs_train_loss_diff"] < 1e-12
+    assert merged["config"]["steps_per_method"] == {"plain": 4, "seco": 3, "plain_split": 3}
     assert Path(f"{m}.png").exists()
-    lc.main([*argv, "--methods", "truncated", "--lr", "1e-3", "--out", c])
+    lc.main([*argv, "--methods", "truncated", "--lr", "2e-3", "--out", c])
     with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
         lc.merge([f"{a}.json", f"{c}.json"])
