@@ -237,7 +237,8 @@ def plot(results: dict, args, path: Path) -> None:
         ax.set_title(t), ax.set_xlabel("step"), ax.legend()
     fig.suptitle(
         f"kv_recall, seq {args.seq_len}, chunk {args.chunk}, {args.layers}x{args.hidden} Llama, "
-        f"{args.num_pairs} pair(s), SpaCO q={args.sample_prob}"
+        f"{args.num_pairs} pair(s), {args.dtype}, AdamW lr {args.lr:g}, batch {args.batch}"
+        + ("" if isinstance(args.sample_prob, list) else f", SpaCO q={args.sample_prob:g}")
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -267,18 +268,18 @@ def summarize(runs: dict) -> dict:
         hit = [s for s, acc in zip(log["eval_step"], log["eval_acc"]) if acc >= 0.5]
         summary[f"{m}_first_step_acc_ge_0.5"] = hit[0] if hit else None
         summary[f"{m}_seconds"] = log["seconds"]
-    if "spaco" in runs:
-        summary["spaco_mean_selected_chunks"] = sum(runs["spaco"]["selected"]) / len(
-            runs["spaco"]["selected"]
-        )
+    for m, log in runs.items():
+        if m.startswith("spaco"):
+            summary[f"{m}_mean_selected_chunks"] = sum(log["selected"]) / len(log["selected"])
     return summary
 
 
 def merge(paths: list[str]) -> dict:
     """Runs of one experiment made by separate processes (e.g. --methods plain,seco next to --methods
-    spaco,truncated, one core each), combined as if made by one; their configs must agree."""
+    spaco,truncated, one core each), combined as if made by one; their settings must agree, except the
+    number of steps and SpaCO's q: SpaCO runs are then named "spaco q=<q>", so several q can be compared."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    volatile = {"methods", "out", "threads", "no_plot", "merge", "steps"}  # a method may run longer
+    volatile = {"methods", "out", "threads", "no_plot", "merge", "steps", "sample_prob"}
     base = {k: v for k, v in parts[0]["config"].items() if k not in volatile}
     runs = {}
     for p, part in zip(paths, parts, strict=True):
@@ -286,15 +287,19 @@ def merge(paths: list[str]) -> dict:
         if cfg != base:
             diff = sorted(k for k in cfg.keys() | base.keys() if cfg.get(k) != base.get(k))
             raise ValueError(f"{p}: not the same experiment as {paths[0]} (differs in {diff})")
-        overlap = runs.keys() & part["runs"].keys()
-        if overlap:
-            raise ValueError(f"{p}: method(s) {sorted(overlap)} already merged from an earlier file")
-        runs.update(part["runs"])
+        for m, log in part["runs"].items():
+            name = f"spaco q={part['config']['sample_prob']:g}" if m == "spaco" else m
+            if name in runs:
+                raise ValueError(f"{p}: {name} already merged from an earlier file")
+            runs[name] = log
     order = {m: i for i, m in enumerate(METHODS)}
-    runs = dict(sorted(runs.items(), key=lambda kv: order[kv[0]]))
+    runs = dict(sorted(runs.items(), key=lambda kv: (order[kv[0].split()[0]], kv[0])))
     steps = {m: len(log["step"]) for m, log in runs.items()}
     config = dict(parts[0]["config"], methods=",".join(runs), merged_from=[str(p) for p in paths])
     config.update(steps=max(steps.values()), steps_per_method=steps)
+    config["sample_prob"] = sorted(
+        {part["config"]["sample_prob"] for part in parts if "spaco" in part["runs"]}
+    )
     return {"config": config, "chance_acc": parts[0]["chance_acc"], "runs": runs}
 
 

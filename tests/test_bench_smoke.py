@@ -77,6 +77,11 @@ def test_learning_curves_float64_and_merge(tmp_path):
     assert merged["summary"]["plain_split_vs_plain_max_abs_train_loss_diff"] < 1e-12
     assert merged["config"]["steps_per_method"] == {"plain": 4, "seco": 3, "plain_split": 3}
     assert Path(f"{m}.png").exists()
+    lc.main([*argv, "--methods", "spaco", "--sample-prob", "0.5", "--out", c])
+    lc.main([*argv, "--methods", "spaco", "--sample-prob", "0.75", "--out", f"{c}2"])
+    both = lc.main(["--merge", f"{c}.json", f"{c}2.json", f"{b}.json", "--out", f"{m}2"])
+    assert list(both["runs"]) == ["plain", "spaco q=0.5", "spaco q=0.75"]
+    assert both["config"]["sample_prob"] == [0.5, 0.75] and Path(f"{m}2.png").exists()
     lc.main([*argv, "--methods", "truncated", "--lr", "2e-3", "--out", c])
     with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
         lc.merge([f"{a}.json", f"{c}.json"])
