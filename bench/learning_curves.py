@@ -215,17 +215,17 @@ def plot(results: dict, args, path: Path) -> None:
 
     runs = results["runs"]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    for m, log in runs.items():
-        style = "--" if m in ("seco", "plain_split") else "-"
-        axes[0].plot(log["step"], log["train_loss"], style, label=m, alpha=0.8)
-        axes[1].plot(log["eval_step"], log["eval_loss"], style + "o", label=m, ms=3)
-        axes[2].plot(log["eval_step"], log["eval_acc"], style + "o", label=m, ms=3)
+    for i, (m, log) in enumerate(runs.items()):
+        style, kw = "--" if m in ("seco", "plain_split") else "-", {"label": m, "color": f"C{i}"}
+        axes[0].plot(log["step"], log["train_loss"], style, alpha=0.8, **kw)
+        axes[1].plot(log["eval_step"], log["eval_loss"], style + "o", ms=3, **kw)
+        axes[2].plot(log["eval_step"], log["eval_acc"], style + "o", ms=3, **kw)
         if m != "plain" and "plain" in runs:
             n = min(len(log["train_loss"]), len(runs["plain"]["train_loss"]))
             d = [
                 max(abs(x - y), 1e-17) for x, y in zip(log["train_loss"][:n], runs["plain"]["train_loss"][:n])
             ]
-            axes[3].semilogy(log["step"][:n], d, style, label=m, alpha=0.8)
+            axes[3].semilogy(log["step"][:n], d, style, alpha=0.8, **kw)
     axes[2].axhline(results["chance_acc"], color="gray", lw=0.8, ls=":", label="chance")
     titles = (
         "train loss (answer tokens)",
@@ -250,7 +250,7 @@ def summarize(runs: dict) -> dict:
     for other in ("seco", "plain_split"):  # how far each stays from plain backprop's curve
         if "plain" not in runs or other not in runs:
             continue
-        a, b = torch.tensor(runs["plain"]["train_loss"]), torch.tensor(runs[other]["train_loss"])
+        a, b = (torch.tensor(runs[m]["train_loss"], dtype=torch.float64) for m in ("plain", other))
         n = min(len(a), len(b))
         diff = (a[:n] - b[:n]).abs()
         summary[f"{other}_vs_plain_max_abs_train_loss_diff"] = float(diff.max())
