@@ -38,6 +38,21 @@ def test_bench_memory_time(tmp_path):
     assert Path(f"{stem}_memory.png").exists() and Path(f"{stem}_time.png").exists()
 
 
+def test_bench_kv_offload_reports_the_device_side_peak(tmp_path):
+    bench = _load("bench_memory_time")
+    stem = tmp_path / "off"
+    argv = [*TINY_MODEL, "--intermediate", "64", "--vocab", "128", "--lengths", "64,256", "--chunk", "32"]
+    bench.main([*argv, "--methods", "seco,seco_offload", "--repeats", "0", "--no-plot", "--out", str(stem)])
+    rows = {(r["method"], r["seq_len"]): r for r in json.loads(stem.with_suffix(".json").read_text())["rows"]}
+    for L in (64, 256):
+        off = rows[("seco_offload", L)]
+        assert off["device_peak_bytes"] == off["peak_bytes"] - off["kv_bytes"] > 0
+        assert "device_peak_bytes" not in rows[("seco", L)]
+    # K/V grow 4x from 64 to 256 tokens; what offloading leaves on the device grows by less than they do
+    grow = rows[("seco_offload", 256)]["device_peak_bytes"] - rows[("seco_offload", 64)]["device_peak_bytes"]
+    assert grow < rows[("seco_offload", 256)]["kv_bytes"] - rows[("seco_offload", 64)]["kv_bytes"]
+
+
 def test_bench_memory_time_skips_over_budget(tmp_path):
     bench = _load("bench_memory_time")
     stem = tmp_path / "mt"
