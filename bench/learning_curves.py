@@ -102,17 +102,20 @@ def _rmsnorm_in_dtype(self, x: torch.Tensor) -> torch.Tensor:
 
 def loss_in_dtype(model, input_ids, labels, num_tokens: int | None = None) -> torch.Tensor:
     """Full-sequence loss as HF computes it, but in the model's dtype (float32 at least): HF's own loss
-    upcasts float64 logits *down* to float32, which would make the float64 reference less exact than SeCO."""
+    upcasts float64 logits *down* to float32, which would make the float64 reference less exact than SeCO.
+    Divided by num_tokens (default: this batch's target count), so that parts of a batch can be summed."""
     logits = model(input_ids=input_ids, use_cache=False).logits
+    targets = shifted(labels)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return ce / (num_tokens or int((targets != IGNORE).sum()))
+
+
+def shifted(labels: torch.Tensor) -> torch.Tensor:
+    """Position t's target is labels[t + 1] (HF's causal-LM convention); the last position has none."""
     targets = torch.full_like(labels, IGNORE)
     targets[:, :-1] = labels[:, 1:]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if num_tokens is None:
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-    return (
-        F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-        / num_tokens
-    )
+    return targets
 
 
 def batches(args, seed: int, n: int):
@@ -125,8 +128,7 @@ def batches(args, seed: int, n: int):
 def truncated_backward(model, input_ids, labels, chunk_size: int) -> float:
     """Chunk-wise backprop with no gradient across chunks: each chunk runs with grad against the detached K/V
     of the chunks before it. Loss is divided by the global target count, as for the other methods."""
-    targets = torch.full_like(labels, IGNORE)
-    targets[:, :-1] = labels[:, 1:]
+    targets = shifted(labels)
     num_tokens = int((targets != IGNORE).sum())
     seq_len = input_ids.shape[1]
     cache, total = DynamicCache(), 0.0

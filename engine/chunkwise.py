@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from engine.distributed import backend_for
 from engine.kv_cache import ChunkKVCache
@@ -214,18 +215,10 @@ def _sdpa_without_copies(device: torch.device):
     the whole KV cache saved in every layer; the switch below makes it pass grouped heads (enable_gqa), which
     torch's CPU flash kernel takes together with a mask. On CUDA the same switch would select the math
     kernel, which materialises attention probabilities: use flash_attention_2 there."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    def additive_sdpa_mask(*args, dtype: torch.dtype = torch.float32, **kwargs):
-        mask = sdpa_mask(*args, **kwargs)
-        if mask is None or mask.dtype != torch.bool:
-            return mask
-        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
     masks = ALL_MASK_ATTENTION_FUNCTIONS
     had_local = "sdpa" in masks._local_mapping
     previous = masks["sdpa"]
-    masks["sdpa"] = additive_sdpa_mask if previous is sdpa_mask else previous  # never undo a user override
+    masks["sdpa"] = _additive_sdpa_mask if previous is sdpa_mask else previous  # never undo a user override
     key, old = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
     if device.type == "cpu":
         os.environ[key] = "1"
@@ -240,6 +233,14 @@ def _sdpa_without_copies(device: torch.device):
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
+
+
+def _additive_sdpa_mask(*args, dtype: torch.dtype = torch.float32, **kwargs):
+    """transformers' own sdpa mask, as 0 / dtype-min instead of True / False (None stays None: is_causal)."""
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 class _RngReplay:

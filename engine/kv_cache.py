@@ -43,7 +43,7 @@ class _AppendKV(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         g, start, end = ctx.grad_buf, ctx.start, ctx.end
         if start > 0:
-            _add_into(g[..., :start, :], grad[..., :start, :])  # deposit on the prefix (fp32 accumulation)
+            _add_into(g[..., :start, :], grad[..., :start, :])  # deposit on the prefix (float32 at least)
         relayed = g[..., start:end, :].to(grad.device, non_blocking=True)
         own = grad[..., start:end, :].to(g.dtype).add_(relayed, alpha=ctx.relay)  # relay G_c
         return own.to(grad.dtype), None, None, None, None
