@@ -32,9 +32,10 @@ import torch.distributed as dist
 
 from engine import checkpoint
 from engine.chunkwise import chunkwise_backward
-from engine.config import Config, OptimConfig, config_to_dict, derive_ds_config
+from engine.config import Config, OptimConfig
+from engine.config_load import config_to_dict
 from engine.data import DataStream, build_dataset, load_tokenizer
-from engine.distributed import unlink_shm_comm_buffers
+from engine.distributed import derive_ds_config, unlink_shm_comm_buffers
 from engine.metrics import Metrics, peak_memory_bytes
 from engine.model import apply_lora, build_model, model_vocab_size, zero3_context
 

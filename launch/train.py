@@ -16,7 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from engine.config import DEFAULT_CONFIG_PATH, load_config  # noqa: E402
+from engine.config import DEFAULT_CONFIG_PATH  # noqa: E402
+from engine.config_load import load_config  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

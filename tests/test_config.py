@@ -14,12 +14,9 @@ from engine.config import (
     Config,
     ConfigError,
     DeepSpeedConfig,
-    config_from_dict,
-    config_to_dict,
-    derive_ds_config,
-    load_config,
-    main,
 )
+from engine.config_load import config_from_dict, config_to_dict, load_config, main
+from engine.distributed import derive_ds_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -360,7 +357,7 @@ def test_cli_prints_yaml_and_ds_config(capsys):
 
 def test_cli_exit_code_2_on_config_error():
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.config", "--config", TINY, "--optim.lr_rate=3"],
+        [sys.executable, "-m", "engine.config_load", "--config", TINY, "--optim.lr_rate=3"],
         cwd=ROOT,
         capture_output=True,
         text=True,

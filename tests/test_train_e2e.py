@@ -215,7 +215,7 @@ def consolidated(root: Path, lora: bool) -> torch.nn.Module:
     of the trainer's export code."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from engine.config import load_config
+    from engine.config_load import load_config
     from engine.model import apply_lora, build_model
 
     cfg = load_config(str(CONFIG), [f"--lora.enabled={str(lora).lower()}"])
@@ -232,7 +232,7 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def initial_model() -> torch.nn.Module:
-    from engine.config import load_config
+    from engine.config_load import load_config
     from engine.model import build_model
 
     cfg = load_config(str(CONFIG), [])

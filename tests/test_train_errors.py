@@ -203,7 +203,7 @@ def metrics(tmp_path: Path) -> list[dict]:
 
 def init_loss_on_batch(step: int, *overrides: str) -> float:
     """Loss of the untrained model on the batch a one-process run sees at `step`."""
-    from engine.config import load_config
+    from engine.config_load import load_config
     from engine.data import DataStream, build_dataset, load_tokenizer
     from engine.model import build_model
 
