@@ -1,0 +1,101 @@
+"""Training data for long-context fine-tuning.
+
+Four layers, each its own module and usable on its own:
+
+* ``tokenizers``: ``ByteTokenizer`` (no download, 259 ids) and ``load_tokenizer`` for a local HF tokenizer;
+* datasets: ``synthetic.SyntheticDataset`` (long-range recall tasks generated from a seed) and file datasets
+  (``files``: jsonl / parquet / text) that ``packing`` packs into ``seq_len`` blocks or truncates and pads;
+* ``stream``: ``DataStream``, an endless, data-parallel, exactly resumable batch iterator;
+* ``build_dataset`` (here), which maps a ``DataConfig`` onto the above.
+
+Every sample is a dict of three 1-D ``torch.long`` tensors of length ``seq_len``:
+``input_ids``, ``labels`` and ``attention_mask``. ``labels`` are *aligned* with ``input_ids`` (HF
+convention: the model / loss shifts them by one); positions that must not contribute to the loss hold
+``IGNORE_INDEX`` (-100).
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from engine.config import DataConfig
+from engine.data.files import FILE_KINDS, load_file_dataset
+from engine.data.packing import PackedDataset, PaddedDataset, _TokenStore
+from engine.data.stream import DataStream, collate
+from engine.data.synthetic import SYNTHETIC_TASKS, SyntheticDataset
+from engine.data.tokenizers import IGNORE_INDEX, ByteTokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "SYNTHETIC_TASKS",
+    "FILE_KINDS",
+    "Tokenizer",
+    "ByteTokenizer",
+    "load_tokenizer",
+    "SyntheticDataset",
+    "PackedDataset",
+    "PaddedDataset",
+    "load_file_dataset",
+    "check_vocab",
+    "collate",
+    "DataStream",
+    "build_dataset",
+]
+
+
+def check_vocab(dataset: Dataset, vocab_size: int) -> None:
+    """Raise ValueError if any token id of ``dataset`` is >= ``vocab_size`` (the model's embedding rows).
+
+    Out-of-range ids otherwise surface as a device-side assert deep inside the embedding on GPU.
+    Datasets of this module answer in O(1)/one vectorised pass; other datasets are scanned sample by sample.
+    """
+    max_token_id = getattr(dataset, "max_token_id", None)
+    if max_token_id is not None:
+        top = max_token_id()
+    else:
+        top = max(int(dataset[i]["input_ids"].max()) for i in range(len(dataset)))  # type: ignore[arg-type]
+    if top < vocab_size:
+        return
+    source = getattr(dataset, "source", type(dataset).__name__)
+    where = ""
+    if isinstance(dataset, _TokenStore):
+        where = f" (first in document {dataset.locate_token(top)})"
+    raise ValueError(
+        f"{source}: token id {top}{where} is outside the model vocabulary (vocab_size={vocab_size}); "
+        "does the tokenizer belong to this model?"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config entry point
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int | None = None) -> Dataset:
+    """The dataset of config section ``data_cfg``.
+
+    ``num_samples`` and ``synthetic_task`` apply to ``kind == "synthetic"`` only; file data uses every
+    document (``num_samples`` is ignored), and ``seed`` there only matters to ``DataStream``'s shuffling.
+    If ``vocab_size`` (the model's) is given, ``check_vocab`` runs on the result.
+    """
+    kind = data_cfg.kind
+    if kind == "synthetic":
+        dataset: Dataset = SyntheticDataset(
+            data_cfg.synthetic_task, data_cfg.seq_len, data_cfg.num_samples, data_cfg.seed, tokenizer
+        )
+    elif kind in FILE_KINDS:
+        if not data_cfg.path:
+            raise ValueError(f"data kind {kind!r} needs a path")
+        dataset = load_file_dataset(
+            kind,
+            data_cfg.path,
+            tokenizer,
+            seq_len=data_cfg.seq_len,
+            packing=data_cfg.packing,
+            text_field=data_cfg.text_field,
+        )
+    else:
+        raise ValueError(f"unknown data kind {kind!r}; expected 'synthetic' or one of {sorted(FILE_KINDS)}")
+    if vocab_size is not None:
+        check_vocab(dataset, vocab_size)
+    return dataset

@@ -1,0 +1,106 @@
+"""Token stores cut into ``seq_len`` rows: packed (documents concatenated) or padded (one per row)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from engine.data.tokenizers import IGNORE_INDEX, Sample, _check_seq_len
+
+
+class _TokenStore(Dataset):
+    """Shared part of the file datasets: flat token storage, document offsets, vocabulary lookups."""
+
+    def __init__(self, tokens: torch.Tensor, doc_offsets: torch.Tensor, seq_len: int, source: str) -> None:
+        _check_seq_len(seq_len)
+        self.tokens = tokens
+        self.doc_offsets = doc_offsets
+        self.seq_len = seq_len
+        self.source = source
+
+    @property
+    def num_documents(self) -> int:
+        return self.doc_offsets.numel() - 1
+
+    def max_token_id(self) -> int:
+        return int(self.tokens.max())
+
+    def locate_token(self, token_id: int) -> int:
+        """Index of the first document containing ``token_id`` (for error messages)."""
+        pos = int((self.tokens == token_id).nonzero()[0, 0])
+        return int(torch.searchsorted(self.doc_offsets, pos, right=True)) - 1
+
+
+class PackedDataset(_TokenStore):
+    """All documents concatenated (each as bos + text + eos) and cut into ``seq_len`` blocks.
+
+    The remainder after the last full block is dropped. Attention is not masked at document
+    boundaries (standard packing); bos/eos tell the model where a new document starts.
+    """
+
+    def __init__(self, tokens: torch.Tensor, doc_offsets: torch.Tensor, seq_len: int, source: str) -> None:
+        super().__init__(tokens, doc_offsets, seq_len, source)
+        self.num_blocks = tokens.numel() // seq_len
+        if self.num_blocks == 0:
+            raise ValueError(f"{source}: data has {tokens.numel()} tokens, fewer than seq_len {seq_len}")
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, index: int) -> Sample:
+        if not -self.num_blocks <= index < self.num_blocks:
+            raise IndexError(f"index {index} out of range for {self.num_blocks} blocks")
+        index %= self.num_blocks
+        input_ids = self.tokens[index * self.seq_len : (index + 1) * self.seq_len].long()
+        return {
+            "input_ids": input_ids,
+            "labels": input_ids.clone(),
+            "attention_mask": torch.ones_like(input_ids),
+        }
+
+
+class PaddedDataset(_TokenStore):
+    """One document per sample: truncated to ``seq_len``, right-padded with ``pad_id``.
+
+    Padding gets ``labels == IGNORE_INDEX`` and ``attention_mask == 0``.
+    """
+
+    def __init__(
+        self, tokens: torch.Tensor, doc_offsets: torch.Tensor, seq_len: int, pad_id: int, source: str
+    ) -> None:
+        super().__init__(tokens, doc_offsets, seq_len, source)
+        self.pad_id = pad_id
+        lengths = doc_offsets[1:] - doc_offsets[:-1]
+        self._any_padding = bool((lengths < seq_len).any())
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def __getitem__(self, index: int) -> Sample:
+        n = self.num_documents
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} documents")
+        index %= n
+        start = int(self.doc_offsets[index])
+        end = min(int(self.doc_offsets[index + 1]), start + self.seq_len)
+        doc = self.tokens[start:end].long()
+        length = doc.numel()
+        input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
+        input_ids[:length] = doc
+        labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)
+        labels[:length] = doc
+        attention_mask = torch.zeros(self.seq_len, dtype=torch.long)
+        attention_mask[:length] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+    def max_token_id(self) -> int:
+        # The pad id counts: masked positions still go through the embedding lookup, and an
+        # out-of-range index there is a device-side assert on GPU, not a clean error.
+        top = super().max_token_id()
+        return max(top, self.pad_id) if self._any_padding else top
+
+    def locate_token(self, token_id: int) -> int:
+        if token_id == self.pad_id and token_id > super().max_token_id():
+            lengths = self.doc_offsets[1:] - self.doc_offsets[:-1]
+            return int((lengths < self.seq_len).nonzero()[0, 0])
+        return super().locate_token(token_id)
