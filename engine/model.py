@@ -3,7 +3,8 @@
 Features are functions applied to the model in this order (engine/trainer.py calls them):
 
     1. build_model   weights (local directory or random init), dtype, attention kernel; under ZeRO-3 the
-                     model is built inside HfDeepSpeedConfig so every rank holds only its partition
+                     model is built inside HfDeepSpeedConfig (engine/distributed's zero3_context)
+                     so every rank holds only its partition
     2. apply_lora    LoRA adapters (PEFT): only they are trainable
     3. model.train() set by build_model; chunk-wise training replays dropout masks, so train mode is fine
 
@@ -37,20 +38,6 @@ def _hf_config(model_cfg: ModelConfig):
     return AutoConfig.from_pretrained(
         model_cfg.name_or_path, local_files_only=True, trust_remote_code=model_cfg.trust_remote_code
     )
-
-
-def zero3_context(ds_config: dict):
-    """Under ZeRO-3, an `HfDeepSpeedConfig` that makes transformers build the model already partitioned
-    (deepspeed.zero.Init) instead of materialising it whole on every rank first; None otherwise.
-
-    transformers keeps only a weak reference to it: the caller must hold the returned object for as long
-    as the model lives (loading, saving and gathering all consult it).
-    """
-    if ds_config.get("zero_optimization", {}).get("stage") != 3:
-        return None
-    from transformers.integrations import HfDeepSpeedConfig
-
-    return HfDeepSpeedConfig(ds_config)
 
 
 def build_model(model_cfg: ModelConfig, seed: int) -> PreTrainedModel:

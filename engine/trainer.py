@@ -1,4 +1,4 @@
-"""The training loop: setup -> run -> close (train() does all three).
+"""The training loop: setup -> run_loop -> close (launch/train.py calls the three).
 
     prepare   (no process group, nothing written) tokenizer, dataset + vocabulary check, resume target,
               ds_config for the world size the launcher announced: a user error costs seconds, not a hang
@@ -8,11 +8,8 @@
               (or skip it when the loss is non-finite) -> metrics -> checkpoint / preemption
     close     flush metrics, release the process group
 
-Optimizer: the ds_config's AdamW. DeepSpeed then picks FusedAdam (GPU; a JIT build on first use unless
-DeepSpeed was installed with DS_BUILD_FUSED_ADAM=1) or DeepSpeedCPUAdam under ZeRO-Offload (JIT build of
-cpu_adam; several times faster than torch's AdamW on the host). On a machine without CUDA the engine asks
-for torch.optim.AdamW instead (`torch_adam: true`, unless the ds_config sets it): the CPU builds of
-fused_adam / cpu_adam take minutes on a small CI machine and buy nothing at test sizes.
+Everything DeepSpeed / torch.distributed (joining the group, the ds_config, deepspeed.initialize, the
+optimizer step or its skip) is engine/distributed's; this module keeps the loop, preemption and metrics.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ import contextlib
 import math
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +31,17 @@ from engine.chunkwise import chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
 from engine.data import DataStream, build_dataset, load_tokenizer
-from engine.distributed import derive_ds_config, unlink_shm_comm_buffers
+from engine.distributed import (
+    announced_world_size,
+    init_distributed,
+    initialize,
+    optimizer_step,
+    run_ds_config,
+    shutdown,
+    zero3_context,
+)
 from engine.metrics import Metrics, peak_memory_bytes
-from engine.model import apply_lora, build_model, model_vocab_size, zero3_context
+from engine.model import apply_lora, build_model, model_vocab_size
 
 # Test hook (tests/test_train_errors.py): steps, e.g. "2,3", whose logits are multiplied by NaN, so the
 # loss and every gradient of that step are non-finite, as after a real divergence.
@@ -74,14 +78,6 @@ class Run:
     signals: dict = field(default_factory=dict)  # previous handlers, restored by close()
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    run = setup(cfg)
-    try:
-        return run_loop(run)
-    finally:
-        close(run)
-
-
 # ------------------------------------------------------------------------------------------------ setup
 
 
@@ -89,11 +85,11 @@ def prepare(cfg: Config) -> Prepared:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     dataset = build_dataset(cfg.data, tokenizer, model_vocab_size(cfg.model))  # checks ids < vocab_size
     resume = checkpoint.find_resume(cfg.checkpoint)
-    world_size = _announced_world_size()
-    ds_config = derive_ds_config(cfg, world_size)
-    if not torch.cuda.is_available():
-        ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)  # see module doc
-    return Prepared(tokenizer, dataset, resume, ds_config, world_size)
+    world_size = announced_world_size()
+    ds_config = run_ds_config(cfg, world_size)
+    return Prepared(
+        tokenizer=tokenizer, dataset=dataset, resume=resume, ds_config=ds_config, world_size=world_size
+    )
 
 
 def setup(cfg: Config) -> Run:
@@ -103,15 +99,12 @@ def setup(cfg: Config) -> Run:
     if world != prep.world_size:
         raise ValueError(f"the launcher announced {prep.world_size} ranks but {world} joined")
 
-    import deepspeed
-
     # Order matters: partitioning context -> weights -> adapters -> engine (which copies the trainable
     # weights into its optimizer's fp32 partitions, so nothing may change them after this point).
     zero3_ctx = zero3_context(prep.ds_config)
     model = build_model(cfg.model, seed=cfg.optim.seed)
     model = apply_lora(model, cfg.lora)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=prep.ds_config)
+    engine = initialize(model, prep.ds_config)
 
     stream = DataStream(prep.dataset, cfg.data.batch_size, rank, world, seed=cfg.data.seed)
     step, streak = 0, 0
@@ -126,71 +119,18 @@ def setup(cfg: Config) -> Run:
     # From here a signal means "save and stop"; before, it simply ends the process (nothing to save yet).
     _PREEMPT.clear()
     previous = {s: signal.signal(s, _request_stop) for s in PREEMPT_SIGNALS}
-    return Run(cfg, engine, stream, metrics, prep.tokenizer, step, streak, step or None, zero3_ctx, previous)
-
-
-def init_distributed() -> None:
-    """Join the process group: under deepspeed / torchrun / srun with RANK etc. set, under mpirun through
-    DeepSpeed's MPI discovery, and as a world of one when started as plain `python launch/train.py`."""
-    import deepspeed
-
-    if dist.is_initialized():
-        return
-    mpi = _mpi_world_size() is not None and "RANK" not in os.environ
-    if not mpi:
-        for key, value in (
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-        ):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if torch.cuda.is_available():  # before the process group, so NCCL binds each rank to its own GPU
-        torch.cuda.set_device(_local_rank())
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # A hung rank must end the job, not stall it for torch's default 30 minutes: DeepSpeed creates its
-    # data-parallel groups later with torch's default timeout, so set that default too (DEEPSPEED_TIMEOUT,
-    # minutes, is DeepSpeed's own knob for it).
-    from deepspeed.constants import default_pg_timeout as timeout
-    from torch.distributed import distributed_c10d as c10d
-
-    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=mpi,
-        # MPI discovery would otherwise reset MASTER_PORT to 29500: two jobs on a node would collide.
-        distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
-        timeout=timeout,
-        verbose=False,
+    return Run(
+        cfg=cfg,
+        engine=engine,
+        stream=stream,
+        metrics=metrics,
+        tokenizer=prep.tokenizer,
+        step=step,
+        nonfinite_streak=streak,
+        saved_step=step or None,
+        zero3_ctx=zero3_ctx,
+        signals=previous,
     )
-    unlink_shm_comm_buffers()
-
-
-def _local_rank() -> int:
-    for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
-
-
-def _mpi_world_size() -> int | None:
-    for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):  # Open MPI, MPICH / Intel MPI, PMIx
-        if key in os.environ:
-            return int(os.environ[key])
-    return None
-
-
-def _announced_world_size() -> int:
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    return _mpi_world_size() or 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _warn_config_changes(metrics: Metrics, saved: dict, now: dict, prefix: str = "") -> None:
@@ -326,28 +266,6 @@ def spaco_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def optimizer_step(engine, loss_is_finite: bool) -> bool:
-    """engine.step(), or a skip that drops this step's gradients. Returns whether weights were updated.
-
-    The loss went through an all-reduce, so every rank takes the same branch. DeepSpeed itself skips (and
-    clears the gradients) when the gradient norm is non-finite under ZeRO 1-3, bf16 and fp16; only the
-    plain fp32 stage-0 optimizer would apply NaNs, so there the gradients are dropped without stepping.
-    """
-    if not loss_is_finite and not (
-        engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
-    ):
-        engine.zero_grad()
-        return False
-    engine.step()
-    applied = engine.was_step_applied()
-    if applied and not loss_is_finite:
-        raise RuntimeError(
-            "DeepSpeed applied an update although the loss was non-finite; do not turn off "
-            "zero_optimization.compute_grad_norm or bf16.check_grad_overflow in the ds_config"
-        )
-    return applied
-
-
 @contextlib.contextmanager
 def _poisoned_logits(module):
     handle = module.get_output_embeddings().register_forward_hook(lambda m, i, out: out * float("nan"))
@@ -395,5 +313,4 @@ def close(run: Run) -> None:
     run.metrics.close()
     for sig, handler in run.signals.items():
         signal.signal(sig, handler)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown()

@@ -1,0 +1,39 @@
+"""Everything DeepSpeed / torch.distributed, behind a few functions (the trainer keeps the loop):
+
+* ``ds_config``: the ds_config derived from a run config and the user's own (``derive_ds_config``), checked
+  at config load (``check_ds_config``);
+* ``runtime``: joining the process group (``init_distributed``), the ZeRO-3 partitioned load
+  (``zero3_context``), ``initialize``, the optimizer step or its skip (``optimizer_step``), ``shutdown``;
+* ``backend``: what chunk-wise backprop needs from a plain module or a DeepSpeed engine (``backend_for``).
+
+Checkpoints (DeepSpeed's save/load with our atomic commit) are engine/checkpoint.py's.
+"""
+
+from engine.distributed.backend import DeepSpeedBackend, LocalBackend, backend_for
+from engine.distributed.ds_config import check_ds_config, derive_ds_config
+from engine.distributed.runtime import (
+    announced_world_size,
+    init_distributed,
+    initialize,
+    optimizer_step,
+    run_ds_config,
+    shutdown,
+    unlink_shm_comm_buffers,
+    zero3_context,
+)
+
+__all__ = [
+    "DeepSpeedBackend",
+    "LocalBackend",
+    "announced_world_size",
+    "backend_for",
+    "check_ds_config",
+    "derive_ds_config",
+    "init_distributed",
+    "initialize",
+    "optimizer_step",
+    "run_ds_config",
+    "shutdown",
+    "unlink_shm_comm_buffers",
+    "zero3_context",
+]

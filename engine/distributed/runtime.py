@@ -1,0 +1,162 @@
+"""The process group and the DeepSpeed engine's life: join (deepspeed launcher, torchrun, srun, mpirun, or a
+world of one), build the ds_config for this machine, deepspeed.initialize, the optimizer step or its skip,
+and leave.
+
+Optimizer: the ds_config's AdamW. DeepSpeed then picks FusedAdam (GPU; a JIT build on first use unless
+DeepSpeed was installed with DS_BUILD_FUSED_ADAM=1) or DeepSpeedCPUAdam under ZeRO-Offload (JIT build of
+cpu_adam; several times faster than torch's AdamW on the host). On a machine without CUDA the engine asks
+for torch.optim.AdamW instead (`torch_adam: true`, unless the ds_config sets it): the CPU builds of
+fused_adam / cpu_adam take minutes on a small CI machine and buy nothing at test sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.config import Config
+from engine.distributed.ds_config import derive_ds_config
+
+
+def announced_world_size() -> int:
+    """The world size the launcher announced, known before any process group exists."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return _mpi_world_size() or 1
+
+
+def run_ds_config(cfg: Config, world_size: int) -> dict:
+    """derive_ds_config, plus what this machine needs: torch's AdamW where there is no CUDA (module doc)."""
+    ds_config = derive_ds_config(cfg, world_size)
+    if not torch.cuda.is_available():
+        ds_config["optimizer"].setdefault("params", {}).setdefault("torch_adam", True)
+    return ds_config
+
+
+def zero3_context(ds_config: dict):
+    """Under ZeRO-3, an `HfDeepSpeedConfig` that makes transformers build the model already partitioned
+    (deepspeed.zero.Init) instead of materialising it whole on every rank first; None otherwise.
+
+    transformers keeps only a weak reference to it: the caller must hold the returned object for as long
+    as the model lives (loading, saving and gathering all consult it).
+    """
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def init_distributed() -> None:
+    """Join the process group: under deepspeed / torchrun / srun with RANK etc. set, under mpirun through
+    DeepSpeed's MPI discovery, and as a world of one when started as plain `python launch/train.py`."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    mpi = _mpi_world_size() is not None and "RANK" not in os.environ
+    if not mpi:
+        for key, value in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():  # before the process group, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(_local_rank())
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # A hung rank must end the job, not stall it for torch's default 30 minutes: DeepSpeed creates its
+    # data-parallel groups later with torch's default timeout, so set that default too (DEEPSPEED_TIMEOUT,
+    # minutes, is DeepSpeed's own knob for it).
+    from deepspeed.constants import default_pg_timeout as timeout
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=mpi,
+        # MPI discovery would otherwise reset MASTER_PORT to 29500: two jobs on a node would collide.
+        distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+        timeout=timeout,
+        verbose=False,
+    )
+    unlink_shm_comm_buffers()
+
+
+def _local_rank() -> int:
+    for key in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def _mpi_world_size() -> int | None:
+    for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):  # Open MPI, MPICH / Intel MPI, PMIx
+        if key in os.environ:
+            return int(os.environ[key])
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unlink_shm_comm_buffers() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce (all ranks on one host) creates one 64 MiB file per rank in
+    /dev/shm and never unlinks it, so every CPU job leaked its buffers into RAM-backed tmpfs (we found 17 GiB
+    after a day of tests). Once every rank has mapped every buffer the names are no longer needed: unlink
+    ours, and the memory goes away with the last process, even one that crashes."""
+    if torch.cuda.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
+    dist.barrier()  # DeepSpeed's init returns only after mapping the peers' buffers: after this, all have
+    with contextlib.suppress(FileNotFoundError):  # absent when ranks span hosts or the op is not built
+        os.unlink(name)
+
+
+def initialize(model: torch.nn.Module, ds_config: dict) -> Any:
+    """deepspeed.initialize on the trainable parameters; returns the DeepSpeedEngine. It copies them into
+    its optimizer's fp32 partitions: nothing may change the weights' values or trainability after this."""
+    import deepspeed
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    return engine
+
+
+def optimizer_step(engine, loss_is_finite: bool) -> bool:
+    """engine.step(), or a skip that drops this step's gradients. Returns whether weights were updated.
+
+    The loss went through an all-reduce, so every rank takes the same branch. DeepSpeed itself skips (and
+    clears the gradients) when the gradient norm is non-finite under ZeRO 1-3, bf16 and fp16; only the
+    plain fp32 stage-0 optimizer would apply NaNs, so there the gradients are dropped without stepping.
+    """
+    if not loss_is_finite and not (
+        engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+    ):
+        engine.zero_grad()
+        return False
+    engine.step()
+    applied = engine.was_step_applied()
+    if applied and not loss_is_finite:
+        raise RuntimeError(
+            "DeepSpeed applied an update although the loss was non-finite; do not turn off "
+            "zero_optimization.compute_grad_norm or bf16.check_grad_overflow in the ds_config"
+        )
+    return applied
+
+
+def shutdown() -> None:
+    """Leave the process group (a no-op when none was joined)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
