@@ -220,7 +220,7 @@ def measure(model, method, ids, args, repeat, track: bool) -> dict:
 
 
 def analytic_floor(args, seq_len: int, chunk: int | None = None) -> dict:
-    """DESIGN.md section 4, beyond weights + grads: K/V checkpoints, their fp32 gradients, one chunk's activations.
+    """docs/design.md section 4, beyond weights + grads: K/V checkpoints, their fp32 gradients, one chunk's activations.
 
     KV(L)       = 2 * layers * kv_heads * head_dim * L * batch * bytes(dtype)
     KV grads(L) = 2 * layers * kv_heads * head_dim * L * batch * 4            (kept in fp32)

@@ -9,7 +9,7 @@
              (engine/kv_cache.py does the deposit and the relay inside autograd); free the chunk's graph.
 
 Only one chunk's graph is alive at a time; the K/V checkpoints and their float32 gradients are the only
-state that grows with the sequence (DESIGN.md section 4).
+state that grows with the sequence (docs/design.md section 4).
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ class _Fp32GradAccumulation:
     """Accumulate 16-bit parameters' gradients across chunks in float32, rounding once at the end.
 
     Plain backprop rounds each weight gradient once; adding k chunk contributions in bf16 rounds k times
-    (1.7x the error of plain backprop, DESIGN.md 4b). Under DeepSpeed its own fp32 accumulation does this.
+    (1.7x the error of plain backprop: docs/design.md 4b). Under DeepSpeed its fp32 accumulation does this.
     """
 
     def __init__(self, params: list[torch.Tensor], enabled: bool):

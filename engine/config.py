@@ -166,7 +166,7 @@ class ChunkingConfig:
     """spaco: probability q that a chunk is back-propagated (sampler fixed: t = round(q x chunks))."""
 
     sampler: Literal["bernoulli", "fixed"] = "bernoulli"
-    """bernoulli (unbiased) or fixed: the paper's t-of-k draw (biased: README, SpaCO's estimator)."""
+    """bernoulli (unbiased) or fixed: the paper's t-of-k draw (biased: docs/design.md section 3)."""
 
     budget: int | None = None
     """spaco with sampler fixed: chunks drawn per step (t)."""

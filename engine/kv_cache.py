@@ -13,7 +13,7 @@ the paper's pass 2 in place:
     gradient on earlier chunks' KV: "deposit");
   * the part on the chunk's own K/V receives, in addition, whatever later chunks already deposited on it,
     times the chunk's compensation factor ("relay"), and flows on into the chunk's graph and the parameters.
-This equals backpropagating the scalar  s_c = w_c * (loss_c + <m_c, G_c>)  of DESIGN.md section 2, but
+This equals backpropagating the scalar  s_c = w_c * (loss_c + <m_c, G_c>)  of docs/design.md section 2, but
 because it happens inside autograd it is exact under any uniform scaling of the loss (DeepSpeed's loss
 scaling and 1/gradient_accumulation_steps included), which a surrogate dot product would scale twice.
 """

@@ -42,7 +42,7 @@ def _hf_config(model_cfg: ModelConfig):
 
 def build_model(model_cfg: ModelConfig, seed: int) -> PreTrainedModel:
     """The causal LM in train mode. A random init (model.hf_config) is drawn from `seed`; note that under
-    ZeRO-3 (inside zero3_context) the same seed draws different weights than without it (DESIGN.md 5)."""
+    ZeRO-3 (inside zero3_context) the same seed draws different weights than without it (docs/design.md 5)."""
     kwargs = dict(dtype=DTYPES[model_cfg.dtype], attn_implementation=model_cfg.attn_implementation)
     torch.manual_seed(seed)
     if model_cfg.hf_config is not None:

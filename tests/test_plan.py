@@ -161,7 +161,7 @@ def test_prediction_matches_measured_peak(case, one_thread):
 
 def test_llama3_8b_sizes():
     p = plan("llama3-8b", dtype="bfloat16", chunk_size=256, seq_len=16384, lora_rank=8)
-    assert p.kv == 2 * GiB  # DESIGN.md: 128 KiB per token in bf16, 16K tokens -> 2 GiB
+    assert p.kv == 2 * GiB  # docs/design.md 4: 128 KiB per token in bf16, 16K tokens -> 2 GiB
     assert p.kv_grads == 4 * GiB  # float32
     assert p.params - p.trainable == pytest.approx(8.03e9, rel=0.002)
     assert p.trainable == 32 * 8 * ((4096 + 4096) * 2 + (4096 + 1024) * 2)  # q, o and k, v adapters
