@@ -20,6 +20,8 @@ import os
 import random
 import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,12 @@ import torch
 import torch.distributed as dist
 
 from engine.config import CheckpointConfig
+from engine.safe_load import CheckpointError, deepspeed_loads_safely, load_file
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 TMP_PREFIX = "tmp."
 LATEST = "latest"
-# Test hook (tests/test_train_e2e.py): raise inside the save of this step, after the temporary checkpoint
-# is written and before it is committed, to show that a crash mid-save leaves the previous one loadable.
-CRASH_HOOK = "SECO_TEST_CRASH_IN_SAVE"
+MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def tag_for(step: int) -> str:
@@ -98,24 +99,130 @@ def _read_latest(root: Path) -> str | None:
     return latest.read_text().strip() or None
 
 
+def verify(load_dir: str, tag: str, world_size: int) -> None:
+    """Check a checkpoint before any process group exists, on every rank alike, so that a bad one is a user
+    error (exit 2) on all of them rather than a failure of one rank inside a collective. Every file must load
+    under `safe_load`'s weights-only rules (nothing in it runs; not truncated), the model states must be
+    this engine's, and written by as many data-parallel ranks as there are now: ZeRO shards the optimizer
+    states by rank, and DeepSpeed's re-sharding (universal checkpoints) loads with full unpickling."""
+    tag_dir = Path(load_dir) / tag
+    for f in sorted(tag_dir.glob("*.pt")):
+        load_file(f, mmap=True)  # mmap: tensor data are not read, only the structure is checked
+    states = tag_dir / MODEL_STATES
+    meta = load_file(states, mmap=True)
+    if not isinstance(meta, dict) or not isinstance(meta.get("seco"), dict):
+        raise CheckpointError(
+            f"checkpoint file {str(states)!r} was not written by this engine (no 'seco' state)"
+        )
+    saved = meta.get("dp_world_size")
+    if saved != world_size:
+        raise CheckpointError(
+            f"checkpoint {str(tag_dir)!r} was written by {saved} data-parallel ranks and this run has "
+            f"{world_size}: resume it with {saved} ranks (ZeRO's optimizer states are sharded by rank), or "
+            "start a fresh checkpoint.dir"
+        )
+
+
 def load(engine, load_dir: str, tag: str) -> dict[str, Any]:
-    """Load model + optimizer states (DeepSpeed), this rank's RNG states; returns our client state."""
-    path, client = engine.load_checkpoint(load_dir, tag=tag)
+    """Load model + optimizer states (DeepSpeed, through `safe_load`), this rank's RNG states; returns our
+    client state. A model whose parameters differ from the checkpoint's is refused naming them."""
+    if engine.load_universal_checkpoint():
+        raise CheckpointError(
+            "ds_config checkpoint.load_universal is not supported: DeepSpeed's universal loader unpickles "
+            "files with code execution allowed"
+        )
+    _check_same_model(engine, Path(load_dir) / tag / MODEL_STATES)
+    with deepspeed_loads_safely(engine):
+        path, client = engine.load_checkpoint(load_dir, tag=tag)
     if path is None or client is None or "seco" not in client:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {os.path.join(load_dir, tag)!r} could not be loaded or was not written by this engine"
         )
-    rng_file = Path(load_dir) / tag / f"rng_rank{dist.get_rank()}.pt"
-    if rng_file.is_file():  # absent when the world size grew; a fresh RNG is then all we can do
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    rank = dist.get_rank()
+    rng_file = Path(load_dir) / tag / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(load_file(rng_file))
+    else:  # deleted by hand: everything but the RNG (dropout, sampling) is restored
+        print(
+            f"WARNING: rank {rank}: {str(rng_file)!r} is missing: this rank continues with a fresh RNG, so the "
+            "run does NOT continue bit for bit (weights, optimizer, data order and SpaCO draws are restored)",
+            file=sys.stderr,
+            flush=True,
+        )
     return client["seco"]
+
+
+def _check_same_model(engine, states: Path) -> None:
+    saved: dict[str, tuple[int, ...]] = {}
+    meta = load_file(states, mmap=True)
+    for group in [*meta.get("param_shapes", []), meta.get("frozen_param_shapes") or {}]:
+        saved.update({name: tuple(shape) for name, shape in group.items()})
+    trainable_only = not meta.get("frozen_param_shapes")  # DeepSpeed records frozen shapes only in some modes
+    now = {
+        name: tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3: the full shape of a partitioned parameter
+        for name, p in engine.module.named_parameters()
+        if p.requires_grad or not trainable_only
+    }
+    differ = [
+        f"{k}: {list(saved[k]) if k in saved else 'absent'} in the checkpoint, "
+        f"{list(now[k]) if k in now else 'absent'} now"
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k)
+    ]
+    if differ:
+        more = f"; and {len(differ) - 8} more" if len(differ) > 8 else ""
+        raise CheckpointError(
+            f"the model differs from the checkpoint's ({str(states)!r}), {len(differ)} parameters: "
+            + "; ".join(differ[:8])
+            + more
+            + ". Resume with the checkpoint's model config (see model.* in it), or start a fresh checkpoint.dir"
+        )
 
 
 # -------------------------------------------------------------------------------------------------- save
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict[str, Any]) -> str:
-    """Save a checkpoint of `step` atomically; every rank must call it. Returns the tag directory."""
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+
+
+Writer = Callable[[Any, str], None]  # (object, path): writes one checkpoint file
+
+
+class _GuardedWrites:
+    """DeepSpeed's checkpoint engine with every file write going through `write`, an OSError recorded rather
+    than raised: DeepSpeed's save has collectives between and after its writes, so a rank whose disk is full
+    must still reach them; the ranks then learn of it together (`save`)."""
+
+    def __init__(self, inner: Any, write: Writer | None) -> None:
+        self._inner, self._write = inner, write or inner.save
+        self.error: tuple[str, OSError] | None = None
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self.error is None:
+            try:
+                self._write(state_dict, str(path))
+            except OSError as e:
+                self.error = (str(path), e)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def save(
+    engine,
+    ckpt_dir: str,
+    step: int,
+    client_state: dict[str, Any],
+    write: Writer | None = None,
+    before_commit: Callable[[int], None] | None = None,
+) -> str:
+    """Save a checkpoint of `step` atomically; every rank must call it. Returns the tag directory.
+
+    `write` replaces the function that writes one file (tests: a full disk); `before_commit(step)` runs once
+    every file is written and before anything points at them (tests: a crash mid-save). A write error on any
+    rank removes the temporary directory and raises SaveFailed on every rank.
+    """
     root = Path(ckpt_dir)
     tag, tmp = tag_for(step), TMP_PREFIX + tag_for(step)
     rank = dist.get_rank()
@@ -124,15 +231,38 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict[str, Any]) -> str:
         for stale in root.glob(TMP_PREFIX + "*"):  # leftovers of interrupted saves
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp, client_state={"seco": client_state}, save_latest=False)
-    torch.save(rng_state(), root / tmp / f"rng_rank{rank}.pt")
-    if os.environ.get(CRASH_HOOK) == str(step):
-        raise RuntimeError(f"{CRASH_HOOK}={step}: simulated crash in the middle of a checkpoint save")
-    dist.barrier()  # every rank's shards are on disk before anything points at them
+    guard = _GuardedWrites(engine.checkpoint_engine, write)
+    engine.checkpoint_engine = guard
+    try:
+        engine.save_checkpoint(str(root), tag=tmp, client_state={"seco": client_state}, save_latest=False)
+        guard.save(rng_state(), str(root / tmp / f"rng_rank{rank}.pt"))
+    finally:
+        engine.checkpoint_engine = guard._inner
+    if _any_rank(guard.error is not None):  # a collective: every rank's files are on disk or failed
+        if rank == 0:
+            shutil.rmtree(root / tmp, ignore_errors=True)
+        dist.barrier()
+        if guard.error is None:
+            raise SaveFailed(f"checkpoint of step {step} not saved: another rank could not write its part")
+        path, e = guard.error
+        raise SaveFailed(
+            f"checkpoint of step {step} not saved: writing {path!r} failed: {e.strerror or e}; its temporary "
+            f"directory was removed and the previous checkpoint (if any) in {str(root)!r} is intact"
+        )
+    if before_commit is not None:
+        before_commit(step)
     if rank == 0:
         _commit(root, tmp, tag)
     dist.barrier()
     return str(root / tag)
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _commit(root: Path, tmp: str, tag: str) -> None:
@@ -166,17 +296,29 @@ def _fsync(path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain numbers, so that `safe_load.load_file` (weights-only)
+    can read them back; the numpy state is the MT19937 key array plus its position and cached Gaussian."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    assert kind == "MT19937", kind
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    keys = nps["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, nps["pos"], nps["has_gauss"], nps["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -43,14 +43,21 @@ from engine.distributed import (
 from engine.metrics import Metrics, peak_memory_bytes
 from engine.model import apply_lora, build_model, model_vocab_size
 
-# Test hook (tests/test_train_errors.py): steps, e.g. "2,3", whose logits are multiplied by NaN, so the
-# loss and every gradient of that step are non-finite, as after a real divergence.
-NAN_HOOK = "SECO_TEST_NAN_STEPS"
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm: scancel / requeue, and --signal=USR1@secs
 
 
 class TrainingDiverged(RuntimeError):
     """optim.max_nonfinite_steps steps in a row had a non-finite loss or gradient."""
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults a test injects through run_loop's parameter (tests/workers/faulty_train.py); never read from
+    the environment. The default injects nothing."""
+
+    nan_steps: frozenset[int] = frozenset()  # logits * NaN: loss and every gradient non-finite (a divergence)
+    crash_in_save: int | None = None  # this step's save raises once its files are written, before the commit
+    write: checkpoint.Writer | None = None  # replaces the checkpoint file writer (e.g. one raising ENOSPC)
 
 
 @dataclass
@@ -86,6 +93,8 @@ def prepare(cfg: Config) -> Prepared:
     dataset = build_dataset(cfg.data, tokenizer, model_vocab_size(cfg.model))  # checks ids < vocab_size
     resume = checkpoint.find_resume(cfg.checkpoint)
     world_size = announced_world_size()
+    if resume is not None:  # every file safe to load, same ranks: on every rank, before any collective
+        checkpoint.verify(*resume, world_size)
     ds_config = run_ds_config(cfg, world_size)
     return Prepared(
         tokenizer=tokenizer, dataset=dataset, resume=resume, ds_config=ds_config, world_size=world_size
@@ -145,13 +154,12 @@ def _warn_config_changes(metrics: Metrics, saved: dict, now: dict, prefix: str =
 # ------------------------------------------------------------------------------------------------- loop
 
 
-def run_loop(run: Run) -> dict[str, Any]:
+def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
     cfg = run.cfg
     first_step, losses, preempted = run.step, [], False
-    nan_steps = {int(s) for s in os.environ.get(NAN_HOOK, "").split(",") if s.strip()}
     while run.step < cfg.optim.steps:
         run.step += 1
-        record = train_step(run, poison=run.step in nan_steps)
+        record = train_step(run, poison=run.step in faults.nan_steps)
         run.metrics.log(run.step, record)
         losses.append(record["loss"])
         _count_nonfinite(run, record)
@@ -159,11 +167,11 @@ def run_loop(run: Run) -> dict[str, Any]:
         preempted = _agree_any(bool(_PREEMPT))
         every = cfg.checkpoint.every
         if cfg.checkpoint.dir and (preempted or (every and run.step % every == 0)):
-            save(run)
+            save(run, faults)
         if preempted:
             break
     if cfg.checkpoint.dir and run.saved_step != run.step:
-        save(run)
+        save(run, faults)
     export_dir = None
     if preempted:
         signame = signal.Signals(_PREEMPT["signum"]).name if _PREEMPT else "a signal to another rank"
@@ -278,7 +286,7 @@ def _poisoned_logits(module):
 # ---------------------------------------------------------------------------------------- checkpointing
 
 
-def save(run: Run) -> None:
+def save(run: Run, faults: Faults = Faults()) -> None:
     state = {
         "step": run.step,
         "data": run.stream.state_dict(),
@@ -286,9 +294,14 @@ def save(run: Run) -> None:
         "world_size": dist.get_world_size(),
         "nonfinite_streak": run.nonfinite_streak,
     }
-    path = checkpoint.save(run.engine, run.cfg.checkpoint.dir, run.step, state)
+    crash = _simulated_crash if faults.crash_in_save == run.step else None
+    path = checkpoint.save(run.engine, run.cfg.checkpoint.dir, run.step, state, faults.write, crash)
     run.saved_step = run.step
     run.metrics.print(f"checkpoint saved: {path}")
+
+
+def _simulated_crash(step: int) -> None:
+    raise RuntimeError(f"Faults(crash_in_save={step}): simulated crash in the middle of a checkpoint save")
 
 
 # ------------------------------------------------------------------------------------------- preemption

@@ -31,7 +31,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, faults=None) -> int:
+    """`faults` (trainer.Faults) is for tests only (tests/workers/faulty_train.py)."""
     args, overrides = parse(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        summary = trainer.run_loop(run)
-    except trainer.TrainingDiverged as e:
+        summary = trainer.run_loop(run, faults or trainer.Faults())
+    except (trainer.TrainingDiverged, trainer.checkpoint.SaveFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -52,15 +52,17 @@ def outputs(root: Path) -> list[str]:
 
 
 def start_ranks(
-    root: Path, *overrides: str, nprocs: int = 2, env: dict | None = None
+    root: Path, *overrides: str, nprocs: int = 2, env: dict | None = None, faults: tuple[str, ...] = ()
 ) -> list[subprocess.Popen]:
-    """Processes of one run with the rendezvous in the environment, as srun or torchrun start them."""
+    """Processes of one run with the rendezvous in the environment, as srun or torchrun start them;
+    `faults` go to tests/workers/faulty_train.py (e.g. "--crash-in-save=6"), which then replaces TRAIN."""
+    script = [str(REPO / "tests" / "workers" / "faulty_train.py"), *faults] if faults else [str(TRAIN)]
     port, procs = str(free_port()), []
     root.mkdir(parents=True, exist_ok=True)
     for rank in range(nprocs):
         rank_env = {**ENV, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank)}
         rank_env.update(WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        args = [sys.executable, str(TRAIN), "--config", str(CONFIG), *outputs(root), *overrides]
+        args = [sys.executable, *script, "--config", str(CONFIG), *outputs(root), *overrides]
         log = open(root / f"rank{rank}.log", "a")
         procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=rank_env, cwd=root))
     return procs
@@ -76,8 +78,10 @@ def logs(root: Path) -> str:
     )
 
 
-def run_ranks(root: Path, *overrides: str, env: dict | None = None, expect: int = 0) -> None:
-    codes = wait(start_ranks(root, *overrides, env=env))
+def run_ranks(
+    root: Path, *overrides: str, env: dict | None = None, expect: int = 0, faults: tuple[str, ...] = ()
+) -> None:
+    codes = wait(start_ranks(root, *overrides, env=env, faults=faults))
     assert codes == [expect, expect], logs(root)
 
 
@@ -193,9 +197,8 @@ def test_preemption_saves_and_resumes(tmp_path, reference):
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, reference):
     """(f) A crash inside the save of step 6 (after the temporary directory is written) leaves `latest` on
     step 3, which loads and resumes exactly."""
-    crash = {"SECO_TEST_CRASH_IN_SAVE": "6"}
     common = [*SHORT, "--optim.steps=6", "--checkpoint.every=3", "--checkpoint.resume=auto"]
-    run_ranks(tmp_path, *common, env=crash, expect=1)
+    run_ranks(tmp_path, *common, faults=("--crash-in-save=6",), expect=1)
     assert "simulated crash" in logs(tmp_path)
     ckpt = tmp_path / "ckpt"
     assert latest(tmp_path) == "global_step3"

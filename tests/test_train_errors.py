@@ -16,6 +16,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
+FAULTY = REPO / "tests" / "workers" / "faulty_train.py"
 FAST = [
     "--data.seq_len=128",
     "--chunking.chunk_size=64",
@@ -31,9 +32,12 @@ def args_for(tmp_path: Path, *overrides: str) -> list[str]:
     return args + [f"--logging.dir={out}/log", f"--checkpoint.dir={out}/ckpt", *overrides]
 
 
-def train(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """One process, no launcher."""
-    args = [sys.executable, str(TRAIN), *args_for(tmp_path, *overrides)]
+def train(
+    tmp_path: Path, *overrides: str, env: dict | None = None, faults: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """One process, no launcher; `faults` go to tests/workers/faulty_train.py (e.g. "--nan-steps=1")."""
+    script = [str(FAULTY), *faults] if faults else [str(TRAIN)]
+    args = [sys.executable, *script, *args_for(tmp_path, *overrides)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=full_env)
 
@@ -218,7 +222,7 @@ def init_loss_on_batch(step: int, *overrides: str) -> float:
 
 @pytest.mark.parametrize("stage", [0, 2])  # stage 0: dropped by the engine; 1-3: DeepSpeed's overflow skip
 def test_nonfinite_step_is_skipped_and_logged(tmp_path, stage):
-    r = train(tmp_path, f"--deepspeed.zero_stage={stage}", env={"SECO_TEST_NAN_STEPS": "1"})
+    r = train(tmp_path, f"--deepspeed.zero_stage={stage}", faults=("--nan-steps=1",))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "step 1: non-finite loss or gradients" in r.stdout and "update skipped" in r.stdout
     rec = metrics(tmp_path)
@@ -237,7 +241,7 @@ def test_nonfinite_steps_in_a_row_abort(tmp_path):
         "--optim.steps=5",
         "--optim.max_nonfinite_steps=2",
         "--checkpoint.every=1",
-        env={"SECO_TEST_NAN_STEPS": "2,3"},
+        faults=("--nan-steps=2,3",),
     )
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
