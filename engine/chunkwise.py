@@ -14,16 +14,14 @@ state that grows with the sequence (docs/design.md section 4).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from engine.attention import chunk_attention
 from engine.distributed import backend_for
 from engine.kv_cache import ChunkKVCache
 
@@ -101,6 +99,7 @@ def chunkwise_backward(
     # forward when the vocabulary is large) and keeps only their K/V.
     recomputed = set(chosen)
     skip_head = {"logits_to_keep": 1} if _accepts_logits_to_keep(module) else {}
+    cache_arg = _cache_argument(module)
 
     def run_chunk(c: int, with_loss: bool = True) -> torch.Tensor | None:
         """Summed CE of chunk c, run against the K/V of chunks 0..c-1 already in the cache."""
@@ -111,7 +110,7 @@ def chunkwise_backward(
                 input_ids=input_ids[:, s:e],
                 attention_mask=None if attention_mask is None else attention_mask[:, :e],
                 position_ids=position_ids[:, s:e],
-                past_key_values=cache,
+                **{cache_arg: cache},
                 use_cache=True,
                 **({} if with_loss else skip_head),
             )
@@ -120,7 +119,7 @@ def chunkwise_backward(
     # Pass 1: every chunk, no graph. The K/V checkpoints fill up; the loss is exact for logging.
     rng = _RngReplay(input_ids.device, active=_has_active_dropout(module))
     loss_sum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
-    with torch.no_grad(), _sdpa_without_copies(input_ids.device):
+    with torch.no_grad(), chunk_attention(_config(module)):
         for c in range(k):
             rng.save(c)
             ce = run_chunk(c, with_loss=c not in recomputed or not skip_head)
@@ -134,7 +133,7 @@ def chunkwise_backward(
     with (
         _Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32),
         backend.step_context(),
-        _sdpa_without_copies(input_ids.device),
+        chunk_attention(_config(module)),
     ):
         for i, c in enumerate(order):
             rng.restore(c)  # dropout masks of the recompute equal pass 1's
@@ -198,49 +197,6 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ignore_index=IGNORE,
         reduction="sum",
     )
-
-
-@contextlib.contextmanager
-def _sdpa_without_copies(device: torch.device):
-    """Keep transformers' `sdpa` attention from copying what every layer saves for backward.
-
-    Mask: a chunk's queries always see a prefix, so they always come with a mask. transformers builds it
-    once per forward as booleans, and torch's SDPA turns a boolean mask into a float one inside every layer
-    and saves that copy for backward: one [chunk x L] float mask per layer, the largest term that grows with
-    L after the K/V themselves. Handing SDPA the float (additive) mask directly, built once by transformers'
-    own mask function (so padding and sliding windows are unchanged), leaves one copy shared by all layers.
-    Where the boolean mask is zero the additive one is dtype-min, which softmax turns into exactly 0.
-
-    GQA (CPU only): with a mask transformers repeats K/V per query head, an extra (heads / kv_heads) copies of
-    the whole KV cache saved in every layer; the switch below makes it pass grouped heads (enable_gqa), which
-    torch's CPU flash kernel takes together with a mask. On CUDA the same switch would select the math
-    kernel, which materialises attention probabilities: use flash_attention_2 there."""
-    masks = ALL_MASK_ATTENTION_FUNCTIONS
-    had_local = "sdpa" in masks._local_mapping
-    previous = masks["sdpa"]
-    masks["sdpa"] = _additive_sdpa_mask if previous is sdpa_mask else previous  # never undo a user override
-    key, old = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
-    if device.type == "cpu":
-        os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if had_local:
-            masks["sdpa"] = previous
-        else:
-            del masks["sdpa"]
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def _additive_sdpa_mask(*args, dtype: torch.dtype = torch.float32, **kwargs):
-    """transformers' own sdpa mask, as 0 / dtype-min instead of True / False (None stays None: is_causal)."""
-    mask = sdpa_mask(*args, **kwargs)
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 class _RngReplay:
@@ -329,6 +285,13 @@ def _check_args(input_ids, labels, attention_mask, chunk_size, mode, sample_prob
         k = math.ceil(input_ids.shape[1] / chunk_size)
         if budget is not None and budget > k:
             raise ValueError(f"budget={budget} is larger than the number of chunks ({k})")
+
+
+def _cache_argument(module) -> str:
+    """transformers 5.24 renamed the models' `past_key_values` argument to `cache` (the old name warns and
+    goes in 5.40): pass it by the name the installed version's forward declares."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _accepts_logits_to_keep(module) -> bool:
