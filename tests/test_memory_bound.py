@@ -11,11 +11,12 @@ from engine.memory import MemoryTracker
 
 LENGTHS = (512, 1024, 2048)
 CHUNK = 64
-# Beyond K, V, G_K, G_V (1 KiB per token here), what grows with the sequence is per chunk and one layer at a
-# time: the gradient attention's backward returns for one layer's prefix K/V (0.25 KiB per token), and the
-# chunk's [chunk x prefix] additive mask, one for all layers (0.25 KiB per token). Measured: 1.3x, 1.5x.
-# A float mask per layer (what SDPA makes from a boolean one) would be 2x; a GQA repeat of K/V, 3x.
-FACTOR = 1.6
+# Beyond K, V, G_K, G_V (1 KiB per token here), the only thing that grows with the sequence is the gradient
+# attention's backward hands the cache for one layer's prefix K/V at a time (0.25 KiB per token): 1.25x.
+# Measured with the mask-free attention (engine/attention.py): 1.18x, 1.27x. Before it, the chunk's
+# [chunk x prefix] additive mask added another 0.25 KiB per token (1.3x, 1.5x); a float mask per layer
+# (what SDPA makes from a boolean one) would be 2x, a GQA repeat of K/V 3x.
+FACTOR = 1.35
 
 
 def peaks(attn: str):
