@@ -24,7 +24,9 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import re
+import reprlib
 import sys
 import types
 from pathlib import Path
@@ -57,8 +59,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)) if get_origin(tp) is None else str(tp).replace("typing.", "")
 
 
+# A value in an error message is cut to a few items per level: a huge (or alias-built) value must not be
+# rendered whole, whatever its size.
+_SHORT = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 120, 120
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+
+
 def _got(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {_SHORT.repr(value)}"
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -152,8 +161,24 @@ def config_to_dict(cfg: Any) -> Any:
 # ------------------------------------------------------------------------------------ YAML and overrides
 
 
+# Configs may use a few anchors/aliases (`<<: *defaults`); a "billion laughs" document nests aliases so that
+# a 1.6 KB file stands for billions of items, which any walk over the value (coercion, an error message)
+# expands. Refused beyond this many alias uses per document, while composing (before anything expands).
+MAX_YAML_ALIASES = 16
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > MAX_YAML_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"more than {MAX_YAML_ALIASES} aliases (*name): refused",
+                    self.peek_event().start_mark,
+                )
+        return super().compose_node(parent, index)
 
 
 # PyYAML implements YAML 1.1, where a float needs a dot: `lr: 1e-4` would load as the *string* "1e-4".
@@ -170,6 +195,15 @@ def _yaml_load(text: str, where: str) -> Any:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: invalid YAML: {e}") from None
+
+
+def _read_utf8(file: Path) -> str:
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{file}: not UTF-8 text (byte {e.start}, line {line}: {e.reason})") from None
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -201,7 +235,7 @@ def load_config(path: str | None, overrides: list[str], check_paths: bool = True
     """
     file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     _require(file.is_file(), f"config file not found: {file}")
-    raw = _yaml_load(file.read_text(), str(file))
+    raw = _yaml_load(_read_utf8(file), str(file))
     raw = {} if raw is None else raw
     _require(isinstance(raw, dict), f"{file}: the top level must be a mapping of sections, got {_got(raw)}")
     for item in overrides:
@@ -236,6 +270,24 @@ def _check_paths(cfg: Config) -> None:
     ]  # fmt: skip
     for key, value, exists, what in checks:
         _require(value is None or exists(Path(value)), f"{key}: {value!r} not found (expected {what})")
+    for key, value in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir)):
+        if value is not None:
+            _check_writable_dir(key, Path(value))
+
+
+def _check_writable_dir(key: str, path: Path) -> None:
+    """An output directory is written first at the end of step 1 (logs) or at the first save: a path that is
+    a file or cannot be written would be found after the run. Nothing is created here (a failed start
+    writes nothing); the nearest existing ancestor must be a directory this process can write into."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    _require(existing.is_dir(), f"{key}: {str(path)!r}: {str(existing)!r} is a file, not a directory")
+    _require(
+        os.access(existing, os.W_OK | os.X_OK),
+        f"{key}: {str(path)!r} is not writable"
+        + ("" if existing == path else f" ({str(existing)!r} is not)"),
+    )
 
 
 def _check_hf_config(model: ModelConfig, data: DataConfig) -> None:

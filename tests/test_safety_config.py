@@ -1,0 +1,96 @@
+"""Hostile configs are refused up front (issue 13): an alias bomb, non-UTF-8 YAML, unbounded values in
+messages, output directories that are files or not writable. All before any process group: in this process."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError
+from engine.config_load import MAX_YAML_ALIASES, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+
+
+def bomb(levels: int = 6, width: int = 9) -> str:
+    """The 'billion laughs' shape: each anchor is a list of `width` aliases of the previous one."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    return "\n".join(lines)
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(CONFIG.read_text() + "\n" + text + "\n")
+    return str(path)
+
+
+def test_alias_bomb_is_refused_while_parsing(tmp_path):
+    # 9**6 = 531441 leaves from a 400-byte value: without the bound the type error renders all of them.
+    path = write(tmp_path, "extra:\n  " + bomb().replace("\n", "\n  "))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [], check_paths=False)
+    msg = str(e.value)
+    assert f"more than {MAX_YAML_ALIASES} aliases" in msg and "c.yaml" in msg and "line" in msg
+    assert len(msg) < 600
+
+
+def test_a_few_aliases_still_work(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(CONFIG.read_text().replace("seq_len: 2048", "seq_len: &len 2048") + "\nx_len: *len\n")
+    with pytest.raises(ConfigError, match="unknown section 'x_len'|x_len"):  # the alias resolved; key unknown
+        load_config(str(path), [], check_paths=False)
+
+
+def test_unbounded_value_is_cut_in_the_message(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(str(CONFIG), ["--data.seq_len=[" + ", ".join(["123456789"] * 20000) + "]"])
+    assert "data.seq_len" in str(e.value) and len(str(e.value)) < 400
+
+
+def test_non_utf8_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(CONFIG.read_bytes() + b"\n# caf\xe9 au lait\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 text \(byte \d+, line \d+"):
+        load_config(str(path), [])
+
+
+@pytest.mark.parametrize("key", ["checkpoint.dir", "logging.dir"])
+@pytest.mark.parametrize("case", ["is a file", "under a file"])
+def test_output_dir_that_is_a_file_is_refused(tmp_path, key, case):
+    (tmp_path / "f").write_text("")
+    value = tmp_path / "f" if case == "is a file" else tmp_path / "f" / "sub"
+    with pytest.raises(ConfigError, match=rf"^{key}: .*'{tmp_path / 'f'}' is a file, not a directory"):
+        load_config(str(CONFIG), [f"--{key}={value}"])
+
+
+@pytest.mark.parametrize("key", ["checkpoint.dir", "logging.dir"])
+def test_output_dir_that_is_not_writable_is_refused(tmp_path, key, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):  # root ignores the mode bits: ask the same question the check asks
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real(p, mode))
+    try:
+        with pytest.raises(ConfigError, match=rf"^{key}: '{ro}/out' is not writable \('{ro}' is not\)"):
+            load_config(str(CONFIG), [f"--{key}={ro}/out"])
+    finally:
+        ro.chmod(0o700)
+
+
+def test_launcher_exits_2_naming_the_key_and_writes_nothing(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("seco_launch_train", REPO / "launch" / "train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    (tmp_path / "f").write_text("")
+    code = launcher.main(
+        ["--config", str(CONFIG), f"--checkpoint.dir={tmp_path}/f", f"--logging.dir={tmp_path}/log"]
+    )
+    assert code == 2 and capsys.readouterr().err.startswith("error: checkpoint.dir: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
