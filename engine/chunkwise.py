@@ -15,8 +15,7 @@ state that grows with the sequence (docs/design.md section 4).
 from __future__ import annotations
 
 import inspect
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +23,10 @@ import torch.nn.functional as F
 from engine.attention import chunk_attention
 from engine.distributed import backend_for
 from engine.kv_cache import ChunkKVCache
+from engine.packing import IGNORE, check_position_ids, chunk_mask, documents_of
+from engine.schedule import MODES, SAMPLERS, ChunkSchedule, draw_chunks
 
-IGNORE = -100
-MODES = ("seco", "spaco")
-SAMPLERS = ("bernoulli", "fixed")
+__all__ = ["MODES", "SAMPLERS", "ChunkSchedule", "ChunkStats", "chunkwise_backward", "draw_chunks"]
 
 
 @dataclass
@@ -36,10 +35,11 @@ class ChunkStats:
     num_tokens: int  # valid target tokens the loss is averaged over
     num_chunks: int
     selected: list[int]  # chunks back-propagated in pass 2
-    compensation: float  # weight w of every back-propagated chunk (1.0 for SeCO)
+    compensation: float  # largest weight w_c among back-propagated chunks (1.0 for SeCO; 0.0 if none)
     seq_len: int
     chunk_size: int
     kv_bytes: int = 0  # K/V checkpoints + K/V gradients held during the step
+    weights: list[float] = field(default_factory=list)  # w_c of each chunk in `selected`
 
 
 def chunkwise_backward(
@@ -48,7 +48,9 @@ def chunkwise_backward(
     *,
     labels: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
-    chunk_size: int,
+    position_ids: torch.Tensor | None = None,
+    schedule: ChunkSchedule | None = None,
+    chunk_size: int | None = None,
     mode: str = "seco",
     sample_prob: float | None = None,
     sampler: str = "bernoulli",
@@ -62,59 +64,93 @@ def chunkwise_backward(
     """Add to every trainable parameter's .grad the gradient (SeCO) or an unbiased estimate of it (SpaCO) of
     `model(input_ids, labels=labels, attention_mask=attention_mask).loss`, one chunk's graph at a time.
 
-    `model` may also be a `deepspeed.DeepSpeedEngine`: chunks then run and backprop through the engine, and
-    the caller calls `engine.step()` (engine/distributed.py). `num_items_in_batch` overrides the (global)
-    token count the loss is divided by, as HF's argument of that name. `compensation_cap` caps the fixed
-    sampler's weight k/t (trading bias for variance). `offload_kv` keeps the K/V checkpoints and their
-    gradients in (pinned) host memory, fetched layer by layer (engine/kv_cache.py).
+    The chunking is `schedule` (engine/schedule.py), or built from the loose arguments of the same names
+    (chunk_size, mode, sample_prob, sampler, budget, selected, compensation_cap). `model` may also be a
+    `deepspeed.DeepSpeedEngine`: chunks then run and backprop through the engine, and the caller calls
+    `engine.step()` (engine/distributed.py). `num_items_in_batch` overrides the (global) token count the loss
+    is divided by, as HF's argument of that name. `position_ids` in HF's packed convention (restarting at 0
+    per document) make documents packed into one row independent (engine/packing.py). `offload_kv` keeps the
+    K/V checkpoints and their gradients in (pinned) host memory, fetched layer by layer (engine/kv_cache.py).
     """
-    _check_args(input_ids, labels, attention_mask, chunk_size, mode, sample_prob, sampler, budget, selected)
+    loose = dict(chunk_size=chunk_size, mode=mode, sample_prob=sample_prob, sampler=sampler, budget=budget)
+    loose.update(selected=None if selected is None else tuple(selected), compensation_cap=compensation_cap)
+    if schedule is None:
+        schedule = ChunkSchedule(**loose)
+    elif any(loose[n] != _LOOSE_DEFAULTS[n] for n in loose):
+        raise ValueError(
+            "pass the chunking either as schedule= or as loose arguments (chunk_size, mode, ...)"
+        )
+    _check_tensors(input_ids, labels, attention_mask, position_ids)
     backend = backend_for(model)
     module = backend.module  # the transformers (or PEFT) model itself, for its config
     _check_model(module)
     if labels is None:  # like a causal-LM collator: learn every real token, never padding
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE)
-    local_tokens = int((labels[:, 1:] != IGNORE).sum())
-    seq_len, num_tokens = backend.agree(input_ids.shape[1], local_tokens)
-    if num_items_in_batch is not None:
-        num_tokens = int(num_items_in_batch)
-    input_ids, labels, attention_mask = _pad_to(seq_len, input_ids, labels, attention_mask, _pad_id(module))
-    batch = input_ids.shape[0]
     targets = torch.full_like(labels, IGNORE)
     targets[:, :-1] = labels[:, 1:]
-    chunks = [(s, min(s + chunk_size, seq_len)) for s in range(0, seq_len, chunk_size)]
-    k = len(chunks)
-    chosen, weight = draw_chunks(k, mode, sample_prob, sampler, budget, selected, generator, compensation_cap)
-    # DeepSpeed ranks must all backprop at least once per step: an empty draw becomes one zero-weight pass.
-    order = sorted(chosen, reverse=True) or ([k - 1] if backend.must_backward else [])
-    weight = weight if chosen else 0.0
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    cache = ChunkKVCache(
-        _num_layers(module), seq_len, needs_grad=bool(order) and bool(trainable), offload=offload_kv
+    docs = None if position_ids is None else documents_of(position_ids)
+    if docs is not None:
+        targets = docs.cut_targets(targets)
+    seq_len, num_tokens = backend.agree(input_ids.shape[1], int((targets != IGNORE).sum()))
+    if num_items_in_batch is not None:
+        num_tokens = int(num_items_in_batch)
+    input_ids, targets, attention_mask, position_ids = _pad_to(
+        seq_len, input_ids, targets, attention_mask, position_ids, _pad_id(module)
     )
-    position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+    if position_ids is None:
+        position_ids = (
+            torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], -1)
+        )
+    docs = None if docs is None else documents_of(position_ids)  # padded tail included
+    if docs is not None and docs.doc_ids is None:
+        docs = None  # one document per row: plain causal masks
+    size = schedule.chunk_size
+    chunks = [(s, min(s + size, seq_len)) for s in range(0, seq_len, size)]
+    k = len(chunks)
+    has_loss = [bool((targets[:, s:e] != IGNORE).any()) for s, e in chunks]
+    policy_flags = _any_rank(backend, has_loss) if schedule.loss_chunks == "always" else None
+    draw = draw_chunks(schedule, k, generator, policy_flags)
+    weight_of = draw.weight_of()
+    # DeepSpeed ranks must all backprop at least once per step: an empty draw becomes one zero-weight pass.
+    order = sorted(draw.selected, reverse=True) or ([k - 1] if backend.must_backward else [])
+
+    # Packed rows: chunk c reads keys from lo[c]; chunk c's K/V are read later only if lo[c + 1] < its end.
+    lo = [0 if docs is None else docs.kv_start(s) for s, _ in chunks]
+    read_later = [c + 1 < k and lo[c + 1] < chunks[c][1] for c in range(k)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    needs_kv_grad = bool(order) and bool(trainable) and any(read_later)
+    cache = ChunkKVCache(_num_layers(module), seq_len, needs_grad=needs_kv_grad, offload=offload_kv)
+    dtype = next(module.parameters()).dtype
 
     # Chunks that pass 2 recomputes get their loss there: pass 1 skips their LM head (a large share of a
-    # forward when the vocabulary is large) and keeps only their K/V.
-    recomputed = set(chosen)
+    # forward when the vocabulary is large) and keeps only their K/V; so do chunks without loss tokens.
+    recomputed = set(draw.selected)
     skip_head = {"logits_to_keep": 1} if _accepts_logits_to_keep(module) else {}
     cache_arg = _cache_argument(module)
 
     def run_chunk(c: int, with_loss: bool = True) -> torch.Tensor | None:
         """Summed CE of chunk c, run against the K/V of chunks 0..c-1 already in the cache."""
         s, e = chunks[c]
-        cache.begin_chunk(s, relay=weight)
+        with_loss = with_loss and (has_loss[c] or not skip_head)
+        cache.begin_chunk(s, relay=weight_of.get(c, 0.0) if read_later[c] else 0.0, kv_start=lo[c])
+        if docs is None:
+            mask = None if attention_mask is None else attention_mask[:, :e]
+        else:
+            mask = chunk_mask(_config(module), docs, attention_mask, s, e, lo[c], dtype)
         with cache.saved_kv_offloaded():
             out = model(
                 input_ids=input_ids[:, s:e],
-                attention_mask=None if attention_mask is None else attention_mask[:, :e],
+                attention_mask=mask,
                 position_ids=position_ids[:, s:e],
                 **{cache_arg: cache},
                 use_cache=True,
                 **({} if with_loss else skip_head),
             )
-            return _ce_sum(out.logits, targets[:, s:e]) if with_loss else None
+        if with_loss:
+            return _ce_sum(out.logits, targets[:, s:e])
+        # No loss tokens here: the chunk still relays later chunks' K/V gradient into the parameters, and
+        # the (one-token) logits are the root that backward starts from.
+        return out.logits.sum() * 0.0 if torch.is_grad_enabled() else None
 
     # Pass 1: every chunk, no graph. The K/V checkpoints fill up; the loss is exact for logging.
     rng = _RngReplay(input_ids.device, active=_has_active_dropout(module))
@@ -123,13 +159,13 @@ def chunkwise_backward(
         for c in range(k):
             rng.save(c)
             ce = run_chunk(c, with_loss=c not in recomputed or not skip_head)
-            if c not in recomputed:
+            if c not in recomputed and ce is not None:
                 loss_sum += ce
     rng.save("end")
 
     # Pass 2: drawn chunks in reverse; each backward deposits on earlier chunks' K/V gradients. DeepSpeed
     # averages gradients over ranks, hence the world size against the global token count.
-    scale = weight * backend.world_size / max(num_tokens, 1)
+    scale = backend.world_size / max(num_tokens, 1)
     with (
         _Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32),
         backend.step_context(),
@@ -138,9 +174,9 @@ def chunkwise_backward(
         for i, c in enumerate(order):
             rng.restore(c)  # dropout masks of the recompute equal pass 1's
             ce = run_chunk(c)
-            if c in recomputed:
+            if c in recomputed and has_loss[c]:
                 loss_sum += ce.detach()
-            backend.backward(ce * scale, is_last=i == len(order) - 1)
+            backend.backward(ce * (weight_of.get(c, 0.0) * scale), is_last=i == len(order) - 1)
     rng.restore("end")  # the caller's RNG stream continues as after one forward
     loss_sum = backend.total(float(loss_sum))
 
@@ -148,44 +184,23 @@ def chunkwise_backward(
         loss=loss_sum / num_tokens if num_tokens else float("nan"),
         num_tokens=num_tokens,
         num_chunks=k,
-        selected=sorted(chosen),
-        compensation=weight if chosen else 0.0,
+        selected=draw.selected,
+        compensation=max(draw.weights, default=0.0),
         seq_len=seq_len,
-        chunk_size=chunk_size,
+        chunk_size=size,
         kv_bytes=cache.kv_bytes(),
+        weights=draw.weights,
     )
 
 
-def draw_chunks(
-    k, mode, sample_prob, sampler, budget, selected, generator, cap=None
-) -> tuple[list[int], float]:
-    """Which chunks pass 2 visits, and the weight w each carries.
+_LOOSE_DEFAULTS = dict(
+    chunk_size=None, mode="seco", sample_prob=None, sampler="bernoulli", budget=None, selected=None
+) | {"compensation_cap": None}
 
-    Bernoulli(q), w = 1/q: a gradient path through p distinct chunks survives with probability q^p and carries
-    p factors 1/q (one per chunk's loss or relay on it), so every path, hence the gradient, is unbiased.
-    Fixed t-of-k (the paper's Algorithm 2), w = k/t: paths through p >= 2 chunks survive with probability
-    t(t-1)..(t-p+1) / (k(k-1)..(k-p+1)) < (t/k)^p, so they are under-weighted: biased, see the README.
-    """
-    if mode == "seco":
-        return list(range(k)), 1.0
-    if sampler == "bernoulli":
-        weight = 1.0 / sample_prob
-        if selected is None:
-            u = torch.rand(k, generator=generator)
-            selected = [c for c in range(k) if u[c] < sample_prob]
-    else:
-        t = len(selected) if selected is not None else (budget or max(1, round(sample_prob * k)))
-        if t > k:
-            raise ValueError(f"budget={t} is larger than the number of chunks ({k})")
-        weight = k / t
-        if selected is None:
-            selected = torch.randperm(k, generator=generator)[:t].tolist()
-    if cap is not None:
-        weight = min(weight, cap)
-    chosen = sorted({int(c) for c in selected})
-    if any(c < 0 or c >= k for c in chosen):
-        raise ValueError(f"selected={list(selected)} must hold chunk indices in [0, {k})")
-    return chosen, weight
+
+def _any_rank(backend, flags: list[bool]) -> list[bool]:
+    """Flags OR-ed over data-parallel ranks: every rank must draw the same chunks (ZeRO's collectives)."""
+    return flags if backend.world_size == 1 else backend.any_rank(flags)
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -250,17 +265,11 @@ class _Fp32GradAccumulation:
             p.grad = self.acc.pop(p).to(p.dtype)
 
 
-def _check_args(input_ids, labels, attention_mask, chunk_size, mode, sample_prob, sampler, budget, selected):
+def _check_tensors(input_ids, labels, attention_mask, position_ids) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a LongTensor of shape [batch, seq]")
     if input_ids.shape[1] < 2:
         raise ValueError(f"input_ids: a sequence needs at least 2 tokens, got {input_ids.shape[1]}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
     for name, t in (("labels", labels), ("attention_mask", attention_mask)):
         if t is not None and tuple(t.shape) != tuple(input_ids.shape):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, input_ids has {tuple(input_ids.shape)}")
@@ -268,23 +277,8 @@ def _check_args(input_ids, labels, attention_mask, chunk_size, mode, sample_prob
         m = attention_mask.to(torch.int)
         if ((m[:, 1:] - m[:, :-1]) > 0).any():  # a 0 followed by a 1: left or inner padding
             raise ValueError("attention_mask: only right padding is supported (a 0 is followed by a 1)")
-    if mode == "seco":
-        for name, v in (("sample_prob", sample_prob), ("budget", budget), ("selected", selected)):
-            if v is not None:
-                raise ValueError(f"{name} is a SpaCO argument; mode='seco' back-propagates every chunk")
-        return
-    if sample_prob is not None and not (0.0 < sample_prob <= 1.0):
-        raise ValueError(f"sample_prob must be in (0, 1], got {sample_prob}")
-    if sampler == "bernoulli" and sample_prob is None:
-        raise ValueError("sample_prob is required for mode='spaco' with sampler='bernoulli'")
-    if sampler == "fixed":
-        if budget is not None and (not isinstance(budget, int) or budget < 1):
-            raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
-        if budget is None and sample_prob is None and selected is None:
-            raise ValueError("sampler='fixed' needs budget (t) or sample_prob (t = round(q * k))")
-        k = math.ceil(input_ids.shape[1] / chunk_size)
-        if budget is not None and budget > k:
-            raise ValueError(f"budget={budget} is larger than the number of chunks ({k})")
+    if position_ids is not None:
+        check_position_ids(position_ids, input_ids)
 
 
 def _cache_argument(module) -> str:
@@ -299,17 +293,22 @@ def _accepts_logits_to_keep(module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def _pad_to(seq_len, input_ids, labels, attention_mask, pad_id):
-    """Right-pad this rank's batch to the length all ranks agreed on (padding is masked and never a target)."""
+def _pad_to(seq_len, input_ids, targets, attention_mask, position_ids, pad_id):
+    """Right-pad this rank's batch to the length all ranks agreed on (padding is masked and never a target;
+    in packed rows it continues the last document's positions, so it opens no document of its own)."""
     extra = seq_len - input_ids.shape[1]
     if extra == 0:
-        return input_ids, labels, attention_mask
+        return input_ids, targets, attention_mask, position_ids
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if position_ids is not None:
+        tail = position_ids[:, -1:] + torch.arange(1, extra + 1, device=position_ids.device)
+        position_ids = torch.cat([position_ids, tail], dim=1)
     return (
         F.pad(input_ids, (0, extra), value=pad_id),
-        F.pad(labels, (0, extra), value=IGNORE),
+        F.pad(targets, (0, extra), value=IGNORE),
         F.pad(attention_mask, (0, extra), value=0),
+        position_ids,
     )
 
 

@@ -29,24 +29,30 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 class _AppendKV(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, new: torch.Tensor, layer: ChunkKVLayer, which: str, start: int, relay: float):
+    def forward(ctx, new: torch.Tensor, layer: ChunkKVLayer, which: str, start: int, relay: float, lo: int):
         buf, grad_buf = layer.buffers(which)
         end = start + new.shape[-2]
         buf[..., start:end, :].copy_(new)
-        ctx.grad_buf, ctx.start, ctx.end, ctx.relay = grad_buf, start, end, relay
+        ctx.grad_buf, ctx.start, ctx.end, ctx.relay, ctx.lo = grad_buf, start, end, relay, lo
         if layer.cache.offload:  # a device copy of prefix + chunk, which backward re-fetches from the host
-            return layer.cache.fetch(layer.idx, which, upto=start, total=end, tail=new)
+            return layer.cache.fetch(layer.idx, which, upto=start, total=end, tail=new)[..., lo:, :]
         # A view, not a copy: attention reads prefix + chunk straight from the preallocated buffer.
-        return buf[..., :end, :]
+        return buf[..., lo:end, :]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        g, start, end = ctx.grad_buf, ctx.start, ctx.end
-        if start > 0:
-            _add_into(g[..., :start, :], grad[..., :start, :])  # deposit on the prefix (float32 at least)
+        g, start, end, lo = ctx.grad_buf, ctx.start, ctx.end, ctx.lo
+        own = grad[..., start - lo :, :]
+        if g is None:  # no chunk reads an earlier chunk's K/V (packed rows cut at chunk starts)
+            assert start == lo, "a prefix is read but no K/V gradient buffer was allocated"
+            return own, None, None, None, None, None
+        if start > lo:  # deposit on the prefix (float32 at least)
+            _add_into(g[..., lo:start, :], grad[..., : start - lo, :])
+        if ctx.relay == 0.0:  # no later chunk reads this chunk's K/V (its documents end here): no relay
+            return own, None, None, None, None, None
         relayed = g[..., start:end, :].to(grad.device, non_blocking=True)
-        own = grad[..., start:end, :].to(g.dtype).add_(relayed, alpha=ctx.relay)  # relay G_c
-        return own.to(grad.dtype), None, None, None, None
+        own = own.to(g.dtype).add_(relayed, alpha=ctx.relay)  # relay G_c, times this chunk's weight
+        return own.to(grad.dtype), None, None, None, None, None
 
 
 def _add_into(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -94,28 +100,28 @@ class ChunkKVLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        start, relay = self.cache.offset, self.cache.relay
+        start, relay, lo = self.cache.offset, self.cache.relay, self.cache.kv_start
         end = start + key_states.shape[-2]
         assert end <= self.cache.seq_len, "chunk runs past the planned sequence"
         out = []
         for which, new in (("k", key_states), ("v", value_states)):
             if torch.is_grad_enabled() and new.requires_grad:
-                out.append(_AppendKV.apply(new, self, which, start, relay))
+                out.append(_AppendKV.apply(new, self, which, start, relay, lo))
                 continue
             buf = self.buffers(which)[0]  # pass 1: plain writes, no autograd node
             buf[..., start:end, :].copy_(new)
             if self.cache.offload:
-                out.append(self.cache.fetch(self.idx, which, upto=start, total=end, tail=new))
+                out.append(self.cache.fetch(self.idx, which, upto=start, total=end, tail=new)[..., lo:, :])
             else:
-                out.append(buf[..., :end, :])
+                out.append(buf[..., lo:end, :])
         # HF reads .keys for shapes only; never hold an offloaded device copy here.
         self.keys, self.values = self.k_buf[..., :end, :], self.v_buf[..., :end, :]
         return out[0], out[1]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Keys cover the whole prefix plus this chunk, starting at absolute position 0; the model then builds
-        # the bottom-right aligned causal (+ padding, + sliding window) mask itself.
-        return self.cache.offset + query_length, 0
+        # Keys cover the prefix from `kv_start` (0 unless packed documents start later) plus this chunk; the
+        # model then builds the bottom-right aligned causal (+ padding, + sliding window) mask itself.
+        return self.cache.offset + query_length - self.cache.kv_start, self.cache.kv_start
 
     def get_seq_length(self) -> int:
         return self.cache.offset
@@ -139,15 +145,18 @@ class ChunkKVCache(Cache):
 
     def __init__(self, num_layers: int, seq_len: int, needs_grad: bool = True, offload: bool = False):
         self.seq_len, self.needs_grad, self.offload = seq_len, needs_grad, offload
-        self.offset, self.relay = 0, 1.0
+        self.offset, self.relay, self.kv_start = 0, 1.0, 0
         self._device_copies = []  # (weakref to storage, layer, which, end) of this chunk's device copies
         self._prefetched = {}  # (layer, which, end) -> (tensor, event)
         self._stream = None
         super().__init__(layers=[ChunkKVLayer(self, i) for i in range(num_layers)])
 
-    def begin_chunk(self, start: int, relay: float = 1.0) -> None:
-        """Point the cache at the chunk starting at `start`; `relay` scales the KV gradient handed on to it."""
-        self.offset, self.relay = start, relay
+    def begin_chunk(self, start: int, relay: float = 1.0, kv_start: int = 0) -> None:
+        """Point the cache at the chunk starting at `start`; `relay` scales the KV gradient handed on to it
+        (the chunk's own SpaCO weight 1/q_c; 0 when no later chunk reads its K/V). Attention reads keys from
+        `kv_start` on: packed rows whose documents all start at or after it never look further back."""
+        assert 0 <= kv_start <= start, (kv_start, start)
+        self.offset, self.relay, self.kv_start = start, relay, kv_start
         self._device_copies.clear()
 
     def kv_bytes(self) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import grads_of, rel_error, tiny_batch, tiny_model
 
-from engine.chunkwise import chunkwise_backward, draw_chunks
+from engine.chunkwise import ChunkSchedule, chunkwise_backward, draw_chunks
 
 K, CHUNK, SEQ = 5, 4, 20  # 5 chunks: 32 selections
 
@@ -66,6 +66,75 @@ def test_bernoulli_is_exactly_unbiased(setup, q):
     assert rel_error(expectation(uncompensated), seco) > 0.1
 
 
+def enumerate_bernoulli(model, ids, labels, mask, probs, run_probs=None):
+    """E[estimate] over every selection with non-zero probability, chunk c drawn with probs[c]; the estimates
+    themselves weight chunk c by 1 / run_probs[c] (the same probs unless a test wants a wrong weighting)."""
+    free = [c for c in range(K) if probs[c] < 1]
+    terms = []
+    for bits in itertools.product([0, 1], repeat=len(free)):
+        dropped = {c for c, b in zip(free, bits) if not b}
+        sel = [c for c in range(K) if c not in dropped]
+        p = math.prod(probs[c] if c in sel else 1 - probs[c] for c in free)
+        sched = ChunkSchedule(CHUNK, mode="spaco", chunk_probs=run_probs or probs, selected=sel)
+        model.zero_grad(set_to_none=True)
+        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, schedule=sched)
+        terms.append((p, grads_of(model)))
+    return expectation(terms), len(terms)
+
+
+def test_unequal_chunk_probs_are_exactly_unbiased(setup):
+    """Importance-sampled SpaCO: chunk c kept with q_c, weighted 1/q_c on its loss and on its relay, so a
+    path through c1..cp carries prod 1/q and survives with prod q."""
+    model, ids, labels, mask, seco = setup
+    probs = (1.0, 0.3, 0.8, 0.5, 1.0)
+    got, n = enumerate_bernoulli(model, ids, labels, mask, probs)
+    assert n == 8
+    assert rel_error(got, seco) <= 1e-6  # float32 RMSNorm backward, as above
+    # One global weight (the mean q) on the same draws is biased: the test can tell.
+    wrong, _ = enumerate_bernoulli(model, ids, labels, mask, probs, run_probs=(0.72,) * K)
+    assert rel_error(wrong, seco) > 1e-2
+
+
+def test_loss_chunks_always_policy_is_unbiased_and_skips_heads(setup):
+    """SFT policy: chunks holding loss tokens get q = 1 (always back-propagated), the context q; pass 2 runs
+    the LM head of context chunks on one token only."""
+    model, ids, _, mask, _ = setup
+    labels = torch.full_like(ids, -100)
+    labels[0, 13:17] = ids[0, 13:17]  # loss targets in chunks 3 (row 0: tokens 13..16 predicted from 12..15)
+    labels[1, 9:11] = ids[1, 9:11]  # and chunk 2
+    model.zero_grad(set_to_none=True)
+    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=CHUNK)
+    seco = grads_of(model)
+    sched = ChunkSchedule(chunk_size=CHUNK, mode="spaco", sample_prob=0.4, loss_chunks="always")
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    has_loss = [bool((targets[:, s : s + CHUNK] != -100).any()) for s in range(0, SEQ, CHUNK)]
+    assert has_loss == [False, False, True, True, False]
+    probs = sched.probs(K, has_loss)
+    assert probs == [0.4, 0.4, 1.0, 1.0, 0.4]
+    got, n = enumerate_bernoulli(model, ids, labels, mask, tuple(probs))
+    assert n == 8 and rel_error(got, seco) <= 1e-6
+    # Drawn by the policy itself: loss chunks always in; heads of no-loss chunks see one token.
+    head_tokens = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: head_tokens.append(i[0].shape[1]))
+    try:
+        for seed in range(4):
+            model.zero_grad(set_to_none=True)
+            head_tokens.clear()
+            stats = chunkwise_backward(
+                model,
+                ids,
+                labels=labels,
+                attention_mask=mask,
+                schedule=sched,
+                generator=torch.Generator().manual_seed(seed),
+            )
+            assert {2, 3} <= set(stats.selected)
+            assert sorted(head_tokens) == sorted([1] * (K + len(stats.selected) - 2) + [CHUNK] * 2)
+    finally:
+        hook.remove()
+
+
 def test_sample_prob_one_is_seco_bit_for_bit(setup):
     model, ids, labels, mask, seco = setup
     stats, got = estimate(model, ids, labels, mask, None, sample_prob=1.0)
@@ -89,25 +158,31 @@ def test_fixed_t_of_k_bias_is_recorded(setup, t):
         assert bias > 1e-3  # not zero: paths through 2+ chunks are under-weighted
 
 
+def fixed(budget, **kw):
+    return ChunkSchedule(chunk_size=CHUNK, mode="spaco", sampler="fixed", budget=budget, **kw)
+
+
+def bernoulli(q, **kw):
+    return ChunkSchedule(chunk_size=CHUNK, mode="spaco", sample_prob=q, **kw)
+
+
 def test_fixed_draw_with_budget_and_generator_is_reproducible():
-    draws = [
-        draw_chunks(16, "spaco", None, "fixed", 4, None, torch.Generator().manual_seed(3)) for _ in range(2)
-    ]
-    assert draws[0] == draws[1] and len(draws[0][0]) == 4 and draws[0][1] == 4.0
-    chosen, w = draw_chunks(16, "spaco", None, "fixed", 4, None, torch.Generator().manual_seed(3), cap=2.0)
-    assert w == 2.0
+    draws = [draw_chunks(fixed(4), 16, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert draws[0] == draws[1] and len(draws[0].selected) == 4 and draws[0].weights == [4.0] * 4
+    capped = draw_chunks(fixed(4, compensation_cap=2.0), 16, torch.Generator().manual_seed(3))
+    assert capped.weights == [2.0] * 4
 
 
 def test_bernoulli_draw_frequency_and_rank_agreement():
     # Same seed on every rank, same draw; over many draws each chunk is picked with probability q.
-    a = draw_chunks(8, "spaco", 0.25, "bernoulli", None, None, torch.Generator().manual_seed(11))
-    b = draw_chunks(8, "spaco", 0.25, "bernoulli", None, None, torch.Generator().manual_seed(11))
-    assert a == b and a[1] == 4.0
+    a = draw_chunks(bernoulli(0.25), 8, torch.Generator().manual_seed(11))
+    b = draw_chunks(bernoulli(0.25), 8, torch.Generator().manual_seed(11))
+    assert a == b and set(a.weights) <= {4.0}
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(8)
     n = 4000
     for _ in range(n):
-        for c in draw_chunks(8, "spaco", 0.25, "bernoulli", None, None, g)[0]:
+        for c in draw_chunks(bernoulli(0.25), 8, g).selected:
             counts[c] += 1
     assert torch.allclose(counts / n, torch.full((8,), 0.25), atol=5 * math.sqrt(0.25 * 0.75 / n))
 
