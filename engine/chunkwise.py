@@ -108,7 +108,8 @@ def chunkwise_backward(
     chunks = [(s, min(s + size, seq_len)) for s in range(0, seq_len, size)]
     k = len(chunks)
     has_loss = [bool((targets[:, s:e] != IGNORE).any()) for s, e in chunks]
-    policy_flags = _any_rank(backend, has_loss) if schedule.loss_chunks == "always" else None
+    # The SFT policy's q_c depend on where the loss tokens are: OR-ed over ranks, so all ranks draw alike.
+    policy_flags = backend.any_rank(has_loss) if schedule.loss_chunks == "always" else None
     draw = draw_chunks(schedule, k, generator, policy_flags)
     weight_of = draw.weight_of()
     # DeepSpeed ranks must all backprop at least once per step: an empty draw becomes one zero-weight pass.
@@ -196,11 +197,6 @@ def chunkwise_backward(
 _LOOSE_DEFAULTS = dict(
     chunk_size=None, mode="seco", sample_prob=None, sampler="bernoulli", budget=None, selected=None
 ) | {"compensation_cap": None}
-
-
-def _any_rank(backend, flags: list[bool]) -> list[bool]:
-    """Flags OR-ed over data-parallel ranks: every rank must draw the same chunks (ZeRO's collectives)."""
-    return flags if backend.world_size == 1 else backend.any_rank(flags)
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

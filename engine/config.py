@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.schedule import check_budget, check_chunking
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
 
 # engine/data's ByteTokenizer: ids 0..255 are bytes, then pad, bos, eos (256, 257, 258). Not imported
@@ -174,49 +176,17 @@ class ChunkingConfig:
     compensation_cap: float | None = None
     """spaco: upper bound on the weight 1/q or k/t (trades bias for variance)."""
 
+    loss_chunks: Literal["sampled", "always"] = "sampled"
+    """spaco with sampler bernoulli: always back-propagates every chunk holding loss tokens (q = 1) and
+    samples only the others with sample_prob (the SFT policy: the answer always trains); sampled treats all
+    chunks alike."""
+
     offload_kv: bool = False
     """K/V and K/V grads in pinned host memory: device memory stays flat."""
 
     def __post_init__(self):
-        _require(self.chunk_size >= 1, f"chunking.chunk_size: must be >= 1, got {self.chunk_size}")
-        # A nullable knob set while its feature is off is an error: the run would silently ignore it.
-        if self.mode == "seco":
-            for name in ("sample_prob", "budget", "compensation_cap"):
-                _require(
-                    getattr(self, name) is None,
-                    f"chunking.{name}: only used by chunking.mode 'spaco' (mode is 'seco'); set it to null",
-                )
-            return
-        if self.sampler == "bernoulli":
-            _require(
-                self.sample_prob is not None,
-                "chunking.sample_prob: required for chunking.mode 'spaco' with sampler 'bernoulli' "
-                "(or use sampler 'fixed' with chunking.budget)",
-            )
-            _require(
-                0.0 < self.sample_prob <= 1.0,
-                f"chunking.sample_prob: must be in (0, 1], got {self.sample_prob}",
-            )
-            _require(self.budget is None, "chunking.budget: only used by sampler 'fixed'; set it to null")
-        else:  # the paper's t-of-k draw: t = budget, or round(sample_prob x number of chunks)
-            _require(
-                (self.budget is None) != (self.sample_prob is None),
-                "chunking: sampler 'fixed' needs exactly one of chunking.budget (chunks per step) "
-                "and chunking.sample_prob (budget = round(sample_prob x chunks))",
-            )
-            _require(
-                self.budget is None or self.budget >= 1, f"chunking.budget: must be >= 1, got {self.budget}"
-            )
-            _require(
-                self.sample_prob is None or 0.0 < self.sample_prob <= 1.0,
-                f"chunking.sample_prob: must be in (0, 1], got {self.sample_prob}",
-            )
-        if self.compensation_cap is not None:
-            # The factor 1/q is >= 1; a cap below 1 would scale selected chunks *down*.
-            _require(
-                self.compensation_cap >= 1.0,
-                f"chunking.compensation_cap: must be >= 1, got {self.compensation_cap}",
-            )
+        # The rules chunkwise_backward's ChunkSchedule checks, written once (engine/schedule.py).
+        check_chunking(self, prefix="chunking.", error=ConfigError)
 
 
 @dataclass
@@ -392,10 +362,11 @@ class Config:
 
     def __post_init__(self):
         chunks = -(-self.data.seq_len // self.chunking.chunk_size)  # rows are padded / packed to seq_len
-        _require(
-            self.chunking.budget is None or self.chunking.budget <= chunks,
-            f"chunking.budget: {self.chunking.budget} is more than the {chunks} chunks of a sequence "
-            f"(data.seq_len {self.data.seq_len} / chunking.chunk_size {self.chunking.chunk_size})",
+        check_budget(
+            self.chunking.budget,
+            chunks,
+            f"chunking.budget (data.seq_len {self.data.seq_len} / chunking.chunk_size {self.chunking.chunk_size})",
+            ConfigError,
         )
         _require(
             self.checkpoint.export != "lora" or self.lora.enabled,

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
 from engine.data import DataStream, build_dataset, load_tokenizer
@@ -208,13 +208,9 @@ def train_step(run: Run, poison: bool = False) -> dict[str, Any]:
             batch["input_ids"],
             labels=batch["labels"],
             attention_mask=batch["attention_mask"],
-            chunk_size=chunking.chunk_size,
-            mode=chunking.mode,
-            sample_prob=chunking.sample_prob,
-            sampler=chunking.sampler,
-            budget=chunking.budget,
+            position_ids=batch.get("position_ids"),  # packed rows with document boundaries (data.packing)
+            schedule=ChunkSchedule.from_config(chunking),
             generator=spaco_generator(cfg.optim.seed, run.step),
-            compensation_cap=chunking.compensation_cap,
             offload_kv=chunking.offload_kv,
         )
     applied = optimizer_step(engine, math.isfinite(stats.loss))

@@ -29,6 +29,9 @@ class LocalBackend:
     def total(self, x: float) -> float:
         return x
 
+    def any_rank(self, flags: list[bool]) -> list[bool]:
+        return list(flags)
+
     def step_context(self):
         return contextlib.nullcontext()
 
@@ -63,6 +66,10 @@ class DeepSpeedBackend:
 
     def total(self, x: float) -> float:
         return self._reduce([x], dist.ReduceOp.SUM)[0]
+
+    def any_rank(self, flags: list[bool]) -> list[bool]:
+        """Per-chunk flags OR-ed over ranks (the SFT SpaCO policy: every rank must draw the same chunks)."""
+        return [v > 0 for v in self._reduce([float(f) for f in flags], dist.ReduceOp.MAX)]
 
     def step_context(self):
         # ZeRO 1/2/3 can defer all reduction to one flush at the end of the step; stage 0 and the bf16/fp16
