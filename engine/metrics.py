@@ -1,9 +1,14 @@
-"""What a run reports, from rank 0 only: TensorBoard scalars, a JSONL file, a progress bar, log lines.
+"""What a run reports, from rank 0 only: TensorBoard scalars, a JSONL file, a PNG, a progress bar, log lines.
 
 logging.dir/metrics.jsonl gets one JSON object per step (every step, whatever logging.every says): the
 record a script or test reads back. On resume, records past the resumed step (written by the interrupted
 run after its last checkpoint) are dropped so the file holds one clean curve; TensorBoard does the same via
-purge_step.
+purge_step. When the run ends (also by preemption or divergence) logging.dir/metrics.png is drawn from
+that file (engine/report.py; `python -m engine.report` redraws it or compares runs).
+
+The progress bar is drawn only when stderr is a terminal: under Slurm, mpirun or a redirected log its
+carriage-return frames would pile up in the log file, where the log line every logging.every steps says
+the same.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 
 import torch
 
+from engine import report
 from engine.config import LoggingConfig
 from engine.memory import peak_rss_bytes
 
@@ -41,22 +47,28 @@ def peak_memory_bytes() -> int:
 class Metrics:
     """Rank 0 writes; every other rank holds an inert instance so the loop has no rank checks."""
 
-    def __init__(self, log_cfg: LoggingConfig, total_steps: int, start_step: int, enabled: bool):
+    def __init__(
+        self, log_cfg: LoggingConfig, total_steps: int, start_step: int, enabled: bool, stream: Any = None
+    ):
+        """`stream`: where the progress bar would go (default sys.stderr); it is drawn only on a terminal."""
         self.cfg, self.enabled = log_cfg, enabled
         self.writer = self.bar = self.jsonl = None
         if not enabled:
             return
         out = Path(log_cfg.dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = _open_jsonl(out / "metrics.jsonl", keep_until=start_step)
+        self.jsonl = _open_jsonl(out / report.METRICS_FILE, keep_until=start_step)
         if log_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(out), purge_step=start_step + 1 if start_step else None)
-        if log_cfg.progress_bar:
+        stream = sys.stderr if stream is None else stream
+        if log_cfg.progress_bar and _is_terminal(stream):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=stream
+            )
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -86,10 +98,27 @@ class Metrics:
             print(line, flush=True)
 
     def close(self) -> None:
+        drawn = self.jsonl is not None  # once, and only on rank 0
         for sink in (self.bar, self.writer, self.jsonl):
             if sink is not None:
                 sink.close()
         self.writer = self.bar = self.jsonl = None
+        if drawn:
+            self._draw()
+
+    def _draw(self) -> None:
+        # A plot is a convenience: failing to draw one must not turn a finished run into a failed one.
+        try:
+            path = report.draw([self.cfg.dir], Path(self.cfg.dir) / report.PLOT_FILE)
+        except Exception as e:  # matplotlib's errors have no common base class
+            print(f"warning: could not draw {report.PLOT_FILE}: {type(e).__name__}: {e}", flush=True)
+            return
+        print(f"plot of the run: {path}", flush=True)
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def format_line(step: int, v: dict[str, Any]) -> str:
