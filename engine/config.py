@@ -289,7 +289,7 @@ class DeepSpeedConfig:
 @dataclass
 class LoggingConfig:
     dir: str = "runs/default"
-    """metrics.jsonl and the TensorBoard events go here."""
+    """metrics.jsonl, metrics.png (drawn when the run ends) and the TensorBoard events go here."""
 
     every: int = 1
     """Steps between log lines / TensorBoard points."""
@@ -298,7 +298,7 @@ class LoggingConfig:
     """Write TensorBoard scalars."""
 
     progress_bar: bool = True
-    """A progress bar on rank 0."""
+    """A progress bar on rank 0, only when stderr is a terminal (not under Slurm, mpirun or a redirect)."""
 
     def __post_init__(self):
         _require(bool(self.dir), "logging.dir: must not be empty")
