@@ -273,6 +273,13 @@ def _check_paths(cfg: Config) -> None:
     for key, value in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir)):
         if value is not None:
             _check_writable_dir(key, Path(value))
+    # Files the libraries reading them would report without naming them (or only after the process group).
+    from engine.file_checks import check_json_files, check_model_dir
+
+    if cfg.model.name_or_path is not None:
+        check_model_dir(Path(cfg.model.name_or_path), "model.name_or_path: file")
+    if cfg.data.tokenizer != "byte":
+        check_json_files(Path(cfg.data.tokenizer), "data.tokenizer: file")
 
 
 def _check_writable_dir(key: str, path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,67 @@ def test_launcher_exits_2_naming_the_key_and_writes_nothing(tmp_path, capsys):
     )
     assert code == 2 and capsys.readouterr().err.startswith("error: checkpoint.dir: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+# ------------------------------------------------------------------- input files: which file, what is wrong
+
+
+def launcher_main(tmp_path: Path, capsys, *overrides: str) -> tuple[int, str]:
+    spec = importlib.util.spec_from_file_location("seco_launch_train", REPO / "launch" / "train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    out = [f"--logging.dir={tmp_path}/out/log", f"--checkpoint.dir={tmp_path}/out/ckpt"]
+    code = launcher.main(
+        ["--config", str(CONFIG), "--data.seq_len=128", "--chunking.chunk_size=64", *out, *overrides]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not (tmp_path / "out").exists(), "a failed start writes nothing"
+    return code, err[-1] if err else ""
+
+
+@pytest.mark.parametrize(
+    "kind,name,data,needle",
+    [
+        (
+            "jsonl",
+            "d.jsonl",
+            b'{"text": "hello"}\n{"text": "caf\xe9"}\n',
+            "is not UTF-8 text: byte 31 (line 2)",
+        ),
+        ("text", "d.txt", b"hello \xff world", "is not UTF-8 text: byte 6 (line 1)"),
+        ("parquet", "d.parquet", b'{"text": "json, not parquet"}\n', "is not a readable parquet file"),
+    ],
+)
+def test_bad_data_file_names_the_file_and_place(tmp_path, capsys, kind, name, data, needle):
+    (tmp_path / name).write_bytes(data)
+    code, err = launcher_main(tmp_path, capsys, f"--data.kind={kind}", f"--data.path={tmp_path / name}")
+    assert code == 2 and f"{kind} data file '{tmp_path / name}' {needle}" in err, err
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b'{"model": "caf\xe9"}', "is not UTF-8 text: byte 14 (line 1)"),
+        (b'{"model": ', "is not valid JSON: line 1"),
+    ],
+)
+def test_bad_tokenizer_file_is_named(tmp_path, content, needle):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^data.tokenizer: file '.*tokenizer.json' {re.escape(needle)}"):
+        load_config(str(CONFIG), [f"--data.tokenizer={tmp_path / 'tok'}"])
+
+
+def test_truncated_safetensors_is_named(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=259)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    args = [f"--model.name_or_path={tmp_path / 'm'}", "--model.hf_config=null"]
+    with pytest.raises(
+        ValueError, match=r"^model.name_or_path: file '.*model.safetensors' is truncated: \d+ bytes"
+    ):
+        load_config(str(CONFIG), args)

@@ -13,6 +13,7 @@ import torch
 
 from engine.data.packing import PackedDataset, PaddedDataset
 from engine.data.tokenizers import Tokenizer, _check_seq_len, _encode, _pad_id, _wrap_doc
+from engine.file_checks import check_utf8
 
 # Our kind -> HF ``datasets`` packaged builder. "text" uses sample_by="document": ONE DOCUMENT PER FILE.
 # Long-context data is usually whole books / repositories / papers, whose paragraphs are separated by
@@ -59,9 +60,15 @@ def _read_texts(kind: str, file: Path, text_field: str, cache_dir: str) -> Itera
     if kind == "parquet":
         import pyarrow.parquet as pq
 
+        try:
+            rows = pq.ParquetFile(file).metadata.num_rows
+        except Exception as e:  # pyarrow's ArrowInvalid and others; the message does not name the file
+            raise ValueError(f"parquet data file {str(file)!r} is not a readable parquet file: {e}") from None
         # datasets reports a zero-row parquet file only as a generic DatasetGenerationError.
-        if pq.ParquetFile(file).metadata.num_rows == 0:
+        if rows == 0:
             raise ValueError(f"parquet data file {str(file)!r} has no rows")
+    else:  # datasets' own decode error names neither the file nor the place
+        check_utf8(file, f"{kind} data file")
     extra = {"sample_by": "document"} if kind == "text" else {}
     try:
         with _quiet_datasets():
