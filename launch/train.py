@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from engine import supervise  # noqa: E402
 from engine.config import DEFAULT_CONFIG_PATH  # noqa: E402
 from engine.config_load import load_config  # noqa: E402
 
@@ -42,8 +43,16 @@ def main(argv: list[str] | None = None, faults=None) -> int:
     except (ValueError, OSError) as e:  # ConfigError is a ValueError; missing files are OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    rank = trainer.dist.get_rank()
+    supervise.register(rank, trainer.dist.get_world_size())  # launch/preemptible.py forwards signals to it
+    code = _run(trainer, run, faults or trainer.Faults())
+    supervise.report(rank, code)
+    return code
+
+
+def _run(trainer, run, faults) -> int:
     try:
-        summary = trainer.run_loop(run, faults or trainer.Faults())
+        summary = trainer.run_loop(run, faults)
     except (trainer.TrainingDiverged, trainer.checkpoint.SaveFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

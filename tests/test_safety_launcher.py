@@ -1,0 +1,82 @@
+"""Preemption through the real `deepspeed` launcher (issue 13): 2 CPU ranks under launch/preemptible.py;
+a TERM to the supervisor (what `docker stop` sends to the image's PID 1), to the `deepspeed` runner, or to
+the runner's whole process group -> every rank finishes its step, the checkpoint is saved, exit 0.
+
+tests/hostile_cases.py runs the same for the inner launcher and for USR1 too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def preemptible_run(root: Path, steps: int = 200) -> subprocess.Popen:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [sys.executable, str(REPO / "launch" / "preemptible.py"), str(deepspeed), "--num_gpus", "2"]
+    cmd += ["--master_port", str(free_port()), str(REPO / "launch" / "train.py")]
+    cmd += ["--config", str(REPO / "configs" / "tiny-cpu.yaml"), f"--logging.dir={root}/log"]
+    cmd += [f"--checkpoint.dir={root}/ckpt", "--data.seq_len=128", "--chunking.chunk_size=64"]
+    cmd += [f"--optim.steps={steps}", "--optim.warmup_steps=0", "--data.num_samples=64"]
+    cmd += ["--logging.progress_bar=false", "--logging.tensorboard=false"]
+    root.mkdir(parents=True, exist_ok=True)
+    log = open(root / "out.log", "w")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+
+def wait_for_steps(root: Path, proc: subprocess.Popen, n: int, timeout: float = 400) -> None:
+    log, deadline = root / "log" / "metrics.jsonl", time.time() + timeout
+    while not (log.exists() and len(log.read_text().splitlines()) >= n):
+        assert proc.poll() is None and time.time() < deadline, (root / "out.log").read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def signal_target(proc: subprocess.Popen, target: str, sig: int) -> None:
+    runner = psutil.Process(proc.pid).children()[0]  # `deepspeed` (deepspeed/launcher/runner.py)
+    inner = runner.children()[0]  # python -m deepspeed.launcher.launch: the ranks' parent
+    assert "deepspeed.launcher.launch" in inner.cmdline()
+    if target == "supervisor":
+        os.kill(proc.pid, sig)
+    elif target == "deepspeed":
+        os.kill(runner.pid, sig)
+    elif target == "launcher":
+        os.kill(inner.pid, sig)
+    else:
+        assert target == "group"
+        os.killpg(os.getpgid(runner.pid), sig)
+
+
+def check_preempted(root: Path, code: int, signame: str) -> int:
+    out = (root / "out.log").read_text()
+    assert code == 0, out[-3000:]
+    steps = len((root / "log" / "metrics.jsonl").read_text().splitlines())
+    assert 2 <= steps < 200, steps
+    assert (root / "ckpt" / "latest").read_text() == f"global_step{steps}"
+    assert (root / "ckpt" / f"global_step{steps}" / "rng_rank1.pt").is_file()
+    assert f"preempted by {signame}" in out or "preempted by a signal to another rank" in out
+    return steps
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("target", ["supervisor", "deepspeed", "group"])
+def test_sigterm_through_deepspeed_launcher_saves_and_exits_0(tmp_path, target):
+    proc = preemptible_run(tmp_path)
+    wait_for_steps(tmp_path, proc, 2)
+    signal_target(proc, target, signal.SIGTERM)
+    check_preempted(tmp_path, proc.wait(timeout=300), "SIGTERM")
