@@ -51,6 +51,7 @@ import transformers
 
 from engine.chunkwise import chunkwise_backward
 from engine.memory import MemoryTracker
+from engine.plan import plan
 
 METHODS = ("forward", "plain", "ckpt", "seco", "spaco", "spaco32")
 # seco_offload: SeCO with K/V + K/V grads in pinned host memory. Only a GPU run shows its effect (device
@@ -125,11 +126,11 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# model, steps, analytic floor
+# model, steps, the planner's prediction
 
 
-def build_model(args):
-    cfg = transformers.LlamaConfig(
+def model_config(args) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
         hidden_size=args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
@@ -142,6 +143,10 @@ def build_model(args):
         bos_token_id=1,
         eos_token_id=2,
     )
+
+
+def build_model(args):
+    cfg = model_config(args)
     torch.manual_seed(args.seed)
     with torch.device(args.device):
         model = transformers.AutoModelForCausalLM.from_config(
@@ -219,33 +224,17 @@ def measure(model, method, ids, args, repeat, track: bool) -> dict:
     return info
 
 
-def analytic_floor(args, seq_len: int, chunk: int | None = None) -> dict:
-    """docs/design.md section 4, beyond weights + grads: K/V checkpoints, their fp32 gradients, one chunk's activations.
-
-    KV(L)       = 2 * layers * kv_heads * head_dim * L * batch * bytes(dtype)
-    KV grads(L) = 2 * layers * kv_heads * head_dim * L * batch * 4            (kept in fp32)
-    act(C)      = C * batch * [layers * (8 h + 4 I) * bytes(dtype) + V * (bytes(dtype) + 8)]
-
-    act counts what autograd saves per token in an HF Llama block (layer input, 2 x (RMSNorm's normalised x
-    + its output), q after RoPE, attention output + its transposed copy for o_proj: 8 h; gate, SiLU(gate),
-    up, their product: 4 I), plus the chunk's logits, their fp32 log-softmax and the fp32 logits gradient.
-    """
-    b = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
-    head_dim = args.hidden // args.heads
-    kv_elems = 2 * args.layers * args.kv_heads * head_dim * seq_len * args.batch
+def planned_peak(args, seq_len: int, chunk: int | None = None) -> dict:
+    """The step's predicted peak beyond weights + grads, from the planner (engine/plan: the one memory model):
+    K/V checkpoints, their gradients, and one chunk's saved activations plus its largest backward transient."""
+    cfg = model_config(args)
     chunk = min(chunk or args.chunk, seq_len)
-    act = (
-        chunk
-        * args.batch
-        * (args.layers * (8 * args.hidden + 4 * args.intermediate) * b + args.vocab * (b + 8))
-    )
-    parts = {"kv_bytes": kv_elems * b, "kv_grad_bytes": kv_elems * 4, "chunk_act_bytes": act}
-    parts["floor_bytes"] = sum(parts.values())
-    parts["formula"] = (
-        "2*layers*kv_heads*head_dim*L*batch*(bytes+4) + "
-        "C*batch*(layers*(8*hidden+4*intermediate)*bytes + vocab*(bytes+8))"
-    )
-    return parts
+    p = plan(cfg, dtype=args.dtype, chunk_size=chunk, seq_len=seq_len, batch=args.batch, attn=args.attn,
+             backend="local", device=torch.device(args.device).type)  # fmt: skip
+    return {
+        "kv_bytes": p.kv, "kv_grad_bytes": p.kv_grads, "chunk_act_bytes": p.activations + p.transient,
+        "planned_bytes": p.step_bytes, "formula": "engine.plan.plan(..., backend='local').step_bytes",
+    }  # fmt: skip
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -392,20 +381,20 @@ def summarize(args, res: dict) -> dict:
             if t(a, L) and t(b, L):
                 ratios[name][L] = t(a, L) / t(b, L)
 
-    # peak / analytic floor, at the longest length SeCO ran
-    floor = {}
+    # measured peak / the planner's, at the longest length SeCO ran
+    planned = {}
     seco_lengths = [L for L in args.lengths if ("seco", L) in at]
     if seco_lengths:
         L = max(seco_lengths)
-        floor = analytic_floor(args, L)
-        floor["seq_len"] = L
-        floor["seco_peak_bytes"] = at[("seco", L)]["peak_bytes"]
-        floor["seco_peak_over_floor"] = floor["seco_peak_bytes"] / floor["floor_bytes"]
-        for m in ("spaco", "spaco32"):  # against the floor with the method's own chunk size
+        planned = planned_peak(args, L)
+        planned["seq_len"] = L
+        planned["seco_peak_bytes"] = at[("seco", L)]["peak_bytes"]
+        planned["seco_peak_over_planned"] = planned["seco_peak_bytes"] / planned["planned_bytes"]
+        for m in ("spaco", "spaco32"):  # against the prediction with the method's own chunk size
             if (m, L) in at:
-                own = analytic_floor(args, L, chunk=at[(m, L)]["chunk"])["floor_bytes"]
-                floor[f"{m}_floor_bytes"] = own
-                floor[f"{m}_peak_over_floor"] = at[(m, L)]["peak_bytes"] / own
+                own = planned_peak(args, L, chunk=at[(m, L)]["chunk"])["planned_bytes"]
+                planned[f"{m}_planned_bytes"] = own
+                planned[f"{m}_peak_over_planned"] = at[(m, L)]["peak_bytes"] / own
 
     # longest trainable sequence within a memory budget, from a linear fit of the measured peaks
     budget = args.fit_budget_gib * GiB
@@ -423,7 +412,7 @@ def summarize(args, res: dict) -> dict:
     for a, b in (("seco", "plain"), ("seco", "ckpt")):
         if a in longest and b in longest and longest[b]["max_len"] > 0:
             longest[f"{a}_over_{b}"] = longest[a]["max_len"] / longest[b]["max_len"]
-    return {"time_ratios": ratios, "floor": floor, "longest_trainable": longest}
+    return {"time_ratios": ratios, "planned": planned, "longest_trainable": longest}
 
 
 def print_report(args, res, summ) -> None:
@@ -453,16 +442,18 @@ def print_report(args, res, summ) -> None:
     for name, vals in summ["time_ratios"].items():
         txt = "  ".join(f"{L}: {v:.2f}" for L, v in vals.items()) or "n/a"
         print(f"  {name:22s} {txt}   ({goals[name]})")
-    f = summ["floor"]
+    f = summ["planned"]
     if f:
         print(
-            f"\nanalytic floor at L={f['seq_len']} (beyond weights+grads): KV {f['kv_bytes'] / MiB:.1f} + KV grads "
-            f"{f['kv_grad_bytes'] / MiB:.1f} + chunk act {f['chunk_act_bytes'] / MiB:.1f} = {f['floor_bytes'] / MiB:.1f} MiB"
+            f"\nplanned peak (engine.plan) at L={f['seq_len']} (beyond weights+grads): KV {f['kv_bytes'] / MiB:.1f} + KV grads "
+            f"{f['kv_grad_bytes'] / MiB:.1f} + chunk act {f['chunk_act_bytes'] / MiB:.1f} = {f['planned_bytes'] / MiB:.1f} MiB"
             f"\n  formula: {f['formula']}"
         )
         for k in ("seco", "spaco", "spaco32"):
-            if f"{k}_peak_over_floor" in f:
-                print(f"  {k} peak / floor = {f[f'{k}_peak_over_floor']:.2f}   (goal <= 1.25)")
+            if f"{k}_peak_over_planned" in f:
+                print(
+                    f"  {k} measured peak / planned = {f[f'{k}_peak_over_planned']:.2f}   (1.00: the planner is exact)"
+                )
     lt = summ["longest_trainable"]
     print(
         f"\nlongest trainable sequence within {lt['budget_bytes'] / GiB:g} GiB beyond weights+grads ({lt['method']}):"
@@ -498,8 +489,8 @@ def plot(args, res, path_stem: str) -> None:
             if pts:
                 ax.plot(*zip(*pts, strict=True), "o-", label=m)
         if key == "peak_bytes":
-            floors = [(L, analytic_floor(args, L)["floor_bytes"] / MiB) for L in args.lengths]
-            ax.plot(*zip(*floors, strict=True), "k:", label="analytic floor")
+            preds = [(L, planned_peak(args, L)["planned_bytes"] / MiB) for L in args.lengths]
+            ax.plot(*zip(*preds, strict=True), "k:", label="planner (engine.plan)")
         ax.set_xscale("log", base=2), ax.set_yscale("log")
         ax.set_xlabel("sequence length (tokens)"), ax.set_ylabel(ylabel)
         ax.set_title(
@@ -533,7 +524,7 @@ def main(argv=None) -> dict:
         "what_is_counted": __doc__.split("What")[1].split("SpaCO runs")[0].strip(),
         "n_params": res["n_params"],
         "rows": res["rows"],
-        "floor_per_length": {L: analytic_floor(args, L) for L in args.lengths},
+        "planned_per_length": {L: planned_peak(args, L) for L in args.lengths},
         **summ,
         "wall_s": res["wall_s"],
         "torch": torch.__version__,

@@ -54,7 +54,7 @@ import transformers
 
 from engine.chunkwise import chunkwise_backward
 from engine.memory import MemoryTracker
-from engine.plan import plan
+from engine.plan import Setup, plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB, GiB = 2**20, 2**30
@@ -89,9 +89,12 @@ parser.add_argument("--mem-budget-gib", type=float, default=6, help="skip rows p
 parser.add_argument("--time-budget", type=float, default=3600, help="start no row after this (s)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", help="output stem (default bench/results/vs_alst_<device>)")
-parser.add_argument("--update", action="store_true", help="keep the saved rows of the methods not run now")
+parser.add_argument("--update", action="store_true", help="keep the saved rows of (method, length) not run now")
+parser.add_argument("--label", default="", help="recorded in the JSON, e.g. the engine commit measured")
 parser.add_argument("--no-plot", action="store_true")
 parser.add_argument("--from-json", help="measure nothing: re-summarise and re-plot a saved result")
+parser.add_argument("--same-process", action="store_true", help="rows in this process (quick checks: each row's "
+                    "peak still counts only what its step allocates, but the model build is shared by none)")
 parser.add_argument("--child", help=argparse.SUPPRESS)  # "method:length": one row, in this process
 # fmt: on
 
@@ -205,13 +208,16 @@ def predicted_peak(method: str, seq_len: int, args) -> int | None:
     if method not in CHUNKWISE:
         return None
     kw = dict(dtype=args.dtype, chunk_size=args.chunk, seq_len=seq_len, backend="local", device=args.device)
-    kw.update({k: v for k, v in CHUNKWISE[method].items() if k in inspect.signature(plan).parameters})
+    kw.update({k: v for k, v in CHUNKWISE[method].items() if k in Setup.__dataclass_fields__})
     return plan(model_config(args), **kw).step_bytes
 
 
 def child_main(args) -> None:
     method, seq_len = args.child.split(":")
-    seq_len = int(seq_len)
+    print(json.dumps(one_row(args, method, int(seq_len))))
+
+
+def one_row(args, method: str, seq_len: int) -> dict:
     device = torch.device(args.device)
     model = build_model(args)
     prepare(model, method)
@@ -236,7 +242,7 @@ def child_main(args) -> None:
     info.update(peak_bytes=mt.peak_bytes, tracked_s=tracked_s, times=times)
     info["device_peak_bytes"] = mt.peak_bytes - host_movable(method, seq_len, info, args)
     info["median_s"] = statistics.median(times) if times else tracked_s
-    print(json.dumps(info))
+    return info
 
 
 def _sync(device: torch.device) -> None:
@@ -247,11 +253,11 @@ def _sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------- the parent
 
 
-def _extrapolate(points: list[tuple[int, float]], seq_len: int) -> float | None:
-    """Power law through the last two measured points (exponent in [1, 2]; 1.5 from one point)."""
+def _extrapolate(points: list[tuple[int, float]], seq_len: int, exp: float = 1.5) -> float | None:
+    """Power law through the last two measured points (exponent in [1, 2]; `exp` from one point)."""
     if not points:
         return None
-    (l1, v1), exp = points[-1], 1.5
+    (l1, v1) = points[-1]
     if len(points) > 1:
         (l0, v0) = points[-2]
         exp = min(2.0, max(1.0, math.log(max(v1, 1e-9) / max(v0, 1e-9)) / math.log(l1 / l0)))
@@ -259,14 +265,16 @@ def _extrapolate(points: list[tuple[int, float]], seq_len: int) -> float | None:
 
 
 def run(args, argv: list[str], out_path: Path) -> dict:
-    res = {"config": _config(args), "machine": _machine(), "rows": []}
+    res = {"config": _config(args), "machine": _machine(args.label), "rows": []}
     if args.update and out_path.exists():  # e.g. re-run the SeCO variants only, into the same table
         saved = json.loads(out_path.read_text())
         same = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "dtype", "chunk", "device")
         differ = [k for k in same if saved["config"][k] != res["config"][k]]
         if differ:
             raise ValueError(f"--update: {out_path} was measured with other {differ}")
-        res["rows"] = [r for r in saved["rows"] if r["method"] not in args.methods]
+        res["rows"] = [
+            r for r in saved["rows"] if r["method"] not in args.methods or r["seq_len"] not in args.lengths
+        ]
         res["machine"]["earlier_runs"] = [saved["machine"], *saved["machine"].get("earlier_runs", [])]
         res["config"]["methods"] = [*dict.fromkeys([*saved["config"]["methods"], *args.methods])]
     t_start = time.perf_counter()
@@ -277,7 +285,7 @@ def run(args, argv: list[str], out_path: Path) -> dict:
             res["rows"].append(row)
             times = [(L, r["median_s"]) for L, r in done[m]]
             peaks = [(L, r["peak_bytes"]) for L, r in done[m]]
-            t_est, mem_est = _extrapolate(times, seq_len), _extrapolate(peaks, seq_len)
+            t_est, mem_est = _extrapolate(times, seq_len), _extrapolate(peaks, seq_len, exp=1.0)
             pred = predicted_peak(m, seq_len, args)
             mem_est = pred if pred is not None else mem_est
             if row["skipped"]:
@@ -296,14 +304,17 @@ def run(args, argv: list[str], out_path: Path) -> dict:
                 print(f"  L={seq_len:6d} {m:16s} skipped: {row['skipped']}", flush=True)
                 continue
             row["load_before"] = os.getloadavg()
-            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", f"{m}:{seq_len}"]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            if args.same_process:
+                row.update(one_row(args, m, seq_len))
+            else:
+                cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", f"{m}:{seq_len}"]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    row["skipped"] = f"failed: {out.stderr.strip().splitlines()[-1:]}"
+                    print(f"  L={seq_len:6d} {m:16s} {row['skipped']}", flush=True)
+                    continue
+                row.update(json.loads(out.stdout.strip().splitlines()[-1]))
             row["load_after"] = os.getloadavg()
-            if out.returncode != 0:
-                row["skipped"] = f"failed: {out.stderr.strip().splitlines()[-1:]}"
-                print(f"  L={seq_len:6d} {m:16s} {row['skipped']}", flush=True)
-                continue
-            row.update(json.loads(out.stdout.strip().splitlines()[-1]))
             if pred is not None:
                 row["predicted_peak_bytes"] = pred
             done[m].append((seq_len, row))
@@ -322,9 +333,9 @@ def _config(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("child", "from_json", "out")}
 
 
-def _machine() -> dict:
+def _machine(label: str) -> dict:
     return {
-        "cpus": os.cpu_count(), "load_at_start": os.getloadavg(), "torch": torch.__version__,
+        "cpus": os.cpu_count(), "load_at_start": os.getloadavg(), "label": label, "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }  # fmt: skip

@@ -1,4 +1,4 @@
-"""The memory planner (engine/plan.py): its predictions against measured peaks, and its arithmetic.
+"""The planner (engine/plan/): its predictions against measured peaks, and its arithmetic.
 
 What is compared. `MemoryTracker.peak_bytes` (CPU: every live tensor storage allocated inside the block,
 beyond what was live on entry) around `chunkwise_backward(model, ids, chunk_size=C)`, for a tiny random Llama
@@ -16,6 +16,7 @@ offload neither prefetches nor stages its deposit. PEFT keeps adapters in float3
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import pytest
@@ -26,7 +27,7 @@ from peft import LoraConfig, get_peft_model
 from engine import plan as planner
 from engine.chunkwise import chunkwise_backward
 from engine.memory import MemoryTracker
-from engine.plan import Breakdown, GiB, longest_sequence, parse_bytes, plan, usable_memory
+from engine.plan import Breakdown, GiB, ModelShape, longest_sequence, parse_bytes, plan, usable_memory
 
 TOLERANCE = 0.15
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -44,6 +45,8 @@ class Case:
     batch: int = 1
     offload_kv: bool = False
     shape: dict = field(default_factory=dict)  # overrides of the tiny Llama below
+    config_cls: str = "LlamaConfig"
+    engine: dict = field(default_factory=dict)  # chunkwise_backward keywords of issue 10's memory path
 
 
 TINY = dict(layers=2, hidden=128, inter=352, heads=4, kv_heads=2, vocab=1000)
@@ -70,16 +73,26 @@ CASES = [
     Case("fp32-batch2-mlp-backward-peak", chunk=64, batch=2, shape=dict(vocab=64)),
     Case("fp32-offload-kv-mha", seq_len=1024, chunk=64, offload_kv=True, shape=dict(kv_heads=4, vocab=64)),
     Case("bf16-offload-kv-lora", dtype="bfloat16", lora=(8, QKVO, "bfloat16"), offload_kv=True),
-    # Long against the chunk, small vocabulary: the [C, L] mask is a third of the peak (one copy per layer
-    # would be two thirds).
-    Case("fp32-sdpa-mask-grows-with-L", seq_len=4096, chunk=256, shape=dict(layers=4, vocab=64)),
-]
+    # Long against the chunk, small vocabulary: the mask-free attention keeps nothing that grows with L but
+    # K/V and their gradients (transformers' sdpa kept a [C, L] mask, a third of this peak).
+    Case("fp32-sdpa-long-no-mask", seq_len=4096, chunk=256, shape=dict(layers=4, vocab=64)),
+    # MoE (tiny Mixtral, 4 experts, top-2): every expert's weights, the router and top-k expert activations
+    Case("fp32-moe-mixtral", config_cls="MixtralConfig", shape=dict(num_local_experts=4, num_experts_per_tok=2)),
+    Case("bf16-moe-mixtral-lora", dtype="bfloat16", lora=(8, QKVO, "bfloat16"), config_cls="MixtralConfig",
+         shape=dict(num_local_experts=4, num_experts_per_tok=2)),
+    # issue 10's memory path: checkpointed chunks, the fused loss, bf16 K/V grads
+    Case("fp32-checkpoint-layers", chunk=256, seq_len=1024, shape=dict(layers=4), engine=dict(checkpoint_layers=True)),
+    Case("fp32-fused-loss", chunk=256, seq_len=1024, shape=dict(vocab=4000), engine=dict(fused_loss=True, loss_slice=64)),
+    Case("bf16-ckpt-fused-bf16-kv-grads", dtype="bfloat16", chunk=256, seq_len=1024, shape=dict(vocab=4000, layers=3),
+         engine=dict(checkpoint_layers=True, fused_loss=True, loss_slice=64, kv_grad_dtype="bfloat16")),
+]  # fmt: skip
 
 
 def tiny_llama(case: Case):
     shape = {**TINY, **case.shape}
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
+    extra = {k: v for k, v in shape.items() if k not in TINY}
+    cfg = getattr(transformers, case.config_cls)(
         hidden_size=shape["hidden"],
         intermediate_size=shape["inter"],
         num_hidden_layers=shape["layers"],
@@ -90,6 +103,7 @@ def tiny_llama(case: Case):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        **extra,
     )
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=case.attn)
     model = model.to(DTYPES[case.dtype])
@@ -109,7 +123,10 @@ def measure(case: Case):
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.grad = torch.zeros_like(p)
-    kw = dict(chunk_size=case.chunk, offload_kv=case.offload_kv)
+    missing = sorted(set(case.engine) - set(inspect.signature(chunkwise_backward).parameters))
+    if missing:
+        pytest.skip(f"chunkwise_backward has no {missing} yet")
+    kw = dict(chunk_size=case.chunk, offload_kv=case.offload_kv, **case.engine)
     chunkwise_backward(model, ids[:, : 2 * case.chunk], **kw)  # warm-up
     for p in trainable:
         p.grad.zero_()
@@ -129,6 +146,7 @@ def measure(case: Case):
         offload_kv=case.offload_kv,
         backend="local",
         device="cpu",
+        **case.engine,
     )
     return mt.peak_bytes, predicted, stats
 
@@ -167,10 +185,12 @@ def test_llama3_8b_sizes():
     assert p.trainable == 32 * 8 * ((4096 + 4096) * 2 + (4096 + 1024) * 2)  # q, o and k, v adapters
     assert p.weights == pytest.approx(2 * p.params, rel=1e-9)
     assert p.total == sum(getattr(p, c) for c in Breakdown.COMPONENTS)
-    # The GQA copies repeat_kv makes (4 x KV per layer) are what native-GQA attention saves.
+    # eager's GQA copies (4 x KV per layer) and probabilities grow with L; the engine's sdpa keeps nothing
+    # that grows with L but K/V and their gradients, like flash-attn.
     flash = plan("llama3-8b", chunk_size=256, seq_len=16384, lora_rank=8, attn="flash_attention_2")
-    assert p.activations - flash.activations == 4 * p.kv + 256 * 16384 * 2  # + sdpa's one additive mask
-    assert p.seq_activations == p.activations - flash.activations and flash.seq_activations == 0
+    eager = plan("llama3-8b", chunk_size=256, seq_len=16384, lora_rank=8, attn="eager")
+    assert p.activations == flash.activations and p.seq_activations == flash.seq_activations == 0
+    assert eager.seq_activations >= 4 * p.kv
 
 
 def test_zero_partitions_and_offload():
@@ -195,9 +215,9 @@ def test_kv_offload():
     off = plan("llama3-8b", seq_len=32768, **kw)
     assert on.kv == on.kv_grads == 0 and on.kv_host == off.kv + off.kv_grads
     assert on.host == off.host + on.kv_host and on.total < off.total
-    # With sdpa on CUDA the K/V copies repeat_kv makes for GQA stay on the device, offload or not.
-    sdpa = plan("llama3-8b", seq_len=32768, offload_kv=True, **{**kw, "attn": "sdpa"})
-    assert sdpa.seq_activations >= 4 * off.kv
+    # With eager the K/V copies repeat_kv makes for GQA stay on the device, offload or not.
+    eager = plan("llama3-8b", seq_len=32768, offload_kv=True, **{**kw, "attn": "eager"})
+    assert eager.seq_activations >= 4 * off.kv
     # Host memory bounds the sequence once K/V live there.
     free = longest_sequence("llama3-8b", device_memory="80GiB", offload_kv=True, **kw)
     bounded = longest_sequence("llama3-8b", device_memory="80GiB", host_memory="64GiB", offload_kv=True, **kw)
@@ -264,23 +284,158 @@ def test_model_config_sources(tmp_path):
         plan("no-such-preset", chunk_size=16, seq_len=64)
 
 
-def test_cli(capsys, tmp_path):
-    rc = planner.main(
-        ["--hf-config", "llama3-8b", "--device-memory", "24GiB", "--zero-stage", "2", "--offload-optimizer",
-         "--lora-rank", "8", "--chunk-sizes", "256,512"]
-    )  # fmt: skip
+LLAMA_24GB = [
+    "--config",
+    "configs/llama3-8b-lora-24gb.yaml",
+    "--preset",
+    "llama3-8b",
+    "--device-memory",
+    "24GiB",
+]
+LLAMA_24GB_KW = dict(
+    chunk_size=256, lora_rank=8, zero_stage=2, offload_optimizer=True, attn="flash_attention_2"
+)
+
+
+def test_cli_reads_a_run_config_and_the_launchers_overrides(capsys):
+    assert planner.main([*LLAMA_24GB, "--chunk-sizes", "256,512", "--chunking.offload_kv=false"]) == 0
     out = capsys.readouterr().out
-    assert rc == 0
-    n = longest_sequence(
-        "llama3-8b", device_memory="24GiB", chunk_size=256, lora_rank=8, zero_stage=2, offload_optimizer=True
-    )
-    assert f"longest sequence that fits: {n} tokens" in out
-    for row in Breakdown.COMPONENTS + ("total", "peak phase"):
+    n = longest_sequence("llama3-8b", device_memory="24GiB", **LLAMA_24GB_KW)
+    assert f"longest sequence that fits: {n} tokens" in out and "chunk 512" in out
+    for row in Breakdown.COMPONENTS + ("total", "peak phase", "step time (s)"):
         assert f"  {row} " in out
+    # the same --section.key=value vocabulary as the launcher
+    assert planner.main([*LLAMA_24GB, "--model.attn_implementation=sdpa", "--lora.r=16"]) == 0
+    out = capsys.readouterr().out
+    n = longest_sequence(
+        "llama3-8b",
+        device_memory="24GiB",
+        offload_kv=True,
+        **{**LLAMA_24GB_KW, "attn": "sdpa", "lora_rank": 16},
+    )
+    assert f"longest sequence that fits: {n} tokens" in out and "LoRA r=16" in out
+    # the config loader's rules and messages, not the planner's own
+    assert planner.main([*LLAMA_24GB, "--deepspeed.offload_param=true"]) == 2
+    assert "deepspeed.offload_param: needs deepspeed.zero_stage 3" in capsys.readouterr().err
+    assert planner.main([*LLAMA_24GB, "--chunking.chunk_sizee=3"]) == 2
+    assert "chunking.chunk_size" in capsys.readouterr().err  # the loader's closest valid key
+
+
+def test_cli_model_shape_from_the_config(capsys, tmp_path):
+    # tiny-cpu.yaml's model.hf_config; no --preset needed
+    assert planner.main(["--config", "configs/tiny-cpu.yaml", "--device", "cpu", "--seq-lens", "1K"]) == 0
+    assert "hidden 64, 2 layers" in capsys.readouterr().out
+    # a model directory that is not here: the error says what to give
+    assert planner.main(["--config", "configs/llama3-8b-lora-24gb.yaml"]) == 2
+    assert "--preset" in capsys.readouterr().err
     transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4).save_pretrained(
         tmp_path
     )
-    assert planner.main(["--model", str(tmp_path), "--chunk-sizes", "64", "--seq-lens", "1K"]) == 0
-    assert "chunk 64" in capsys.readouterr().out
-    assert planner.main(["--hf-config", "llama3-8b", "--offload-param"]) == 2  # needs ZeRO-3
-    assert "offload_param needs zero_stage 3" in capsys.readouterr().err
+    rc = planner.main(["--config", "configs/llama3-8b-lora-24gb.yaml", f"--model.name_or_path={tmp_path}"])
+    assert rc == 0 and "hidden 64" in capsys.readouterr().out
+
+
+def test_chunk_size_auto(capsys):
+    kw = dict(LLAMA_24GB_KW, chunk_size=1)
+    budget = usable_memory("24GiB")
+
+    def fits(chunk: int) -> bool:
+        return plan("llama3-8b", seq_len=8192, **{**kw, "chunk_size": chunk}).total <= budget
+
+    largest = planner.choose_chunk_size("llama3-8b", seq_len=8192, device_memory=budget, **kw)
+    assert largest >= 128 and fits(largest) and not fits(2 * largest)
+    argv = [*LLAMA_24GB, "--chunking.chunk_size=auto", "--chunking.offload_kv=false", "--data.seq_len=8192"]
+    assert planner.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"-> {largest}" in out and f"chunk {largest} " in out
+    fastest = planner.choose_chunk_size(
+        "llama3-8b", seq_len=8192, device_memory=budget, prefer="fastest", **kw
+    )
+    assert fits(fastest)
+    with pytest.raises(ValueError, match="prefer"):
+        planner.choose_chunk_size("llama3-8b", seq_len=8192, device_memory=budget, prefer="best", **kw)
+
+
+# ------------------------------------------------------------------------- issue 10's memory path, time
+
+
+def test_checkpoint_layers_and_fused_loss_shrink_the_chunk():
+    kw = dict(chunk_size=1024, seq_len=32768, lora_rank=8, zero_stage=2, offload_optimizer=True)
+    base = plan("llama3-8b", **kw)
+    ckpt = plan("llama3-8b", checkpoint_layers=True, **kw)
+    fused = plan("llama3-8b", fused_loss=True, **kw)
+    # a checkpointed chunk keeps one hidden state per layer (+ one layer's graph during its backward)
+    assert ckpt.activations < base.activations / 4
+    # the fused loss never holds more than a slice's float32 logits: the cross-entropy stops being the peak
+    assert fused.transient < base.transient / 3 and base.peak_phase == "ce"
+    both = plan("llama3-8b", checkpoint_layers=True, fused_loss=True, **kw)
+    assert both.total < min(ckpt.total, fused.total)
+    bf16 = plan("llama3-8b", kv_grad_dtype="bfloat16", **kw)
+    assert bf16.kv_grads == base.kv_grads // 2 and bf16.kv == base.kv
+
+
+def test_offload_kv_auto_keeps_what_fits_on_the_device():
+    kw = dict(chunk_size=1024, lora_rank=8, zero_stage=2, offload_optimizer=True, checkpoint_layers=True,
+              fused_loss=True)  # fmt: skip
+    budget = usable_memory("24GiB")
+    short = plan("llama3-8b", seq_len=8192, offload_kv="auto", device_memory=budget, **kw)
+    assert short.kv_host == 0 and short.kv > 0  # everything fits: nothing moves
+    long = plan("llama3-8b", seq_len=262144, offload_kv="auto", device_memory=budget, **kw)
+    full = plan("llama3-8b", seq_len=262144, offload_kv=True, **kw)
+    assert 0 < long.kv_host < full.kv_host and long.total <= budget
+    assert long.kv + long.kv_grads + long.kv_host == full.kv_host
+    # auto reaches at least as far as all-on-host, and farther than all-on-device
+    on_host = longest_sequence("llama3-8b", device_memory="24GiB", host_memory="64GiB", offload_kv=True, **kw)
+    auto = longest_sequence("llama3-8b", device_memory="24GiB", host_memory="64GiB", offload_kv="auto", **kw)
+    on_device = longest_sequence("llama3-8b", device_memory="24GiB", **kw)
+    assert auto > on_host > on_device
+    with pytest.raises(ValueError, match="auto"):
+        plan("llama3-8b", seq_len=8192, offload_kv="auto", **kw)
+
+
+def test_step_time():
+    kw = dict(chunk_size=1024, lora_rank=8, zero_stage=2, offload_optimizer=True)
+    t = planner.predict_time("llama3-8b", seq_len=32768, tflops=100, **kw)
+    # SeCO: one forward more than plain backprop (2 forwards + backward); LoRA backward ~ one forward
+    forward = 2 * 7.5e9 * 32768 + 4 * 4096 * 32 * 32768**2 / 2  # 2 x weights x tokens + causal attention
+    assert 2.5 * forward < t.flops < 4 * forward
+    assert planner.predict_time("llama3-8b", seq_len=32768, tflops=50, **kw).compute_s == pytest.approx(
+        2 * t.compute_s
+    )
+    spaco = planner.predict_time("llama3-8b", seq_len=32768, tflops=100, selected=4, **kw)
+    assert spaco.flops < 0.5 * t.flops
+    ckpt = planner.predict_time("llama3-8b", seq_len=32768, tflops=100, checkpoint_layers=True, **kw)
+    assert ckpt.flops > t.flops
+    # K/V offload: the prefix comes over the link once per chunk and pass: traffic ~ L^2 / C
+    off = [
+        planner.predict_time("llama3-8b", seq_len=n, offload_kv=True, **kw).host_bytes for n in (32768, 65536)
+    ]
+    assert 3.5 < off[1] / off[0] < 4.5 and t.host_bytes < off[0] / 100
+    big = planner.predict_time("llama3-8b", seq_len=65536, offload_kv=True, **{**kw, "chunk_size": 4096})
+    assert big.host_bytes < off[1] / 3  # longer chunks, fewer prefix copies
+
+
+def test_hybrid_and_moe_presets():
+    nxt = ModelShape.from_config("qwen3-next-80b-a3b")
+    assert nxt.linear_layers == 36 and nxt.attn_layers == 12 and nxt.experts == 512 and nxt.top_k == 10
+    assert nxt.base_params() == pytest.approx(80e9, rel=0.05)
+    assert nxt.base_params(active=True) == pytest.approx(3.9e9, rel=0.25)  # "A3B": ~3B active + embeddings
+    kw = dict(chunk_size=1024, lora_rank=8)
+    a, b = plan("qwen3-next-80b-a3b", seq_len=65536, **kw), plan("qwen3-next-80b-a3b", seq_len=131072, **kw)
+    kv_token = 2 * 12 * nxt.kv_width * 2  # only the 12 attention layers keep K/V
+    states = 36 * nxt.state_bytes  # each linear layer's state, once per chunk boundary
+    assert b.kv - a.kv == kv_token * 65536 + 64 * states
+    mix = ModelShape.from_config("mixtral-8x7b")
+    assert mix.base_params() == pytest.approx(46.7e9, rel=0.02) and mix.base_params(
+        active=True
+    ) == pytest.approx(12.9e9, rel=0.03)
+    dense_like = plan("mixtral-8x7b", seq_len=8192, **kw)
+    assert dense_like.weights == pytest.approx(2 * 46.7e9, rel=0.02)
+    granite = ModelShape.from_config(transformers.GraniteMoeHybridConfig().to_dict())  # Mamba-2 + MoE
+    assert granite.linear_layers == 32 and granite.experts == 8
+    assert (
+        granite.state_bytes == 4 * 128 * 64 * 256 + 2 * (128 * 64 + 2 * 256) * 4
+    )  # float32 SSM + conv state
+    with pytest.raises(ValueError, match="cannot size"):
+        ModelShape.from_config(dict(model_type="x", hidden_size=8, num_hidden_layers=4, num_attention_heads=2,
+                                    vocab_size=9, layer_types=["linear_attention"] * 3 + ["full_attention"]))  # fmt: skip
