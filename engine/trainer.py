@@ -40,6 +40,7 @@ from engine.distributed import (
     shutdown,
     zero3_context,
 )
+from engine.host_memory import check_host_memory
 from engine.metrics import Metrics, peak_memory_bytes
 from engine.model import apply_lora, build_model, model_vocab_size
 
@@ -89,10 +90,11 @@ class Run:
 
 
 def prepare(cfg: Config) -> Prepared:
+    world_size = announced_world_size()
+    check_host_memory(cfg, world_size, torch.cuda.is_available())  # sizes that cannot fit: before anything
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     dataset = build_dataset(cfg.data, tokenizer, model_vocab_size(cfg.model))  # checks ids < vocab_size
     resume = checkpoint.find_resume(cfg.checkpoint)
-    world_size = announced_world_size()
     if resume is not None:  # every file safe to load, same ranks: on every rank, before any collective
         checkpoint.verify(*resume, world_size)
     ds_config = run_ds_config(cfg, world_size)

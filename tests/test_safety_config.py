@@ -159,3 +159,29 @@ def test_truncated_safetensors_is_named(tmp_path):
         ValueError, match=r"^model.name_or_path: file '.*model.safetensors' is truncated: \d+ bytes"
     ):
         load_config(str(CONFIG), args)
+
+
+# --------------------------------------------------------------------------- sizes that cannot fit the host
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("--data.seq_len=1000000000", "data.seq_len=1000000000"),
+        ("--data.num_samples=1000000000000", "data.num_samples"),
+    ],
+)
+def test_sizes_that_cannot_fit_are_refused_before_the_run(tmp_path, capsys, override, key):
+    code, err = launcher_main(tmp_path, capsys, override)
+    assert code == 2 and err.startswith(f"error: {key}") and "GiB of host memory" in err, err
+
+
+def test_host_memory_bound_compares_with_the_host():
+    from engine.host_memory import GiB, check_host_memory, needed_per_rank
+
+    cfg = load_config(str(CONFIG), ["--data.seq_len=4096", "--chunking.chunk_size=256"])
+    need = sum(needed_per_rank(cfg, 1, cuda=False).values())
+    assert 2**20 < need < GiB  # the tiny model: ~9 MiB at 4K tokens
+    check_host_memory(cfg, 1, cuda=False, host_bytes=need)  # just fits
+    with pytest.raises(ValueError, match="data.seq_len=4096: this run needs at least"):
+        check_host_memory(cfg, 1, cuda=False, host_bytes=need - 1)
