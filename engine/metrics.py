@@ -137,7 +137,19 @@ def format_line(step: int, v: dict[str, Any]) -> str:
 
 
 def _open_jsonl(path: Path, keep_until: int):
-    """Open for appending, first dropping records of steps after `keep_until` (0: start a new file)."""
+    """Open for appending, first dropping records of steps after `keep_until` (0: start a new file; the
+    records of an earlier run there, which had no checkpoint to continue from, are kept aside)."""
+    if not keep_until and path.is_file() and path.stat().st_size:
+        k = 1
+        while (aside := path.with_name(f"{path.stem}.{k}{path.suffix}")).exists():
+            k += 1
+        os.replace(path, aside)
+        print(
+            f"warning: {path} held the records of an earlier run (and there is no checkpoint to resume): "
+            f"moved to {aside.name}; this run starts a new {path.name}",
+            file=sys.stderr,
+            flush=True,
+        )
     kept = []
     if keep_until and path.is_file():
         for line in path.read_text().splitlines():

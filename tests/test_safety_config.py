@@ -185,3 +185,24 @@ def test_host_memory_bound_compares_with_the_host():
     check_host_memory(cfg, 1, cuda=False, host_bytes=need)  # just fits
     with pytest.raises(ValueError, match="data.seq_len=4096: this run needs at least"):
         check_host_memory(cfg, 1, cuda=False, host_bytes=need - 1)
+
+
+# ------------------------------------------------------------------------------ two runs, one logging.dir
+
+
+def test_second_fresh_run_keeps_the_first_runs_metrics(tmp_path, capsys):
+    from engine.config import LoggingConfig
+    from engine.metrics import Metrics
+
+    log = tmp_path / "log"
+    log.mkdir()
+    first = '{"step": 1, "loss": 5.5}\n{"step": 2, "loss": 5.4}\n'
+    (log / "metrics.jsonl").write_text(first)
+    cfg = LoggingConfig(dir=str(log), tensorboard=False, progress_bar=False)
+    Metrics(cfg, total_steps=3, start_step=0, enabled=True).close()  # a fresh run: no checkpoint
+    assert (log / "metrics.1.jsonl").read_text() == first
+    assert "moved to metrics.1.jsonl" in capsys.readouterr().err
+    (log / "metrics.jsonl").write_text(first)
+    Metrics(cfg, total_steps=3, start_step=1, enabled=True).close()  # a resume at step 1: continues the file
+    assert (log / "metrics.jsonl").read_text() == first.splitlines()[0] + "\n"
+    assert not (log / "metrics.2.jsonl").exists()
