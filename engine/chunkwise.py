@@ -14,6 +14,7 @@ state that grows with the sequence (docs/design.md section 4).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from engine.attention import chunk_attention
 from engine.distributed import backend_for
 from engine.kv_cache import ChunkKVCache
+from engine.moe import RouterLoss
 from engine.packing import IGNORE, check_position_ids, chunk_mask, documents_of
 from engine.schedule import MODES, SAMPLERS, ChunkSchedule, draw_chunks
 
@@ -39,6 +41,9 @@ class ChunkStats:
     seq_len: int
     chunk_size: int
     kv_bytes: int = 0  # K/V checkpoints + K/V gradients held during the step
+    # MoE with output_router_logits: HF's aux_loss (without its coefficient); `loss` then includes
+    # coef * aux_loss, as HF's `.loss` does (engine/moe.py). None: the model's loss has no router term.
+    aux_loss: float | None = None
     weights: list[float] = field(default_factory=list)  # w_c of each chunk in `selected`
 
 
@@ -97,6 +102,7 @@ def chunkwise_backward(
     input_ids, targets, attention_mask, position_ids = _pad_to(
         seq_len, input_ids, targets, attention_mask, position_ids, _pad_id(module)
     )
+    router = RouterLoss.for_model(module, attention_mask)  # None unless the loss has a router term
     if position_ids is None:
         position_ids = (
             torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], -1)
@@ -138,7 +144,7 @@ def chunkwise_backward(
             mask = None if attention_mask is None else attention_mask[:, :e]
         else:
             mask = chunk_mask(_config(module), docs, attention_mask, s, e, lo[c], dtype)
-        with cache.saved_kv_offloaded():
+        with cache.saved_kv_offloaded(), router.capture(s, e) if router else contextlib.nullcontext():
             out = model(
                 input_ids=input_ids[:, s:e],
                 attention_mask=mask,
@@ -146,6 +152,8 @@ def chunkwise_backward(
                 **{cache_arg: cache},
                 use_cache=True,
                 **({} if with_loss else skip_head),
+                # HF's own router loss would pair this chunk's logits with the prefix's mask: we add it
+                **({"output_router_logits": False} if router else {}),
             )
         if with_loss:
             return _ce_sum(out.logits, targets[:, s:e])
@@ -154,12 +162,16 @@ def chunkwise_backward(
         return out.logits.sum() * 0.0 if torch.is_grad_enabled() else None
 
     # Pass 1: every chunk, no graph. The K/V checkpoints fill up; the loss is exact for logging.
-    rng = _RngReplay(input_ids.device, active=_has_active_dropout(module))
+    # Any train-mode forward may draw random numbers (dropout, PhiMoE's jittered / Gumbel routing, LoRA
+    # dropout): replay them all rather than guess which modules are stochastic.
+    rng = _RngReplay(input_ids.device, active=module.training)
     loss_sum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
     with torch.no_grad(), chunk_attention(_config(module)):
         for c in range(k):
             rng.save(c)
             ce = run_chunk(c, with_loss=c not in recomputed or not skip_head)
+            if router:
+                router.observe()  # routing counts: the aux loss's f_e is complete after pass 1
             if c not in recomputed and ce is not None:
                 loss_sum += ce
     rng.save("end")
@@ -177,12 +189,16 @@ def chunkwise_backward(
             ce = run_chunk(c)
             if c in recomputed and has_loss[c]:
                 loss_sum += ce.detach()
-            backend.backward(ce * (weight_of.get(c, 0.0) * scale), is_last=i == len(order) - 1)
+            objective = ce * scale
+            if router:  # per rank, not times the world size: HF's aux is each rank's own (engine/moe.py)
+                objective = objective + router.chunk_share()
+            backend.backward(objective * weight_of.get(c, 0.0), is_last=i == len(order) - 1)
     rng.restore("end")  # the caller's RNG stream continues as after one forward
     loss_sum = backend.total(float(loss_sum))
+    aux = None if router is None else backend.total(router.value()) / backend.world_size
 
     return ChunkStats(
-        loss=loss_sum / num_tokens if num_tokens else float("nan"),
+        loss=(loss_sum / num_tokens if num_tokens else float("nan")) + (router.coef * aux if router else 0.0),
         num_tokens=num_tokens,
         num_chunks=k,
         selected=draw.selected,
@@ -190,6 +206,7 @@ def chunkwise_backward(
         seq_len=seq_len,
         chunk_size=size,
         kv_bytes=cache.kv_bytes(),
+        aux_loss=aux,
         weights=draw.weights,
     )
 
@@ -322,7 +339,9 @@ def _num_layers(model) -> int:
     return _config(model).num_hidden_layers
 
 
-SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+# chunked_attention (Llama-4): a mask pattern like a sliding window, built by the model from absolute
+# positions (our cache reports kv offset 0), so chunks need nothing else.
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 def _check_model(model) -> None:
@@ -339,16 +358,3 @@ def _check_model(model) -> None:
         )
     if getattr(cfg, "num_kv_shared_layers", 0):
         raise ValueError(f"{cfg.model_type}: KV sharing across layers is not supported")
-
-
-def _has_active_dropout(model) -> bool:
-    if not model.training:
-        return False
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
-        return True
-    cfg = _config(model)
-    return any(
-        isinstance(v, float) and v > 0
-        for n, v in vars(cfg).items()
-        if "dropout" in n and "classifier" not in n
-    )
