@@ -35,7 +35,8 @@ from engine.safe_load import CheckpointError, deepspeed_loads_safely, load_file
 TAG_RE = re.compile(r"^global_step(\d+)$")
 TMP_PREFIX = "tmp."
 LATEST = "latest"
-MODEL_STATES = "mp_rank_00_model_states.pt"
+# DeepSpeed's model states (with our client state): one file, or under ZeRO-3 one per rank (rank 0's read).
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def tag_for(step: int) -> str:
@@ -108,7 +109,7 @@ def verify(load_dir: str, tag: str, world_size: int) -> None:
     tag_dir = Path(load_dir) / tag
     for f in sorted(tag_dir.glob("*.pt")):
         load_file(f, mmap=True)  # mmap: tensor data are not read, only the structure is checked
-    states = tag_dir / MODEL_STATES
+    states = model_states_file(tag_dir)
     meta = load_file(states, mmap=True)
     if not isinstance(meta, dict) or not isinstance(meta.get("seco"), dict):
         raise CheckpointError(
@@ -123,6 +124,15 @@ def verify(load_dir: str, tag: str, world_size: int) -> None:
         )
 
 
+def model_states_file(tag_dir: Path) -> Path:
+    for name in MODEL_STATES:
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise CheckpointError(
+        f"checkpoint {str(tag_dir)!r} has no model states file ({' or '.join(MODEL_STATES)})"
+    )
+
+
 def load(engine, load_dir: str, tag: str) -> dict[str, Any]:
     """Load model + optimizer states (DeepSpeed, through `safe_load`), this rank's RNG states; returns our
     client state. A model whose parameters differ from the checkpoint's is refused naming them."""
@@ -131,7 +141,7 @@ def load(engine, load_dir: str, tag: str) -> dict[str, Any]:
             "ds_config checkpoint.load_universal is not supported: DeepSpeed's universal loader unpickles "
             "files with code execution allowed"
         )
-    _check_same_model(engine, Path(load_dir) / tag / MODEL_STATES)
+    _check_same_model(engine, model_states_file(Path(load_dir) / tag))
     with deepspeed_loads_safely(engine):
         path, client = engine.load_checkpoint(load_dir, tag=tag)
     if path is None or client is None or "seco" not in client:
@@ -153,16 +163,20 @@ def load(engine, load_dir: str, tag: str) -> dict[str, Any]:
 
 
 def _check_same_model(engine, states: Path) -> None:
-    saved: dict[str, tuple[int, ...]] = {}
     meta = load_file(states, mmap=True)
-    for group in [*meta.get("param_shapes", []), meta.get("frozen_param_shapes") or {}]:
-        saved.update({name: tuple(shape) for name, shape in group.items()})
-    trainable_only = not meta.get("frozen_param_shapes")  # DeepSpeed records frozen shapes only in some modes
-    now = {
-        name: tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3: the full shape of a partitioned parameter
-        for name, p in engine.module.named_parameters()
-        if p.requires_grad or not trainable_only
-    }
+    if meta.get("param_shapes") is None:  # no ZeRO: the full state dict is there, compare all of it
+        saved = {k: tuple(v.shape) for k, v in (meta.get("module") or {}).items()}
+        now = {k: tuple(v.shape) for k, v in engine.module.state_dict().items()}
+    else:  # ZeRO 1-3: the shapes of the optimizer's parameters (and of frozen ones, where recorded)
+        saved = {}
+        for group in [*meta["param_shapes"], meta.get("frozen_param_shapes") or {}]:
+            saved.update({name: tuple(shape) for name, shape in group.items()})
+        trainable_only = not meta.get("frozen_param_shapes")
+        now = {
+            name: tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3: the full shape of a partitioned parameter
+            for name, p in engine.module.named_parameters()
+            if p.requires_grad or not trainable_only
+        }
     differ = [
         f"{k}: {list(saved[k]) if k in saved else 'absent'} in the checkpoint, "
         f"{list(now[k]) if k in now else 'absent'} now"
@@ -322,84 +336,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ------------------------------------------------------------------------------------------------ export
-
-
-def export(engine, ckpt_cfg: CheckpointConfig, tag: str, tokenizer) -> str | None:
-    """Write checkpoint.dir/export at the end of training (every rank must call it); returns its path.
-
-    lora: the adapter in PEFT format (PeftModel.from_pretrained); hf: the full model, LoRA merged in, in HF
-    format (AutoModelForCausalLM.from_pretrained), plus the tokenizer when it is an HF one. Under ZeRO-3 the
-    weights come from the checkpoint `tag` just saved, consolidated on rank 0 by DeepSpeed's zero_to_fp32
-    (host memory, no GPU gather); otherwise from rank 0's own (full) copy. Written to export.tmp, then renamed.
-    """
-    if ckpt_cfg.export == "none":
-        return None
-    root = Path(ckpt_cfg.dir)
-    out, tmp = root / "export", root / (TMP_PREFIX + "export")
-    zero3 = engine.zero_optimization_stage() == 3
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = engine.module
-        if zero3:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-        else:
-            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if ckpt_cfg.export == "lora":
-            _save_adapter(model, state, tmp)
-        else:
-            _save_full(model, state, tmp)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    dist.barrier()
-    return str(out)
-
-
-def _save_adapter(model, state: dict[str, torch.Tensor], out: Path) -> None:
-    from peft import get_peft_model_state_dict
-
-    # PEFT picks the adapter's tensors out of a full state dict; passing it explicitly also covers ZeRO-3,
-    # where the module's own parameters are empty partitions.
-    adapter = get_peft_model_state_dict(model, state_dict=state)
-    model.save_pretrained(str(out), state_dict=adapter)
-
-
-def _save_full(model, state: dict[str, torch.Tensor], out: Path) -> None:
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
-    if hasattr(model, "peft_config"):
-        state = merge_lora(state, model.peft_config["default"])
-    dtype = next(iter(base.parameters())).dtype  # the trained dtype, not zero_to_fp32's float32
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    base.save_pretrained(str(out), state_dict=state)
-
-
-def merge_lora(state: dict[str, torch.Tensor], peft_cfg) -> dict[str, torch.Tensor]:
-    """A PEFT LoRA model's state dict -> the plain model's, with W + (alpha / r) B A merged in.
-
-    Done on the state dict rather than with PEFT's merge_and_unload so that it also applies to weights
-    consolidated from a ZeRO-3 checkpoint, where there is no whole model to merge into.
-    """
-    scale = peft_cfg.lora_alpha / (peft_cfg.r**0.5 if peft_cfg.use_rslora else peft_cfg.r)
-    prefix = "base_model.model."
-    merged = {}
-    for key, value in state.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            continue
-        name = key.removeprefix(prefix)
-        if ".base_layer." in key:
-            module = key.rsplit(".base_layer.", 1)[0]
-            a, b = state.get(f"{module}.lora_A.default.weight"), state.get(f"{module}.lora_B.default.weight")
-            if key.endswith(".base_layer.weight") and a is not None:
-                delta = scale * (b.double() @ a.double())
-                delta = delta.T if peft_cfg.fan_in_fan_out else delta  # GPT-2 style Conv1D weights
-                value = (value.double() + delta).to(value.dtype)
-            name = name.replace(".base_layer.", ".")
-        merged[name] = value
-    return merged

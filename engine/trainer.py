@@ -40,6 +40,7 @@ from engine.distributed import (
     shutdown,
     zero3_context,
 )
+from engine.export import export
 from engine.host_memory import check_host_memory
 from engine.metrics import Metrics, peak_memory_bytes
 from engine.model import apply_lora, build_model, model_vocab_size
@@ -183,9 +184,7 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
             "(checkpoint.resume=auto continues from it)"
         )
     elif cfg.checkpoint.dir:
-        export_dir = checkpoint.export(
-            run.engine, cfg.checkpoint, checkpoint.tag_for(run.step), run.tokenizer
-        )
+        export_dir = export(run.engine, cfg.checkpoint, checkpoint.tag_for(run.step), run.tokenizer)
     return {
         "first_step": first_step,
         "last_step": run.step,
