@@ -103,8 +103,10 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["synthetic", "jsonl", "parquet", "text"] = "synthetic"
-    """Where the documents come from (text: one document per file)."""
+    kind: Literal["synthetic", "jsonl", "parquet", "text", "chat", "prompt_completion"] = "synthetic"
+    """Where the documents come from (text: one document per file). chat: jsonl records with a `messages`
+    list of {role, content}, rendered by the tokenizer's chat template, loss on assistant turns only;
+    prompt_completion: jsonl records with a prompt and a completion, loss on the completion only."""
 
     path: str | None = None
     """File or directory; required unless `kind` is synthetic."""
@@ -119,7 +121,26 @@ class DataConfig:
     """Tokens per sequence."""
 
     packing: bool = True
-    """Concatenate documents into full `seq_len` rows; false: one document per row, right-padded."""
+    """Concatenate documents into full `seq_len` rows; false: one document per row, right-padded. For chat
+    and prompt_completion, whole samples are packed with document boundaries: positions restart per sample
+    and samples never attend to each other."""
+
+    messages_field: str = "messages"
+    """chat: the record field holding the list of {role, content} messages."""
+
+    prompt_field: str = "prompt"
+    """prompt_completion: the record field holding the prompt."""
+
+    completion_field: str = "completion"
+    """prompt_completion: the record field holding the completion (the loss-bearing part)."""
+
+    assistant_loss: Literal["all", "last"] = "all"
+    """chat: loss on every assistant turn, or on the last one only."""
+
+    truncation: Literal["left", "drop", "error"] = "left"
+    """chat / prompt_completion samples longer than `seq_len`: left drops the oldest tokens first (the
+    answer is kept; a sample whose last answer alone exceeds `seq_len` is an error), drop skips the sample,
+    error stops."""
 
     batch_size: int = 1
     """Micro batch per data-parallel rank."""
@@ -142,12 +163,17 @@ class DataConfig:
         _require(self.seed >= 0, f"data.seed: must be >= 0, got {self.seed}")
         _require(bool(self.text_field), "data.text_field: must not be empty")
         _require(bool(self.tokenizer), "data.tokenizer: must be 'byte' or a tokenizer directory")
+        _require(
+            self.kind != "chat" or self.tokenizer != "byte",
+            "data.tokenizer: data.kind 'chat' needs a local tokenizer directory with a chat template "
+            "(the byte tokenizer has none)",
+        )
         if self.kind == "synthetic":
             # data.kind defaults to synthetic: a path here almost always means a forgotten data.kind.
             _require(
                 self.path is None,
                 f"data.path: set to {self.path!r} but data.kind is 'synthetic', which reads no file; "
-                "set data.kind to jsonl, parquet or text (or data.path to null)",
+                "set data.kind to jsonl, parquet, text, chat or prompt_completion (or data.path to null)",
             )
         else:
             _require(self.path is not None, f"data.path: required for data.kind {self.kind!r}")

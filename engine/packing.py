@@ -102,6 +102,11 @@ def chunk_mask(
     then keeps one copy for all layers (a boolean mask would be converted, and saved, per layer); eager
     attention adds it as it adds its own. Models with mixed layer kinds take one mask per kind."""
     assert docs.doc_ids is not None
+    if "flash" in str(getattr(cfg, "_attn_implementation", "")):
+        raise ValueError(
+            f"{cfg.model_type}: packed rows (position_ids) need a document mask, which "
+            f"{cfg._attn_implementation} cannot take against a K/V prefix; use attn_implementation sdpa"
+        )
     batch = docs.doc_ids.shape[0]
     padding = None if attention_mask is None else attention_mask[:, :e].to(torch.bool)
     same_doc = and_masks(causal_mask_function, packed_sequence_mask_function(docs.doc_ids))

@@ -21,9 +21,12 @@ from torch.utils.data import Dataset
 from engine.config import DataConfig
 from engine.data.files import FILE_KINDS, load_file_dataset
 from engine.data.packing import PackedDataset, PaddedDataset, _TokenStore
+from engine.data.sft import SftDataset, build_sft_dataset
 from engine.data.stream import DataStream, collate
 from engine.data.synthetic import SYNTHETIC_TASKS, SyntheticDataset
 from engine.data.tokenizers import IGNORE_INDEX, ByteTokenizer, Tokenizer, load_tokenizer
+
+SFT_KINDS = ("chat", "prompt_completion")  # engine/data/sft.py
 
 __all__ = [
     "IGNORE_INDEX",
@@ -35,6 +38,8 @@ __all__ = [
     "SyntheticDataset",
     "PackedDataset",
     "PaddedDataset",
+    "SftDataset",
+    "SFT_KINDS",
     "load_file_dataset",
     "check_vocab",
     "collate",
@@ -94,8 +99,12 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int | 
             packing=data_cfg.packing,
             text_field=data_cfg.text_field,
         )
+    elif kind in SFT_KINDS:
+        dataset = build_sft_dataset(data_cfg, tokenizer)
     else:
-        raise ValueError(f"unknown data kind {kind!r}; expected 'synthetic' or one of {sorted(FILE_KINDS)}")
+        raise ValueError(
+            f"unknown data kind {kind!r}; expected 'synthetic' or one of {sorted(FILE_KINDS) + list(SFT_KINDS)}"
+        )
     if vocab_size is not None:
         check_vocab(dataset, vocab_size)
     return dataset

@@ -1,0 +1,105 @@
+"""SFT datasets (data.kind chat / prompt_completion): rendered samples as rows of `seq_len` tokens.
+
+With `data.packing`, consecutive samples share a row as separate documents: each sample's `position_ids`
+restart at 0 (HF's packed convention), which `chunkwise_backward(position_ids=...)` turns into document
+masks, so samples never attend to each other (engine/packing.py). Without it, one sample per row. Rows are
+right-padded; padding carries no label and continues the last document's positions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.utils.data import Dataset
+
+from engine.config import DataConfig
+from engine.data.chat import (
+    Rendered,
+    check_chat,
+    check_prompt_completion,
+    fit,
+    read_records,
+    render_chat,
+    render_prompt_completion,
+)
+from engine.data.tokenizers import IGNORE_INDEX, Sample, Tokenizer, _pad_id
+
+
+def render_samples(data_cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[Rendered], Counter]:
+    """Every record validated first (errors name the record and field), then rendered and fitted."""
+    records = read_records(data_cfg.path)
+    if data_cfg.kind == "chat":
+        checked = [(w, check_chat(r, w, data_cfg.messages_field)) for w, r in records]
+        last = data_cfg.assistant_loss == "last"
+        rendered = [render_chat(tokenizer, m, w, last) for w, m in checked]
+    else:
+        fields = (data_cfg.prompt_field, data_cfg.completion_field)
+        checked = [(w, check_prompt_completion(r, w, *fields)) for w, r in records]
+        rendered = [render_prompt_completion(tokenizer, p, c, w) for w, (p, c) in checked]
+    samples, dropped = [], Counter()
+    for s in rendered:
+        kept = fit(s, data_cfg.seq_len, data_cfg.truncation)
+        if kept is None:
+            dropped[f"longer than data.seq_len {data_cfg.seq_len} (data.truncation: drop)"] += 1
+        else:
+            samples.append(kept)
+    if not samples:
+        raise ValueError(f"data.path: no sample of {data_cfg.path!r} fits data.seq_len {data_cfg.seq_len}")
+    return samples, dropped
+
+
+class SftDataset(Dataset):
+    """Rows of `seq_len` tokens: one sample each, or (packing) consecutive samples as documents."""
+
+    def __init__(
+        self,
+        samples: list[Rendered],
+        seq_len: int,
+        pad_id: int,
+        packing: bool,
+        source: str,
+        dropped: Counter | None = None,
+    ):
+        self.samples, self.seq_len, self.pad_id, self.packing = samples, seq_len, pad_id, packing
+        self.source, self.dropped = source, dropped or Counter()  # reason -> samples dropped
+        self.rows: list[list[int]] = []
+        fill = seq_len + 1
+        for i, s in enumerate(samples):
+            if packing and fill + len(s.ids) <= seq_len:
+                self.rows[-1].append(i)
+                fill += len(s.ids)
+            else:
+                self.rows.append([i])
+                fill = len(s.ids)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Sample:
+        ids, labels, pos = [], [], []
+        for i in self.rows[index]:
+            s = self.samples[i]
+            ids += s.ids
+            labels += [t if on else IGNORE_INDEX for t, on in zip(s.ids, s.loss)]
+            pos += range(len(s.ids))
+        n, pad = len(ids), self.seq_len - len(ids)
+        row = {
+            "input_ids": torch.tensor(ids + [self.pad_id] * pad, dtype=torch.long),
+            "labels": torch.tensor(labels + [IGNORE_INDEX] * pad, dtype=torch.long),
+            "attention_mask": torch.tensor([1] * n + [0] * pad, dtype=torch.long),
+        }
+        if self.packing:
+            row["position_ids"] = torch.tensor(
+                pos + list(range(pos[-1] + 1, pos[-1] + 1 + pad)), dtype=torch.long
+            )
+        return row
+
+    def max_token_id(self) -> int:
+        return max(max(s.ids) for s in self.samples)
+
+
+def build_sft_dataset(data_cfg: DataConfig, tokenizer: Tokenizer) -> SftDataset:
+    samples, dropped = render_samples(data_cfg, tokenizer)
+    pad = _pad_id(tokenizer)
+    return SftDataset(samples, data_cfg.seq_len, pad, data_cfg.packing, str(data_cfg.path), dropped)
