@@ -49,6 +49,8 @@ def load_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
     try:
         _check_format(path)
         with torch.serialization.safe_globals(_deepspeed_types()):
+            # mmap needs the zip format; the legacy one (ds_config checkpoint_serialization: false) loads whole
+            mmap = mmap and zipfile.is_zipfile(path)
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = _UNSUPPORTED.search(str(e))

@@ -214,3 +214,14 @@ def test_load_file_names_a_non_checkpoint(tmp_path):
     (tmp_path / "x.pt").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match="x.pt' is truncated or corrupt"):
         load_file(tmp_path / "x.pt")
+
+
+def test_legacy_format_is_loaded_weights_only_too(tmp_path):
+    """ds_config checkpoint_serialization: false writes torch's legacy (non-zip) format: same rules."""
+    torch.save({"a": torch.ones(2)}, tmp_path / "ok.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_file(tmp_path / "ok.pt", mmap=True)["a"], torch.ones(2))
+    marker = tmp_path / "ran"
+    torch.save({"x": Payload(marker)}, tmp_path / "bad.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="bad.pt' refused"):
+        load_file(tmp_path / "bad.pt")
+    assert not marker.exists()
