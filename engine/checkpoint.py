@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import CheckpointConfig
+from engine.distributed.runtime import any_rank
 from engine.safe_load import CheckpointError, deepspeed_loads_safely, load_file
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -252,7 +253,7 @@ def save(
         guard.save(rng_state(), str(root / tmp / f"rng_rank{rank}.pt"))
     finally:
         engine.checkpoint_engine = guard._inner
-    if _any_rank(guard.error is not None):  # a collective: every rank's files are on disk or failed
+    if any_rank(guard.error is not None):  # a collective: every rank's files are on disk or failed
         if rank == 0:
             shutil.rmtree(root / tmp, ignore_errors=True)
         dist.barrier()
@@ -269,14 +270,6 @@ def save(
         _commit(root, tmp, tag)
     dist.barrier()
     return str(root / tag)
-
-
-def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _commit(root: Path, tmp: str, tag: str) -> None:

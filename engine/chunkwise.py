@@ -27,6 +27,7 @@ from engine.kv_cache import ChunkKVCache
 from engine.moe import RouterLoss
 from engine.packing import IGNORE, check_position_ids, chunk_mask, documents_of
 from engine.schedule import MODES, SAMPLERS, ChunkSchedule, draw_chunks
+from engine.state_cache import RECURRENT_LAYER_TYPES, check_family, has_states
 
 __all__ = ["MODES", "SAMPLERS", "ChunkSchedule", "ChunkStats", "chunkwise_backward", "draw_chunks"]
 
@@ -126,7 +127,19 @@ def chunkwise_backward(
     read_later = [c + 1 < k and lo[c + 1] < chunks[c][1] for c in range(k)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     needs_kv_grad = bool(order) and bool(trainable) and any(read_later)
-    cache = ChunkKVCache(_num_layers(module), seq_len, needs_grad=needs_kv_grad, offload=offload_kv)
+    recurrent = has_states(_config(module))  # linear-attention / SSM layers: states at chunk boundaries
+    if recurrent and docs is not None:
+        raise ValueError(
+            f"{_config(module).model_type}: packed documents (position_ids restarting per document) are not "
+            "supported for models with recurrent layers: their state would flow from one document into the next"
+        )
+    cache = ChunkKVCache(
+        _num_layers(module),
+        seq_len,
+        needs_grad=needs_kv_grad,
+        offload=offload_kv,
+        config=_config(module) if recurrent else None,
+    )
     dtype = next(module.parameters()).dtype
 
     # Chunks that pass 2 recomputes get their loss there: pass 1 skips their LM head (a large share of a
@@ -192,7 +205,8 @@ def chunkwise_backward(
             objective = ce * scale
             if router:  # per rank, not times the world size: HF's aux is each rank's own (engine/moe.py)
                 objective = objective + router.chunk_share()
-            backend.backward(objective * weight_of.get(c, 0.0), is_last=i == len(order) - 1)
+            objective = cache.with_state_relays(objective * weight_of.get(c, 0.0))  # recurrent states' relay
+            backend.backward(objective, is_last=i == len(order) - 1)
     rng.restore("end")  # the caller's RNG stream continues as after one forward
     loss_sum = backend.total(float(loss_sum))
     aux = None if router is None else backend.total(router.value()) / backend.world_size
@@ -349,8 +363,9 @@ def _check_model(model) -> None:
     cfg = _config(model)
     if getattr(cfg, "is_encoder_decoder", False):
         raise ValueError(f"{cfg.model_type}: encoder-decoder models are not supported (causal LMs only)")
+    check_family(cfg)  # recurrent families whose state the Cache API does not carry (engine/state_cache.py)
     layer_types = getattr(cfg, "layer_types", None) or []
-    other = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES))
+    other = sorted(set(layer_types) - set(SUPPORTED_LAYER_TYPES) - set(RECURRENT_LAYER_TYPES))
     if other:
         raise ValueError(
             f"{cfg.model_type}: layers of type {other} keep a recurrent/hybrid cache that chunk-wise training "

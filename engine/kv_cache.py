@@ -26,6 +26,8 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from engine.state_cache import StateCacheMixin, build_layers
+
 
 class _AppendKV(torch.autograd.Function):
     @staticmethod
@@ -134,7 +136,7 @@ class ChunkKVLayer(CacheLayerMixin):
         return sum(t.numel() * t.element_size() for t in bufs if t is not None)
 
 
-class ChunkKVCache(Cache):
+class ChunkKVCache(StateCacheMixin, Cache):
     """transformers Cache whose prefix is the K/V of chunks already run; `offset` is where the chunk starts.
 
     With `offload=True` the K/V checkpoints and their gradients live in (pinned) host memory. Attention gets
@@ -143,13 +145,18 @@ class ChunkKVCache(Cache):
     Device memory then stays flat as the sequence grows; the sequence is bounded by host RAM.
     """
 
-    def __init__(self, num_layers: int, seq_len: int, needs_grad: bool = True, offload: bool = False):
+    def __init__(
+        self, num_layers: int, seq_len: int, needs_grad: bool = True, offload: bool = False, config=None
+    ):
         self.seq_len, self.needs_grad, self.offload = seq_len, needs_grad, offload
         self.offset, self.relay, self.kv_start = 0, 1.0, 0
         self._device_copies = []  # (weakref to storage, layer, which, end) of this chunk's device copies
         self._prefetched = {}  # (layer, which, end) -> (tensor, event)
         self._stream = None
-        super().__init__(layers=[ChunkKVLayer(self, i) for i in range(num_layers)])
+        # With the model's (text) config, each layer gets the cache its type needs: recurrent layers keep
+        # their boundary states (engine/state_cache.py), attention layers K/V.
+        layers = build_layers(self, config, ChunkKVLayer) if config is not None else None
+        super().__init__(layers=layers or [ChunkKVLayer(self, i) for i in range(num_layers)])
 
     def begin_chunk(self, start: int, relay: float = 1.0, kv_start: int = 0) -> None:
         """Point the cache at the chunk starting at `start`; `relay` scales the KV gradient handed on to it
@@ -172,9 +179,12 @@ class ChunkKVCache(Cache):
         if tail is not None:
             t[..., upto:total, :].copy_(tail)
         self._device_copies.append((weakref.ref(t.untyped_storage()), idx, which, total))
-        if idx + 1 < len(self.layers) and t.is_cuda:  # forward walks layers upwards
+        if idx + 1 < len(self.layers) and t.is_cuda and self._holds_kv(idx + 1):  # forward walks upwards
             self._prefetch((idx + 1, which, upto, total))
         return t
+
+    def _holds_kv(self, idx: int) -> bool:
+        return isinstance(self.layers[idx], ChunkKVLayer)  # not recurrent-only or MLP-only layers (hybrids)
 
     def _copy(self, idx, which, upto, total, stream=None):
         buf = self.layers[idx].buffers(which)[0]
@@ -206,7 +216,8 @@ class ChunkKVCache(Cache):
     def saved_kv_offloaded(self):
         """While a chunk's graph is built, swap the device K/V copies attention saves for handles."""
         if not self.offload:
-            yield
+            with self.states_protected():  # recurrent layers' handed-out states (engine/state_cache.py)
+                yield
             return
 
         def pack(t: torch.Tensor):
@@ -214,7 +225,7 @@ class ChunkKVCache(Cache):
             for ref, idx, which, end in self._device_copies:
                 if ref() is storage:
                     return ("kv", idx, which, end, t.size(), t.stride(), t.storage_offset())
-            return t
+            return self.pack_state(t)
 
         def unpack(x):
             if not (isinstance(x, tuple) and x and x[0] == "kv"):
@@ -230,6 +241,6 @@ class ChunkKVCache(Cache):
     def fetch_for_backward(self, idx: int, which: str, end: int) -> torch.Tensor:
         key = (idx, which, end, end)
         t = self._take_prefetched(key) if key in self._prefetched else self._copy(idx, which, end, end)
-        if idx > 0 and t.is_cuda:  # backward walks layers downwards
+        if idx > 0 and t.is_cuda and self._holds_kv(idx - 1):  # backward walks layers downwards
             self._prefetch((idx - 1, which, end, end))
         return t

@@ -33,6 +33,7 @@ from engine.config_load import config_to_dict
 from engine.data import DataStream, build_dataset, load_tokenizer
 from engine.distributed import (
     announced_world_size,
+    any_rank,
     init_distributed,
     initialize,
     optimizer_step,
@@ -167,7 +168,7 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
         losses.append(record["loss"])
         _count_nonfinite(run, record)
         # Every rank takes part, so a signal that reached only some ranks still stops all of them together.
-        preempted = _agree_any(bool(_PREEMPT))
+        preempted = any_rank(bool(_PREEMPT))
         every = cfg.checkpoint.every
         if cfg.checkpoint.dir and (preempted or (every and run.step % every == 0)):
             save(run, faults)
@@ -309,14 +310,6 @@ _PREEMPT: dict[str, int] = {}  # set by the signal handler; read once per step
 def _request_stop(signum, frame) -> None:
     # Only a flag: the step in flight finishes, then all ranks agree, save and leave together.
     _PREEMPT["signum"] = signum
-
-
-def _agree_any(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def close(run: Run) -> None:

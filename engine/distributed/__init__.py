@@ -13,6 +13,7 @@ from engine.distributed.backend import DeepSpeedBackend, LocalBackend, backend_f
 from engine.distributed.ds_config import check_ds_config, derive_ds_config
 from engine.distributed.runtime import (
     announced_world_size,
+    any_rank,
     init_distributed,
     initialize,
     optimizer_step,
@@ -26,6 +27,7 @@ __all__ = [
     "DeepSpeedBackend",
     "LocalBackend",
     "announced_world_size",
+    "any_rank",
     "backend_for",
     "check_ds_config",
     "derive_ds_config",

@@ -156,6 +156,15 @@ def optimizer_step(engine, loss_is_finite: bool) -> bool:
     return applied
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (a collective: every rank must call it)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def shutdown() -> None:
     """Leave the process group (a no-op when none was joined)."""
     if dist.is_initialized():

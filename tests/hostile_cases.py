@@ -1,0 +1,415 @@
+"""Replay the hostile inputs and faults of issue 13 against the default recipe; one line per case.
+
+    python tests/hostile_cases.py            # everything (about 15 minutes on 2 CPU cores)
+    python tests/hostile_cases.py --quick    # without the 2-rank launcher / signal cases (about 3 minutes)
+    python tests/hostile_cases.py -k payload # cases whose name contains "payload"
+
+Each line: `PASS|FAIL  name  detail`. A case passes when the engine behaves as the README's "Faults and
+safety" section promises (exit code, message naming the key or file, nothing lost, nothing executed).
+Not part of the pytest suite (tests/test_safety*.py hold the fast regression tests); exit status 1 if any
+case fails. Runs on CPU (gloo); the 2-rank cases use the real `deepspeed` launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "launch" / "train.py"
+FAULTY = REPO / "tests" / "workers" / "faulty_train.py"
+CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+FAST = ["--data.seq_len=128", "--chunking.chunk_size=64", "--optim.warmup_steps=0", "--data.num_samples=64"]
+FAST += ["--logging.progress_bar=false", "--logging.tensorboard=false"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+CASES: list[tuple[str, bool, Callable[[Path], tuple[bool, str]]]] = []  # (name, needs 2 ranks, case)
+
+
+def case(name: str, slow: bool = False):
+    def register(fn):
+        CASES.append((name, slow, fn))
+        return fn
+
+    return register
+
+
+def outputs(root: Path) -> list[str]:
+    return [f"--logging.dir={root}/log", f"--checkpoint.dir={root}/ckpt"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def last_error(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.startswith("error: ")]
+    return lines[-1][:300] if lines else text.strip()[-300:]
+
+
+def train(root: Path, *args: str, faults: tuple[str, ...] = (), config: str = str(CONFIG)) -> tuple[int, str]:
+    """One process, no launcher: (exit code, stdout + stderr)."""
+    script = [str(FAULTY), *faults] if faults else [str(TRAIN)]
+    cmd = [sys.executable, *script, "--config", config, *FAST, *outputs(root), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root, env=ENV)
+    return r.returncode, r.stdout + r.stderr
+
+
+def ranks(root: Path, *args: str, faults: tuple[str, ...] = (), n: int = 2) -> tuple[list[int], str]:
+    """n processes with the rendezvous in the environment (as srun / torchrun start them)."""
+    script = [str(FAULTY), *faults] if faults else [str(TRAIN)]
+    port, procs = str(free_port()), []
+    for rank in range(n):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n)}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = [sys.executable, *script, "--config", str(CONFIG), *FAST, *outputs(root), *args]
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        )
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    return [p.returncode for p in procs], "\n".join(outs)
+
+
+def user_error(code: int, out: str, *needles: str) -> tuple[bool, str]:
+    err = last_error(out)
+    ok = code == 2 and all(n in err for n in needles)
+    return ok, f"exit {code}: {err}"
+
+
+# ---------------------------------------------------------------------------------- configs and data
+
+
+def quick_main(root: Path, *args: str, config: str = str(CONFIG)) -> tuple[int, str]:
+    """launch/train.py's main() in this process (user errors end before any process group)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("seco_launch_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+        code = module.main(["--config", config, *FAST, *outputs(root), *args])
+    return code, out.getvalue()
+
+
+@case("yaml alias bomb (9^9 leaves in 1 KB)")
+def _(root):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    cfg = root / "bomb.yaml"
+    cfg.write_text(CONFIG.read_text() + "\nbomb:\n  " + "\n  ".join(levels) + "\n")
+    t0 = time.time()
+    code, out = quick_main(root, config=str(cfg))
+    ok, detail = user_error(code, out, "aliases")
+    return ok and len(last_error(out)) < 400 and time.time() - t0 < 30, detail
+
+
+@case("non-UTF-8 YAML")
+def _(root):
+    cfg = root / "latin1.yaml"
+    cfg.write_bytes(CONFIG.read_bytes() + b"\n# caf\xe9\n")
+    return user_error(*quick_main(root, config=str(cfg)), "latin1.yaml", "not UTF-8")
+
+
+@case("unbounded value in an error message")
+def _(root):
+    code, out = quick_main(root, "--data.seq_len=[" + ",".join(["7"] * 100000) + "]")
+    ok, detail = user_error(code, out, "data.seq_len")
+    return ok and len(last_error(out)) < 400, detail
+
+
+for _key in ("checkpoint.dir", "logging.dir"):
+
+    @case(f"{_key} is a file")
+    def _(root, key=_key):
+        (root / "afile").write_text("")
+        return user_error(*quick_main(root, f"--{key}={root}/afile"), key, "is a file")
+
+    @case(f"{_key} not writable")
+    def _(root, key=_key):
+        ro = root / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        if os.access(ro, os.W_OK):
+            return (
+                True,
+                "SKIP: running as root, mode bits do not apply (tests/test_safety_config.py covers it)",
+            )
+        try:
+            return user_error(*quick_main(root, f"--{key}={ro}/x"), key, "not writable")
+        finally:
+            ro.chmod(0o700)
+
+
+@case("non-UTF-8 jsonl data")
+def _(root):
+    (root / "d.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    return user_error(
+        *quick_main(root, "--data.kind=jsonl", f"--data.path={root}/d.jsonl"), "d.jsonl", "line 2"
+    )
+
+
+@case("non-UTF-8 text data")
+def _(root):
+    (root / "d.txt").write_bytes(b"caf\xe9")
+    return user_error(
+        *quick_main(root, "--data.kind=text", f"--data.path={root}/d.txt"), "d.txt", "not UTF-8"
+    )
+
+
+@case("non-parquet read as parquet")
+def _(root):
+    (root / "d.parquet").write_text('{"text": "json"}\n')
+    return user_error(*quick_main(root, "--data.kind=parquet", f"--data.path={root}/d.parquet"), "d.parquet")
+
+
+@case("tokenizer.json malformed / non-UTF-8")
+def _(root):
+    (root / "tok").mkdir()
+    (root / "tok" / "tokenizer.json").write_bytes(b'{"model": "caf\xe9')
+    return user_error(*quick_main(root, f"--data.tokenizer={root}/tok"), "data.tokenizer", "tokenizer.json")
+
+
+@case("truncated model.safetensors")
+def _(root):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=259)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(root / "m")
+    f = root / "m" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    args = (f"--model.name_or_path={root}/m", "--model.hf_config=null")
+    return user_error(*quick_main(root, *args), "model.name_or_path", "model.safetensors", "truncated")
+
+
+@case("data.seq_len: 1e9")
+def _(root):
+    return user_error(*quick_main(root, "--data.seq_len=1000000000"), "data.seq_len", "GiB of host memory")
+
+
+@case("data.num_samples: 1e12")
+def _(root):
+    return user_error(*quick_main(root, "--data.num_samples=1000000000000"), "data.num_samples", "GiB")
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+_BASE: dict[str, Path] = {}
+
+
+def base_checkpoint(root: Path) -> Path:
+    """A 2-step, 1-rank run's checkpoint (made once), copied into `root` for tampering."""
+    if "ckpt" not in _BASE:
+        made = Path(tempfile.mkdtemp(prefix="hostile-base-"))
+        code, out = train(made, "--optim.steps=2")
+        assert code == 0, out[-2000:]
+        _BASE["ckpt"] = made / "ckpt"
+    shutil.copytree(_BASE["ckpt"], root / "ckpt")
+    return root / "ckpt" / "global_step2"
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank0.pt")
+for _name in FILES:
+
+    @case(f"pickle payload in {_name}")
+    def _(root, name=_name):
+        import torch
+
+        tag = base_checkpoint(root)
+        torch.save({"x": _Payload(root / "ran")}, tag / name)
+        code, out = quick_main(root, "--optim.steps=4", "--checkpoint.resume=auto")
+        ok, detail = user_error(code, out, name, "refused")
+        return ok and not (root / "ran").exists(), detail + (
+            "" if not (root / "ran").exists() else " CODE RAN"
+        )
+
+    @case(f"truncated {_name}")
+    def _(root, name=_name):
+        tag = base_checkpoint(root)
+        data = (tag / name).read_bytes()
+        (tag / name).write_bytes(data[: len(data) // 2])
+        return user_error(*quick_main(root, "--optim.steps=4", "--checkpoint.resume=auto"), name, "truncated")
+
+
+@case("missing rng_rank0.pt: loud warning, resumes")
+def _(root):
+    tag = base_checkpoint(root)
+    (tag / "rng_rank0.pt").unlink()
+    code, out = train(root, "--optim.steps=3", "--checkpoint.resume=auto")
+    return code == 0 and "WARNING" in out and "NOT continue bit for bit" in out, f"exit {code}"
+
+
+@case("resume with a different model shape")
+def _(root):
+    base_checkpoint(root)
+    code, out = train(
+        root, "--optim.steps=4", "--checkpoint.resume=auto", "--model.hf_config.intermediate_size=96"
+    )
+    return user_error(code, out, "model differs", "mlp.gate_proj.weight")
+
+
+@case("1-rank checkpoint resumed on 2 ranks", slow=True)
+def _(root):
+    base_checkpoint(root)
+    codes, out = ranks(root, "--optim.steps=4", "--checkpoint.resume=auto")
+    err = last_error(out)
+    return codes == [2, 2] and "written by 1 data-parallel ranks" in err, f"exits {codes}: {err}"
+
+
+@case("disk full during a save (1 rank)")
+def _(root):
+    code, out = train(root, "--optim.steps=4", "--checkpoint.every=2", faults=("--enospc-in-save=4",))
+    ckpt = root / "ckpt"
+    left = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("tmp."))
+    ok = code == 1 and "No space left" in out and not left and (ckpt / "latest").read_text() == "global_step2"
+    return ok, f"exit {code}, temporary dirs left {left}: {last_error(out)}"
+
+
+@case("disk full on rank 1 only (2 ranks)", slow=True)
+def _(root):
+    args = ("--optim.steps=4", "--checkpoint.every=2")
+    codes, out = ranks(root, *args, faults=("--enospc-in-save=4", "--rank-only=1"))
+    ckpt = root / "ckpt"
+    left = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("tmp."))
+    ok = codes == [1, 1] and not left and (ckpt / "latest").read_text() == "global_step2"
+    return ok, f"exits {codes}, temporary dirs left {left}: {last_error(out)}"
+
+
+@case("two fresh runs into one logging.dir")
+def _(root):
+    first = train(root, "--optim.steps=2", "--checkpoint.dir=null")
+    second = train(root, "--optim.steps=1", "--checkpoint.dir=null")
+    kept = root / "log" / "metrics.1.jsonl"
+    ok = first[0] == second[0] == 0 and kept.is_file() and len(kept.read_text().splitlines()) == 2
+    return ok, f"exits {first[0]}, {second[0]}; first run's records kept: {kept.is_file()}"
+
+
+for _stage in (0, 1, 3):
+
+    @case(f"ZeRO-{_stage} checkpoint resumes through the weights-only loader", slow=True)
+    def _(root, stage=_stage):
+        first = train(root, "--optim.steps=2", f"--deepspeed.zero_stage={stage}")
+        second = train(root, "--optim.steps=3", f"--deepspeed.zero_stage={stage}", "--checkpoint.resume=auto")
+        ok = first[0] == second[0] == 0 and "resumed from" in second[1]
+        return ok, f"exits {first[0]}, {second[0]}: {last_error(second[1]) if second[0] else 'resumed'}"
+
+
+# -------------------------------------------------------------------------- signals through launchers
+
+
+def preemptible(root: Path) -> subprocess.Popen:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [sys.executable, str(REPO / "launch" / "preemptible.py"), str(deepspeed), "--num_gpus", "2"]
+    cmd += ["--master_port", str(free_port()), str(TRAIN), "--config", str(CONFIG), *FAST, *outputs(root)]
+    cmd += ["--optim.steps=300"]
+    return subprocess.Popen(
+        cmd, stdout=open(root / "out.log", "w"), stderr=subprocess.STDOUT, env=ENV, cwd=REPO
+    )
+
+
+def _signal_case(root: Path, target: str, sig: int) -> tuple[bool, str]:
+    import psutil
+
+    proc = preemptible(root)
+    log = root / "log" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        if proc.poll() is not None or time.time() > deadline:
+            return False, "run ended before step 2: " + (root / "out.log").read_text()[-300:]
+        time.sleep(0.05)
+    runner = psutil.Process(proc.pid).children()[0]
+    inner = runner.children()[0]
+    pid = {"supervisor": proc.pid, "deepspeed": runner.pid, "launcher": inner.pid}.get(target)
+    os.kill(pid, sig) if pid else os.killpg(os.getpgid(runner.pid), sig)
+    code = proc.wait(timeout=600)
+    steps = len(log.read_text().splitlines())
+    latest = (root / "ckpt" / "latest").read_text() if (root / "ckpt" / "latest").exists() else None
+    ok = code == 0 and latest == f"global_step{steps}" and steps < 300
+    return ok, f"exit {code}, stopped after step {steps}, latest {latest}"
+
+
+for _target, _sig in [("supervisor", signal.SIGTERM), ("deepspeed", signal.SIGTERM), ("launcher", signal.SIGTERM),
+                      ("group", signal.SIGTERM), ("supervisor", signal.SIGUSR1), ("launcher", signal.SIGUSR1)]:  # fmt: skip
+
+    @case(f"{_sig.name} to the {_target} (deepspeed launcher, 2 ranks)", slow=True)
+    def _(root, target=_target, sig=_sig):
+        return _signal_case(root, target, sig)
+
+
+@case("SIGTERM to one of two srun-style ranks", slow=True)
+def _(root):
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = [
+            sys.executable,
+            str(TRAIN),
+            "--config",
+            str(CONFIG),
+            *FAST,
+            *outputs(root),
+            "--optim.steps=300",
+        ]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+    log = root / "log" / "metrics.jsonl"
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        if any(p.poll() is not None for p in procs):
+            return False, "a rank ended early"
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=600) for p in procs]
+    steps = len(log.read_text().splitlines())
+    return codes == [0, 0] and (
+        root / "ckpt" / "latest"
+    ).read_text() == f"global_step{steps}", f"exits {codes}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="skip the multi-process launcher / signal cases")
+    p.add_argument("-k", default="", help="only cases whose name contains this")
+    args = p.parse_args()
+    failed = 0
+    for name, slow, fn in CASES:
+        if (args.quick and slow) or args.k.lower() not in name.lower():
+            continue
+        root = Path(tempfile.mkdtemp(prefix="hostile-"))
+        t0 = time.time()
+        try:
+            ok, detail = fn(root)
+        except Exception as e:  # a case that crashes is a failed case, not the end of the replay
+            ok, detail = False, f"{type(e).__name__}: {str(e)[:300]}"
+        failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {name}  [{time.time() - t0:.0f} s]  {detail}", flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({"failed": failed}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
