@@ -33,3 +33,21 @@ def lora_wrap(model):
 def global_batch():
     """Two sequences of different true lengths (37 and 29 tokens): one per rank."""
     return tiny_batch(batch=2, seq=37, pad_from=29, ignore=(5, 9))
+
+
+# Packed rows for the 2-rank packing case: document lengths per row of global_batch() (row 1 holds 29 real
+# tokens, then padding).
+PACKED_DOCS = [[10, 15, 12], [20, 9]]
+
+
+def packed_positions():
+    """position_ids restarting per document (HF's packed convention); padding continues the last one."""
+    _, _, mask = global_batch()
+    pos = torch.zeros_like(mask)
+    for b, lengths in enumerate(PACKED_DOCS):
+        at = 0
+        for n in lengths:
+            pos[b, at : at + n] = torch.arange(n)
+            at += n
+        pos[b, at:] = torch.arange(pos[b, at - 1] + 1, pos[b, at - 1] + 1 + mask.shape[1] - at)
+    return pos

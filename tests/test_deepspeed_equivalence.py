@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import torch
-from ds_reference import build, global_batch, lora_wrap, make_optimizer
+from ds_reference import PACKED_DOCS, build, global_batch, lora_wrap, make_optimizer
 from tiny import reference_grads, rel_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,6 +31,18 @@ CASES = {
     "zero2-spaco-q1": ["--zero", "2", "--mode", "spaco"],
     "zero2-offload-adamw": ["--zero", "2", "--offload-optimizer", "--optim", "adamw"],
     "zero3-adamw": ["--zero", "3", "--optim", "adamw"],
+    # Packed documents (position_ids restarting per document) against the documents run one by one; the
+    # SFT SpaCO policy ORs the loss-chunk flags over ranks (q = 1 here: exact).
+    "zero2-packed": ["--zero", "2", "--packed"],
+    "zero3-packed-spaco-loss-chunks": [
+        "--zero",
+        "3",
+        "--packed",
+        "--mode",
+        "spaco",
+        "--loss-chunks",
+        "always",
+    ],
 }
 
 
@@ -55,10 +67,10 @@ def initial(lora: bool):
     return lora_wrap(build()) if lora else build()
 
 
-def reference_step(lora: bool, optim: str):
+def reference_step(lora: bool, optim: str, packed: bool = False):
     model = initial(lora)
     ids, labels, mask = global_batch()
-    loss, grads = reference_grads(model, ids, labels, mask)
+    loss, grads = (per_document_grads if packed else reference_grads)(model, ids, labels, mask)
     params = dict(model.named_parameters())
     for n, g in grads.items():
         params[n].grad = g
@@ -66,15 +78,42 @@ def reference_step(lora: bool, optim: str):
     return loss, {n: p.detach().clone() for n, p in params.items()}
 
 
+def per_document_grads(model, ids, labels, mask):
+    """Plain autograd over each packed document alone, CE summed over all documents / all their targets."""
+    pieces = []
+    for b, lengths in enumerate(PACKED_DOCS):
+        at = 0
+        for n in lengths:
+            t = torch.full_like(labels[b : b + 1, at : at + n], -100)
+            t[:, :-1] = labels[b : b + 1, at + 1 : at + n]
+            pieces.append((ids[b : b + 1, at : at + n], t))
+            at += n
+    total = sum(int((t != -100).sum()) for _, t in pieces)
+    model.zero_grad(set_to_none=True)
+    loss = 0.0
+    for x, t in pieces:
+        ce = torch.nn.functional.cross_entropy(
+            model(input_ids=x).logits.flatten(0, 1), t.flatten(), reduction="sum"
+        )
+        (ce / total).backward()
+        loss += ce.item()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss / total, grads
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_one_step_matches_single_process(tmp_path, name):
     args = CASES[name]
     lora, optim = "--lora" in args, "adamw" if "adamw" in args else "sgd"
     got = launch(args, tmp_path / "out.pt")
-    ref_loss, ref = reference_step(lora, optim)
+    ref_loss, ref = reference_step(lora, optim, packed="--packed" in args)
     assert got["loss"] == pytest.approx(ref_loss, rel=1e-5)
     _, labels, _ = global_batch()
-    assert got["tokens"] == int((labels[:, 1:] != -100).sum())
+    cut = (
+        len(PACKED_DOCS[0]) - 1 + len(PACKED_DOCS[1]) - 1 if "--packed" in args else 0
+    )  # no cross-doc target
+    assert got["tokens"] == int((labels[:, 1:] != -100).sum()) - cut
     init = {n: p.detach() for n, p in initial(lora).named_parameters()}
     ref_update = {n: ref[n] - init[n] for n in ref if not torch.equal(ref[n], init[n])}
     got_update = {n: got["params"][n] - init[n] for n in ref_update}

@@ -1,7 +1,7 @@
 """One chunk-wise training step under the deepspeed launcher; rank 0 saves the updated weights.
 
 Usage: deepspeed --num_gpus 2 tests/workers/ds_step.py --zero 2 [--offload-optimizer] [--offload-param]
-       [--lora] [--mode seco|spaco] [--optim sgd|adamw] --out result.pt
+       [--lora] [--mode seco|spaco] [--optim sgd|adamw] [--packed] [--loss-chunks always] --out result.pt
 """
 
 import argparse
@@ -12,9 +12,9 @@ import deepspeed
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ds_reference import build, global_batch, lora_wrap, make_optimizer  # noqa: E402
+from ds_reference import build, global_batch, lora_wrap, make_optimizer, packed_positions  # noqa: E402
 
-from engine.chunkwise import chunkwise_backward  # noqa: E402
+from engine.chunkwise import ChunkSchedule, chunkwise_backward  # noqa: E402
 from engine.distributed import unlink_shm_comm_buffers  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -24,6 +24,8 @@ p.add_argument("--offload-param", action="store_true")
 p.add_argument("--lora", action="store_true")
 p.add_argument("--mode", default="seco")
 p.add_argument("--optim", default="sgd", choices=["sgd", "adamw"])
+p.add_argument("--packed", action="store_true")  # documents packed per row (position_ids restart)
+p.add_argument("--loss-chunks", default="sampled")
 p.add_argument("--out", required=True)
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
@@ -53,9 +55,15 @@ engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
 ids, labels, mask = (t[rank : rank + 1] for t in global_batch())
 n = int(mask[0].sum())  # uneven lengths: each rank sees only its own unpadded length
 ids, labels, mask = ids[:, :n], labels[:, :n], mask[:, :n]
-kw = {"sample_prob": 1.0} if args.mode == "spaco" else {}
+pos = packed_positions()[rank : rank + 1, :n] if args.packed else None
+kw = {"sample_prob": 1.0, "loss_chunks": args.loss_chunks} if args.mode == "spaco" else {}
 stats = chunkwise_backward(
-    engine, ids, labels=labels, attention_mask=mask, chunk_size=8, mode=args.mode, **kw
+    engine,
+    ids,
+    labels=labels,
+    attention_mask=mask,
+    position_ids=pos,
+    schedule=ChunkSchedule(chunk_size=8, mode=args.mode, **kw),
 )
 engine.step()
 state = {}
