@@ -152,3 +152,26 @@ def test_bench_vs_alst(tmp_path):
     assert 0.85 < rows["seco"]["peak_bytes"] / rows["seco"]["predicted_peak_bytes"] < 1.15
     assert set(out["ratios"]) >= {"seco_device_peak_over_alst", "seco_time_over_alst"}
     assert json.loads(stem.with_suffix(".json").read_text())["machine"]["cpus"] >= 1
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """bench/gpu_check.py's CPU-independent parts (exactness, offload, the table) on tiny sizes: the GPU
+    acceptance command itself needs CUDA, which CI never has."""
+    gpu = _load("gpu_check")
+    stem = tmp_path / "gc"
+    assert gpu.main(["--device", "cpu", "--dry-run", "--parts", "exactness,offload", "--out", str(stem)]) == 0
+    out = json.loads(stem.with_suffix(".json").read_text())
+    assert out["device"] == "cpu" and out["passed"]
+    assert {(r["attn"], r["dtype"]) for r in out["exactness"]} == {
+        (a, d) for a in ("sdpa", "eager") for d in ("float32", "bfloat16")
+    }
+    growth = out["offload"]["device_peak_growth"]
+    assert growth["offload"] < growth["on_device"] / 2 and out["offload"]["kv_growth"] > 0
+    if not torch_cuda():
+        assert gpu.main(["--device", "cuda"]) == 2  # says there is no GPU, writes nothing
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -19,7 +19,7 @@ trained by engine/chunkwise.py:
                       flash-attn get no mask and grouped heads. checkpoint_layers: each layer's input only,
                       plus one layer recomputed during its backward
     transient         the largest of what backward allocates on top of that: the chunk's cross-entropy
-                      (float32 [C, vocab] x 3; fused_loss: [loss_slice, vocab] x 3), the lm_head backward,
+                      (float32 [C, vocab] x 3; fused_loss: one slice's, [loss_slice, vocab]), the lm_head backward,
                       the top layer's attention backward (gradients over prefix + chunk K/V; with offload_kv
                       its K/V fetched back from the host, the next layer's prefetched, the deposit staged),
                       the top layer's MLP backward (full fine-tuning)
@@ -271,21 +271,29 @@ def _phases(shape: ModelShape, o: Setup, seq_len: int, acts: int, parts: dict[st
     dt, c, b, L, v = DTYPE_BYTES[o.dtype], o.chunk_size, o.batch, seq_len, shape.vocab
     xf = max(dt, 4)
     full = o.lora_rank == 0
-    # fused_loss: the logits of at most one slice exist (plus the float32 gradient of the chunk's hidden)
-    cv = min(o.loss_slice, c) if o.fused_loss else c
-    fused_extra = b * c * shape.hidden * 4 if o.fused_loss else 0
+    h = shape.hidden
     head_acts = acts - parts["recomputed"]  # a checkpointed layer is recomputed after the head's backward
     phases = {}
-    # Cross-entropy in float32: log-softmax output, NLL gradient, log-softmax gradient.
-    phases["ce"] = head_acts + 3 * b * cv * v * xf + fused_extra
-    # lm_head backward: the logits' gradient cast back to the model dtype, then (full FT) the weight gradient.
-    cast = b * cv * v * (xf + dt) if dt != xf else b * cv * v * xf
-    head_grad = b * cv * v * dt + b * c * shape.hidden * dt + (v * shape.hidden * dt if full else 0)
-    phases["lm_head"] = head_acts + max(cast, head_grad) + fused_extra
+    if o.fused_loss:
+        # engine/loss.py computes each slice's gradients inside the forward: the hidden states' gradient
+        # (model dtype) and, when the head trains, a float32 accumulator of its weight's; per slice its
+        # logits, their float32 log-softmax, the gradient of both. Backward scales the stored gradients
+        # (one more copy of each).
+        s = min(o.loss_slice, c)
+        weight_grad = v * h * 4 if full else 0
+        phases["ce"] = head_acts + b * c * h * dt + weight_grad + b * s * v * (dt + 3 * 4)
+        phases["lm_head"] = head_acts + 2 * (b * c * h * dt + (v * h * dt if full else 0))
+    else:
+        # Cross-entropy in float32: log-softmax output, NLL gradient, log-softmax gradient.
+        phases["ce"] = head_acts + 3 * b * c * v * xf
+        # lm_head backward: the logits' gradient cast back to the model dtype, then (full FT) the weight's.
+        cast = b * c * v * (xf + dt) if dt != xf else b * c * v * xf
+        head_grad = b * c * v * dt + b * c * h * dt + (v * h * dt if full else 0)
+        phases["lm_head"] = head_acts + max(cast, head_grad)
     if shape.attn_layers:
         phases["attention"] = acts - parts["top_mlp"] - parts["head"] + _attention_backward(shape, o, L)
     if full:  # the top layer's MLP backward: a weight gradient [h, I] with the input's and output's gradients
-        h, i = shape.hidden, shape.intermediate
+        i = shape.intermediate
         phases["weight_grad"] = acts - parts["head"] + dt * (h * i + b * c * (h + i))
     return phases
 
