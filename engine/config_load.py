@@ -289,7 +289,8 @@ def _check_writable_dir(key: str, path: Path) -> None:
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    _require(existing.is_dir(), f"{key}: {str(path)!r}: {str(existing)!r} is a file, not a directory")
+    where = f"{str(path)!r}" if existing == path else f"{str(path)!r}: {str(existing)!r}"
+    _require(existing.is_dir(), f"{key}: {where} is a file, not a directory")
     _require(
         os.access(existing, os.W_OK | os.X_OK),
         f"{key}: {str(path)!r} is not writable"
