@@ -2,6 +2,7 @@
 
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny import packed_positions as tiny_packed_positions
 from tiny import tiny_batch, tiny_model
 
 LR = 1e-2
@@ -41,13 +42,4 @@ PACKED_DOCS = [[10, 15, 12], [20, 9]]
 
 
 def packed_positions():
-    """position_ids restarting per document (HF's packed convention); padding continues the last one."""
-    _, _, mask = global_batch()
-    pos = torch.zeros_like(mask)
-    for b, lengths in enumerate(PACKED_DOCS):
-        at = 0
-        for n in lengths:
-            pos[b, at : at + n] = torch.arange(n)
-            at += n
-        pos[b, at:] = torch.arange(pos[b, at - 1] + 1, pos[b, at - 1] + 1 + mask.shape[1] - at)
-    return pos
+    return tiny_packed_positions(PACKED_DOCS, global_batch()[0].shape[1])

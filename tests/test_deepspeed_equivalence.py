@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import torch
 from ds_reference import PACKED_DOCS, build, global_batch, lora_wrap, make_optimizer
-from tiny import reference_grads, rel_error
+from tiny import per_document_grads, reference_grads, rel_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.distributed
@@ -70,7 +70,7 @@ def initial(lora: bool):
 def reference_step(lora: bool, optim: str, packed: bool = False):
     model = initial(lora)
     ids, labels, mask = global_batch()
-    loss, grads = (per_document_grads if packed else reference_grads)(model, ids, labels, mask)
+    loss, grads = (packed_reference if packed else reference_grads)(model, ids, labels, mask)
     params = dict(model.named_parameters())
     for n, g in grads.items():
         params[n].grad = g
@@ -78,28 +78,9 @@ def reference_step(lora: bool, optim: str, packed: bool = False):
     return loss, {n: p.detach().clone() for n, p in params.items()}
 
 
-def per_document_grads(model, ids, labels, mask):
-    """Plain autograd over each packed document alone, CE summed over all documents / all their targets."""
-    pieces = []
-    for b, lengths in enumerate(PACKED_DOCS):
-        at = 0
-        for n in lengths:
-            t = torch.full_like(labels[b : b + 1, at : at + n], -100)
-            t[:, :-1] = labels[b : b + 1, at + 1 : at + n]
-            pieces.append((ids[b : b + 1, at : at + n], t))
-            at += n
-    total = sum(int((t != -100).sum()) for _, t in pieces)
-    model.zero_grad(set_to_none=True)
-    loss = 0.0
-    for x, t in pieces:
-        ce = torch.nn.functional.cross_entropy(
-            model(input_ids=x).logits.flatten(0, 1), t.flatten(), reduction="sum"
-        )
-        (ce / total).backward()
-        loss += ce.item()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return loss / total, grads
+def packed_reference(model, ids, labels, mask):
+    loss, _, grads = per_document_grads(model, ids, labels, PACKED_DOCS)
+    return loss, grads
 
 
 @pytest.mark.parametrize("name", list(CASES))

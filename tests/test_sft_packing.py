@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from tiny import VOCAB, grads_of, rel_error, tiny_model
+from tiny import VOCAB, grads_of, packed_positions, per_document_grads, rel_error, tiny_model
 
 from engine.chunkwise import ChunkSchedule, chunkwise_backward
 
@@ -22,42 +21,15 @@ def packed_batch(docs=DOCS, seq=SEQ, seed=0):
     ids = torch.randint(3, VOCAB, (len(docs), seq), generator=g)
     labels = ids.clone()
     mask = torch.ones_like(ids)
-    pos = torch.zeros_like(ids)
     for b, lengths in enumerate(docs):
-        at = 0
-        for n in lengths:
-            pos[b, at : at + n] = torch.arange(n)
-            at += n
-        mask[b, at:] = 0
-        labels[b, at:] = -100
-        ids[b, at:] = 0
-        pos[b, at:] = torch.arange(seq - at)  # padding: anything; it is masked and never a target
+        mask[b, sum(lengths) :] = 0
+    ids, labels = ids.masked_fill(mask == 0, 0), labels.masked_fill(mask == 0, -100)
     labels[0, 9:12] = -100  # a prompt-like span without loss inside document 1
-    return ids, labels, mask, pos
+    return ids, labels, mask, packed_positions(docs, seq)
 
 
 def per_document_reference(model, ids, labels, docs=DOCS):
-    """Each document alone through plain autograd; CE summed over all documents / all their targets."""
-    pieces, total = [], 0
-    for b, lengths in enumerate(docs):
-        at = 0
-        for n in lengths:
-            doc_ids, doc_labels = ids[b : b + 1, at : at + n], labels[b : b + 1, at : at + n]
-            targets = torch.full_like(doc_labels, -100)
-            targets[:, :-1] = doc_labels[:, 1:]
-            pieces.append((doc_ids, targets))
-            total += int((targets != -100).sum())
-            at += n
-    model.zero_grad(set_to_none=True)
-    loss_sum = 0.0
-    for doc_ids, targets in pieces:
-        logits = model(input_ids=doc_ids).logits
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
-        (ce / total).backward()
-        loss_sum += ce.item()
-    grads = grads_of(model)
-    model.zero_grad(set_to_none=True)
-    return loss_sum / total, total, grads
+    return per_document_grads(model, ids, labels, docs)
 
 
 def packed_grads(model, ids, labels, mask, pos, **kw):

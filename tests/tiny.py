@@ -72,3 +72,40 @@ def rel_error(got: dict, ref: dict) -> float:
     num = sum(((got[n].double() - ref[n].double()) ** 2).sum() for n in ref)
     den = sum((ref[n].double() ** 2).sum() for n in ref)
     return float((num / den).sqrt())
+
+
+def packed_positions(docs: list[list[int]], seq: int) -> torch.Tensor:
+    """position_ids of rows packed with documents of the given lengths (HF's convention: restarting at 0 per
+    document); the padding after the last document continues its positions (it opens no document)."""
+    pos = torch.zeros(len(docs), seq, dtype=torch.long)
+    for b, lengths in enumerate(docs):
+        at = 0
+        for n in lengths:
+            pos[b, at : at + n] = torch.arange(n)
+            at += n
+        pos[b, at:] = torch.arange(seq - at) + (pos[b, at - 1] + 1)
+    return pos
+
+
+def per_document_grads(model, ids, labels, docs: list[list[int]]):
+    """Plain autograd over each packed document alone; CE summed over all documents / all their targets.
+    Returns (loss, number of targets, grads)."""
+    pieces = []
+    for b, lengths in enumerate(docs):
+        at = 0
+        for n in lengths:
+            t = torch.full_like(labels[b : b + 1, at : at + n], -100)
+            t[:, :-1] = labels[b : b + 1, at + 1 : at + n]
+            pieces.append((ids[b : b + 1, at : at + n], t))
+            at += n
+    total = sum(int((t != -100).sum()) for _, t in pieces)
+    model.zero_grad(set_to_none=True)
+    loss = 0.0
+    for x, t in pieces:
+        logits = model(input_ids=x).logits
+        ce = F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=-100, reduction="sum")
+        (ce / total).backward()
+        loss += ce.item()
+    grads = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    return loss / total, total, grads
