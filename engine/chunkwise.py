@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from engine.attention import chunk_attention
 from engine.distributed import backend_for
 from engine.kv_cache import ChunkKVCache
+from engine.layer_checkpoint import checkpointed_layers
+from engine.loss import FusedLoss
 from engine.moe import RouterLoss
 from engine.packing import IGNORE, check_position_ids, chunk_mask, documents_of
 from engine.schedule import MODES, SAMPLERS, ChunkSchedule, draw_chunks
@@ -65,7 +67,12 @@ def chunkwise_backward(
     generator: torch.Generator | None = None,
     num_items_in_batch: int | None = None,
     compensation_cap: float | None = None,
-    offload_kv: bool = False,
+    offload_kv: bool | str = False,
+    kv_device_budget: int | None = None,
+    kv_grad_dtype: str = "bfloat16",
+    checkpoint_layers: bool = False,
+    fused_loss: bool = False,
+    loss_slice: int = 128,
 ) -> ChunkStats:
     """Add to every trainable parameter's .grad the gradient (SeCO) or an unbiased estimate of it (SpaCO) of
     `model(input_ids, labels=labels, attention_mask=attention_mask).loss`, one chunk's graph at a time.
@@ -76,7 +83,13 @@ def chunkwise_backward(
     `engine.step()` (engine/distributed.py). `num_items_in_batch` overrides the (global) token count the loss
     is divided by, as HF's argument of that name. `position_ids` in HF's packed convention (restarting at 0
     per document) make documents packed into one row independent (engine/packing.py). `offload_kv` keeps the
-    K/V checkpoints and their gradients in (pinned) host memory, fetched layer by layer (engine/kv_cache.py).
+    K/V checkpoints and their gradients in (pinned) host memory, fetched layer by layer (engine/kv_cache.py);
+    `offload_kv="auto"` keeps layers on the device while they fit in `kv_device_budget` bytes and only the
+    rest on the host. `kv_grad_dtype` ("float32" | "bfloat16") is what bf16 models' K/V gradients
+    accumulate in (wider models keep their own dtype; README: bf16 measured as accurate).
+    `checkpoint_layers` recomputes each decoder layer in the chunk's backward
+    (engine/layer_checkpoint.py). `fused_loss` computes each chunk's loss `loss_slice` tokens (per row)
+    at a time, never materialising the chunk's logits (engine/loss.py).
     """
     loose = dict(chunk_size=chunk_size, mode=mode, sample_prob=sample_prob, sampler=sampler, budget=budget)
     loose.update(selected=None if selected is None else tuple(selected), compensation_cap=compensation_cap)
@@ -137,7 +150,9 @@ def chunkwise_backward(
         _num_layers(module),
         seq_len,
         needs_grad=needs_kv_grad,
-        offload=offload_kv,
+        offload=_offload_mode(offload_kv),
+        grad_dtype=_kv_grad_dtype(kv_grad_dtype),
+        device_budget=kv_device_budget,
         config=_config(module) if recurrent else None,
     )
     dtype = next(module.parameters()).dtype
@@ -147,6 +162,15 @@ def chunkwise_backward(
     recomputed = set(draw.selected)
     skip_head = {"logits_to_keep": 1} if _accepts_logits_to_keep(module) else {}
     cache_arg = _cache_argument(module)
+    fused = None
+    if fused_loss:  # checks the model's logits on one token per row first (engine/loss.py)
+        fused = FusedLoss.build(
+            module,
+            loss_slice * input_ids.shape[0],
+            lambda: (
+                model(input_ids=input_ids[:, :1], position_ids=position_ids[:, :1], use_cache=False).logits
+            ),
+        )
 
     def run_chunk(c: int, with_loss: bool = True) -> torch.Tensor | None:
         """Summed CE of chunk c, run against the K/V of chunks 0..c-1 already in the cache."""
@@ -157,7 +181,14 @@ def chunkwise_backward(
             mask = None if attention_mask is None else attention_mask[:, :e]
         else:
             mask = chunk_mask(_config(module), docs, attention_mask, s, e, lo[c], dtype)
-        with cache.saved_kv_offloaded(), router.capture(s, e) if router else contextlib.nullcontext():
+        fused_chunk = (
+            fused.chunk(targets[:, s:e]) if fused is not None and with_loss else contextlib.nullcontext()
+        )
+        with (
+            fused_chunk as fused_out,
+            cache.saved_kv_offloaded(),
+            router.capture(s, e) if router else contextlib.nullcontext(),
+        ):
             out = model(
                 input_ids=input_ids[:, s:e],
                 attention_mask=mask,
@@ -169,6 +200,8 @@ def chunkwise_backward(
                 **({"output_router_logits": False} if router else {}),
             )
         if with_loss:
+            if fused_out is not None:  # the model's logits are empty: the loss came from the hook
+                return fused_out.loss
             return _ce_sum(out.logits, targets[:, s:e])
         # No loss tokens here: the chunk still relays later chunks' K/V gradient into the parameters, and
         # the (one-token) logits are the root that backward starts from.
@@ -196,6 +229,7 @@ def chunkwise_backward(
         _Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32),
         backend.step_context(),
         chunk_attention(_config(module)),
+        checkpointed_layers(module, checkpoint_layers),
     ):
         for i, c in enumerate(order):
             rng.restore(c)  # dropout masks of the recompute equal pass 1's
@@ -313,6 +347,21 @@ def _cache_argument(module) -> str:
     goes in 5.40): pass it by the name the installed version's forward declares."""
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+KV_GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _kv_grad_dtype(name: str) -> torch.dtype:
+    if name not in KV_GRAD_DTYPES:
+        raise ValueError(f"kv_grad_dtype={name!r} is not one of {tuple(KV_GRAD_DTYPES)}")
+    return KV_GRAD_DTYPES[name]
+
+
+def _offload_mode(offload_kv) -> bool | str:
+    if offload_kv not in (True, False, "auto"):
+        raise ValueError(f"offload_kv={offload_kv!r} must be true, false or 'auto'")
+    return offload_kv
 
 
 def _accepts_logits_to_keep(module) -> bool:

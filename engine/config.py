@@ -207,12 +207,37 @@ class ChunkingConfig:
     samples only the others with sample_prob (the SFT policy: the answer always trains); sampled treats all
     chunks alike."""
 
-    offload_kv: bool = False
-    """K/V and K/V grads in pinned host memory: device memory stays flat."""
+    offload_kv: bool | Literal["auto"] = False
+    """K/V and K/V grads in pinned host memory. true: all of them (device memory stays flat); auto: the layers
+    that fit in kv_device_budget stay on the device, only the rest go to the host."""
+
+    kv_device_budget: int | None = None
+    """offload_kv auto: bytes of device memory the K/V and K/V grads may take (null: on CUDA, what is free when
+    the first layer is placed, less 20% of the device's total)."""
+
+    kv_grad_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """What bf16 models' K/V gradients accumulate in (wider models keep their own dtype); bfloat16 measured as
+    accurate as float32 against plain bf16 backprop at 64 chunks (README)."""
+
+    checkpoint_layers: bool = False
+    """Recompute each decoder layer in the chunk's backward: a chunk then holds its layers' inputs plus one
+    layer's activations, so chunks can be several times longer in the same memory (exact)."""
+
+    fused_loss: bool = False
+    """Each chunk's loss loss_slice tokens per row at a time, never the chunk's whole logits (exact; heads
+    it cannot reproduce fall back to the whole-chunk loss, logged once)."""
+
+    loss_slice: int = 128
+    """fused_loss: tokens per row in one slice (its float32 logits: loss_slice x batch x vocab x 4 bytes)."""
 
     def __post_init__(self):
         # The rules chunkwise_backward's ChunkSchedule checks, written once (engine/schedule.py).
         check_chunking(self, prefix="chunking.", error=ConfigError)
+        _require(self.loss_slice >= 1, f"chunking.loss_slice: must be >= 1, got {self.loss_slice}")
+        _require(
+            self.kv_device_budget is None or self.kv_device_budget >= 0,
+            f"chunking.kv_device_budget: must be >= 0 bytes or null, got {self.kv_device_budget}",
+        )
 
 
 @dataclass

@@ -36,7 +36,7 @@ class _AppendKV(torch.autograd.Function):
         end = start + new.shape[-2]
         buf[..., start:end, :].copy_(new)
         ctx.grad_buf, ctx.start, ctx.end, ctx.relay, ctx.lo = grad_buf, start, end, relay, lo
-        if layer.cache.offload:  # a device copy of prefix + chunk, which backward re-fetches from the host
+        if layer.offload:  # a device copy of prefix + chunk, which backward re-fetches from the host
             return layer.cache.fetch(layer.idx, which, upto=start, total=end, tail=new)[..., lo:, :]
         # A view, not a copy: attention reads prefix + chunk straight from the preallocated buffer.
         return buf[..., lo:end, :]
@@ -76,6 +76,7 @@ class ChunkKVLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.idx = cache, idx
         self.k_buf = self.v_buf = self.k_grad = self.v_grad = None
+        self.offload = False  # this layer's K/V and grads in host memory (decided at allocation)
 
     def buffers(self, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         return (self.k_buf, self.k_grad) if which == "k" else (self.v_buf, self.v_grad)
@@ -84,7 +85,10 @@ class ChunkKVLayer(CacheLayerMixin):
         b, h, _, d = key_states.shape
         n = self.cache.seq_len
         self.dtype, self.device = key_states.dtype, key_states.device
-        host = self.cache.offload
+        kv_size = key_states.element_size() * b * h * n * (d + value_states.shape[-1])
+        acc = torch.promote_types(key_states.dtype, self.cache.grad_dtype)
+        grad_size = kv_size // key_states.element_size() * acc.itemsize if self.cache.needs_grad else 0
+        host = self.offload = self.cache.place(kv_size + grad_size, key_states.device)
         # Pinned host memory makes the copies asynchronous; only worth it (and possible) next to a GPU.
         dev, pin = ("cpu", key_states.is_cuda) if host else (key_states.device, False)
 
@@ -94,7 +98,6 @@ class ChunkKVLayer(CacheLayerMixin):
 
         self.k_buf, self.v_buf = alloc(d, key_states.dtype), alloc(value_states.shape[-1], value_states.dtype)
         if self.cache.needs_grad:
-            acc = torch.promote_types(key_states.dtype, torch.float32)
             self.k_grad = alloc(d, acc, zero=True)
             self.v_grad = alloc(value_states.shape[-1], acc, zero=True)
         self.is_initialized = True
@@ -112,7 +115,7 @@ class ChunkKVLayer(CacheLayerMixin):
                 continue
             buf = self.buffers(which)[0]  # pass 1: plain writes, no autograd node
             buf[..., start:end, :].copy_(new)
-            if self.cache.offload:
+            if self.offload:
                 out.append(self.cache.fetch(self.idx, which, upto=start, total=end, tail=new)[..., lo:, :])
             else:
                 out.append(buf[..., lo:end, :])
@@ -146,9 +149,18 @@ class ChunkKVCache(StateCacheMixin, Cache):
     """
 
     def __init__(
-        self, num_layers: int, seq_len: int, needs_grad: bool = True, offload: bool = False, config=None
+        self,
+        num_layers: int,
+        seq_len: int,
+        needs_grad: bool = True,
+        offload: bool | str = False,
+        grad_dtype: torch.dtype = torch.float32,
+        device_budget: int | None = None,
+        config=None,
     ):
         self.seq_len, self.needs_grad, self.offload = seq_len, needs_grad, offload
+        # K/V gradients accumulate in grad_dtype, or in the K/V's own dtype when that is wider (float64).
+        self.grad_dtype, self.device_budget, self._on_device = grad_dtype, device_budget, 0
         self.offset, self.relay, self.kv_start = 0, 1.0, 0
         self._device_copies = []  # (weakref to storage, layer, which, end) of this chunk's device copies
         self._prefetched = {}  # (layer, which, end) -> (tensor, event)
@@ -168,6 +180,25 @@ class ChunkKVCache(StateCacheMixin, Cache):
 
     def kv_bytes(self) -> int:
         return sum(layer.kv_bytes() for layer in self.layers)
+
+    def place(self, nbytes: int, device: torch.device) -> bool:
+        """Where a layer's K/V (+ grads) of `nbytes` go: True = host. offload 'auto' keeps layers on the device,
+        in order, while they fit in `device_budget` bytes (on CUDA without a budget: the memory free when the
+        first layer is placed, less 20% of the device's total as the chunk's own working room)."""
+        if self.offload != "auto":
+            return bool(self.offload)
+        if self.device_budget is None:
+            if device.type != "cuda":
+                return False  # no separate device memory to spare: keep everything where it is
+            free, total = torch.cuda.mem_get_info(device)
+            self.device_budget = max(0, free - total // 5)
+        if self._on_device + nbytes <= self.device_budget:
+            self._on_device += nbytes
+            return False
+        return True
+
+    def layers_offloaded(self) -> int:
+        return sum(layer.offload for layer in self.layers)
 
     # ---- offload: host -> device copies, one layer ahead
 
@@ -194,8 +225,8 @@ class ChunkKVCache(StateCacheMixin, Cache):
         return out
 
     def _prefetch(self, key) -> None:
-        if key in self._prefetched:
-            return
+        if key in self._prefetched or not getattr(self.layers[key[0]], "offload", False):
+            return  # already on its way, or a layer kept on the device (offload 'auto')
         device = self.layers[key[0]].device
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)

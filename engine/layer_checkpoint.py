@@ -1,0 +1,67 @@
+"""Checkpointed chunks (`chunking.checkpoint_layers`): each decoder layer recomputed in the chunk's backward.
+
+Without it a chunk's backward needs every layer's saved activations at once (layers x chunk x ~20 hidden
+for a Llama layer); with it only each layer's input (layers x chunk x hidden) stays, plus one layer's
+activations during its recompute, so chunks can be several times longer in the same memory.
+
+Why not transformers' own `gradient_checkpointing_enable`: its layer wrapper drops the cache (`cache=None`)
+for layers that write to it, because a recompute would append the K/V a second time. Our cache is safe under
+recompute, by construction (engine/kv_cache.py): a chunk's K/V go to fixed positions of preallocated
+buffers, so the recompute writes the same values to the same place, and the deposit/relay happens in the
+backward of the *original* `_AppendKV` node only (non-reentrant checkpointing backpropagates the original
+graph and only borrows the recomputed tensors it saved), so nothing is deposited twice. The recompute
+replays the RNG (torch's `preserve_rng_state`), so dropout masks are the forward's, bit for bit.
+
+The wrapping is an instance attribute on each decoder layer for the duration of pass 2 and is removed after;
+module hooks (DeepSpeed's ZeRO-3 gather, PEFT) stay outside the checkpoint and run once per forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+
+def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost checkpointable layers (transformers' GradientCheckpointingLayer) of a model."""
+    found, prefixes = [], []
+    for name, m in module.named_modules():
+        if isinstance(m, GradientCheckpointingLayer) and not any(name.startswith(p) for p in prefixes):
+            found.append(m)
+            prefixes.append(name + ".")
+    return found
+
+
+@contextlib.contextmanager
+def checkpointed_layers(module: torch.nn.Module, enabled: bool):
+    if not enabled:
+        yield
+        return
+    layers = decoder_layers(module)
+    if not layers:
+        raise ValueError(
+            f"chunking.checkpoint_layers: {type(module).__name__} has no transformers decoder layers "
+            "(GradientCheckpointingLayer) to checkpoint; set it to false"
+        )
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = _checkpointed(layer.forward)
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, saved):
+            del layer.forward
+            if previous is not None:
+                layer.forward = previous
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run

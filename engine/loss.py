@@ -1,0 +1,190 @@
+"""Fused chunked cross-entropy: a chunk's loss with at most one slice of tokens' logits alive.
+
+A chunk of n tokens over a vocabulary V has n x V logits (fp32 for the loss), and autograd keeps them and
+their gradient: at n = 1024, V = 128K that is 0.5 GiB each, often more than the chunk's other activations.
+Here the LM head runs slice by slice from the chunk's final hidden states, and each slice's gradient (with
+respect to the hidden states and the head's weight) is computed right away, in the same forward, from the
+slice's softmax; backward only scales those gradients by the incoming one. No logits outlive their slice,
+and the head's weight is read in the forward only.
+
+How the model is reached: a forward pre-hook on the model's output embedding (the LM head) takes the
+hidden states the model is about to project, computes the fused loss, and hands the head an empty input, so
+the model's own forward (PEFT, DeepSpeed and its hooks included) runs as always and its logits are empty.
+The head module is therefore called once per chunk: under ZeRO-3 its weight is gathered once per chunk by
+DeepSpeed's own module hook (which runs before ours), not once per slice.
+
+The model's own logit post-processing is reproduced: final-logit softcapping (Gemma-2/3), logit scaling
+(Cohere `logit_scale`, Granite `logits_scaling`). Because an unknown family could do something else after
+the head, each step first runs the model on one token per row (no grad, no cache) and compares its logits
+with ours; a mismatch (or a head we cannot read: a PEFT adapter on it, a non-Linear head) makes the step use
+the whole-chunk path, logged once per reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+logger = logging.getLogger(__name__)
+_logged: set[str] = set()  # log each fallback reason once per process
+
+
+def _log_once(reason: str) -> None:
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.warning("fused loss: %s; using the whole-chunk loss", reason)
+
+
+def logit_transform(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the model's forward does to `lm_head(h)` before its loss, for the families that do something."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(base, "logit_scale", None)  # Cohere keeps it on the CausalLM module
+    divide = getattr(cfg, "logits_scaling", None)  # Granite
+    scale = scale if isinstance(scale, (int, float)) else None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:  # in the order and dtype of Gemma-2's forward
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+class _FusedCE(torch.autograd.Function):
+    """Summed CE of transform(h W^T + b) over `targets`, slice by slice; grads computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform, slice_tokens, grads):
+        h = hidden.reshape(-1, hidden.shape[-1])
+        t = targets.reshape(-1).to(h.device)
+        acc = torch.promote_types(h.dtype, torch.float32)  # HF's loss: float32 at least
+        total = torch.zeros((), dtype=acc, device=h.device)
+        want_h, want_w, want_b = grads
+        grad_h = torch.zeros_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        grad_b = (
+            torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_b and bias is not None else None
+        )
+        for a in range(0, h.shape[0], slice_tokens):
+            x, y = h[a : a + slice_tokens], t[a : a + slice_tokens]
+            if not (y != IGNORE).any():
+                continue  # no target: no loss, zero gradient
+            if not any(grads):
+                total += _ce(transform(F.linear(x, weight, bias)), y, acc)
+                continue
+            with torch.enable_grad():  # the slice's own little graph: logits -> transform -> CE
+                logits = F.linear(x, weight, bias).detach().requires_grad_()
+                loss = _ce(transform(logits), y, acc)
+                (dlogits,) = torch.autograd.grad(loss, logits)
+            total += loss.detach()
+            if want_h:
+                grad_h[a : a + slice_tokens] = dlogits @ weight
+            if grad_w is not None:
+                grad_w.addmm_(dlogits.t().to(acc), x.to(acc))
+            if grad_b is not None:
+                grad_b += dlogits.sum(0).to(acc)
+            del logits, loss, dlogits
+        ctx.grad_h = None if grad_h is None else grad_h.view_as(hidden)
+        ctx.grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        ctx.grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        # In place: the precomputed gradients are ours, and a copy would double the head's gradient.
+        grads = [None if x is None else x.mul_(g.to(x.dtype)) for x in (ctx.grad_h, ctx.grad_w, ctx.grad_b)]
+        ctx.grad_h = ctx.grad_w = ctx.grad_b = None
+        return (*grads, None, None, None, None)
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return F.cross_entropy(logits.to(dtype), targets, ignore_index=IGNORE, reduction="sum")
+
+
+def fused_ce_sum(hidden, weight, bias, targets, transform, slice_tokens: int) -> torch.Tensor:
+    """Summed CE (float32 at least) of the chunk, as the model's loss over `transform(linear(hidden))`."""
+    need = torch.is_grad_enabled()
+    grads = (
+        need and hidden.requires_grad,
+        need and weight.requires_grad,
+        need and bias is not None and bias.requires_grad,
+    )
+    return _FusedCE.apply(hidden, weight, bias, targets, transform, slice_tokens, grads)
+
+
+@dataclass
+class _Result:
+    loss: torch.Tensor | None = None
+
+
+class FusedLoss:
+    """One step's fused loss: `with fused.chunk(targets) as r:` around a chunk's forward fills `r.loss` and
+    leaves the model's logits empty. `FusedLoss.build` returns None (the caller then uses the whole-chunk
+    path) when the head is not a plain Linear or the model's logits are not what we would compute."""
+
+    def __init__(self, head: torch.nn.Linear, transform, slice_tokens: int):
+        self.head, self.transform, self.slice_tokens = head, transform, slice_tokens
+
+    @classmethod
+    def build(
+        cls, module, slice_tokens: int, forward_one_token: Callable[[], torch.Tensor]
+    ) -> FusedLoss | None:
+        """`forward_one_token()` runs the model (as the step does, without a cache) on one token per row and
+        returns its logits: the check that the model's post-processing is the one we reproduce. It runs
+        without grad, with the RNG (dropout) state put back afterwards."""
+        if isinstance(slice_tokens, bool) or not isinstance(slice_tokens, int) or slice_tokens < 1:
+            raise ValueError(f"loss_slice must be an integer >= 1 (tokens per slice), got {slice_tokens!r}")
+        base = module.get_base_model() if hasattr(module, "get_base_model") else module
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if type(head) is not torch.nn.Linear:  # a PEFT adapter on the head, or no head at all
+            _log_once(
+                f"{type(base).__name__}'s output embedding is {type(head).__name__}, not a plain Linear"
+            )
+            return None
+        fused = cls(head, logit_transform(module), slice_tokens)
+        expected = []
+
+        def capture(mod, args):
+            expected.append(fused.transform(F.linear(args[0], mod.weight, mod.bias)))
+
+        handle = head.register_forward_pre_hook(capture)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                logits = forward_one_token()
+        finally:
+            handle.remove()
+        if not (expected and logits.shape == expected[-1].shape and torch.allclose(logits, expected[-1])):
+            _log_once(f"{type(base).__name__}'s logits are not lm_head(h) with the known softcapping/scaling")
+            return None
+        return fused
+
+    @contextlib.contextmanager
+    def chunk(self, targets: torch.Tensor):
+        result = _Result()
+
+        def pre_hook(module, args):
+            (hidden,) = args
+            # Under ZeRO-3 the weight is gathered here, once per chunk (DeepSpeed's module hook ran first).
+            result.loss = fused_ce_sum(
+                hidden, module.weight, module.bias, targets, self.transform, self.slice_tokens
+            )
+            return (hidden[:, :0],)  # the model's own projection: of nothing
+
+        handle = self.head.register_forward_pre_hook(pre_hook)
+        try:
+            yield result
+        finally:
+            handle.remove()
