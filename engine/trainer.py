@@ -26,21 +26,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint
+from engine import checkpoint, distributed
 from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
 from engine.data import DataStream, build_dataset, load_tokenizer
-from engine.distributed import (
-    announced_world_size,
-    any_rank,
-    init_distributed,
-    initialize,
-    optimizer_step,
-    run_ds_config,
-    shutdown,
-    zero3_context,
-)
 from engine.export import export
 from engine.host_memory import check_host_memory
 from engine.metrics import Metrics, peak_memory_bytes
@@ -92,14 +82,14 @@ class Run:
 
 
 def prepare(cfg: Config) -> Prepared:
-    world_size = announced_world_size()
+    world_size = distributed.announced_world_size()
     check_host_memory(cfg, world_size, torch.cuda.is_available())  # sizes that cannot fit: before anything
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     dataset = build_dataset(cfg.data, tokenizer, model_vocab_size(cfg.model))  # checks ids < vocab_size
     resume = checkpoint.find_resume(cfg.checkpoint)
     if resume is not None:  # every file safe to load, same ranks: on every rank, before any collective
         checkpoint.verify(*resume, world_size)
-    ds_config = run_ds_config(cfg, world_size)
+    ds_config = distributed.run_ds_config(cfg, world_size)
     return Prepared(
         tokenizer=tokenizer, dataset=dataset, resume=resume, ds_config=ds_config, world_size=world_size
     )
@@ -107,17 +97,17 @@ def prepare(cfg: Config) -> Prepared:
 
 def setup(cfg: Config) -> Run:
     prep = prepare(cfg)
-    init_distributed()
+    distributed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != prep.world_size:
         raise ValueError(f"the launcher announced {prep.world_size} ranks but {world} joined")
 
     # Order matters: partitioning context -> weights -> adapters -> engine (which copies the trainable
     # weights into its optimizer's fp32 partitions, so nothing may change them after this point).
-    zero3_ctx = zero3_context(prep.ds_config)
+    zero3_ctx = distributed.zero3_context(prep.ds_config)
     model = build_model(cfg.model, seed=cfg.optim.seed)
     model = apply_lora(model, cfg.lora)
-    engine = initialize(model, prep.ds_config)
+    engine = distributed.initialize(model, prep.ds_config)
 
     stream = DataStream(prep.dataset, cfg.data.batch_size, rank, world, seed=cfg.data.seed)
     step, streak = 0, 0
@@ -168,7 +158,7 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
         losses.append(record["loss"])
         _count_nonfinite(run, record)
         # Every rank takes part, so a signal that reached only some ranks still stops all of them together.
-        preempted = any_rank(bool(_PREEMPT))
+        preempted = distributed.any_rank(bool(_PREEMPT))
         every = cfg.checkpoint.every
         if cfg.checkpoint.dir and (preempted or (every and run.step % every == 0)):
             save(run, faults)
@@ -214,13 +204,8 @@ def train_step(run: Run, poison: bool = False) -> dict[str, Any]:
             schedule=ChunkSchedule.from_config(chunking),
             generator=spaco_generator(cfg.optim.seed, run.step),
             offload_kv=chunking.offload_kv,
-            kv_device_budget=chunking.kv_device_budget,
-            kv_grad_dtype=chunking.kv_grad_dtype,
-            checkpoint_layers=chunking.checkpoint_layers,
-            fused_loss=chunking.fused_loss,
-            loss_slice=chunking.loss_slice,
         )
-    applied = optimizer_step(engine, math.isfinite(stats.loss))
+    applied = distributed.optimizer_step(engine, math.isfinite(stats.loss))
     elapsed = time.perf_counter() - t0
     grad_norm = engine.get_global_grad_norm() if applied else None
     return {
@@ -321,4 +306,4 @@ def close(run: Run) -> None:
     run.metrics.close()
     for sig, handler in run.signals.items():
         signal.signal(sig, handler)
-    shutdown()
+    distributed.shutdown()

@@ -300,8 +300,8 @@ def _(root):
 
 @case("two fresh runs into one logging.dir")
 def _(root):
-    first = train(root, "--optim.steps=2", "--checkpoint.dir=null")
-    second = train(root, "--optim.steps=1", "--checkpoint.dir=null")
+    first = train(root, "--optim.steps=2", f"--checkpoint.dir={root}/ck1")  # nothing to resume from
+    second = train(root, "--optim.steps=1", f"--checkpoint.dir={root}/ck2")
     kept = root / "log" / "metrics.1.jsonl"
     ok = first[0] == second[0] == 0 and kept.is_file() and len(kept.read_text().splitlines()) == 2
     return ok, f"exits {first[0]}, {second[0]}; first run's records kept: {kept.is_file()}"
