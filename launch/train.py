@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 launch/train.py --config configs/tiny-cpu.yaml --optim.steps=100
     python launch/train.py --config configs/tiny-cpu.yaml          # one process, no launcher
+    python launch/preemptible.py deepspeed --num_gpus 2 launch/train.py ...  # TERM/USR1 reach every rank
 
 Arguments other than --config are overrides `--section.key=value` (values parsed as YAML).
 Exit codes: 0 done (or preempted by SIGTERM/SIGUSR1 after saving a checkpoint), 2 a user error (config,
