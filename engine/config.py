@@ -121,9 +121,9 @@ class DataConfig:
     """Tokens per sequence."""
 
     packing: bool = True
-    """Concatenate documents into full `seq_len` rows; false: one document per row, right-padded. For chat
-    and prompt_completion, whole samples are packed with document boundaries: positions restart per sample
-    and samples never attend to each other."""
+    """Concatenate documents into full `seq_len` rows, with document boundaries: `position_ids` restart per
+    document, so documents never attend to each other (chat / prompt_completion: whole samples share a
+    row); false: one document per row, right-padded."""
 
     messages_field: str = "messages"
     """chat: the record field holding the list of {role, content} messages."""

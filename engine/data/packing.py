@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from engine.data.tokenizers import IGNORE_INDEX, Sample, _check_seq_len
+from engine.data.tokenizers import IGNORE_INDEX, Sample, _check_seq_len, _wrap_index
 
 
 class _TokenStore(Dataset):
@@ -34,8 +34,10 @@ class _TokenStore(Dataset):
 class PackedDataset(_TokenStore):
     """All documents concatenated (each as bos + text + eos) and cut into ``seq_len`` blocks.
 
-    The remainder after the last full block is dropped. Attention is not masked at document
-    boundaries (standard packing); bos/eos tell the model where a new document starts.
+    The remainder after the last full block is dropped. Documents keep to themselves: `position_ids`
+    restart at 0 where a document starts (and at a block's start, for a document continued from the
+    previous block), which chunkwise_backward turns into document masks (engine/packing.py), so no
+    document attends to another one and no token is trained to predict the next document's first.
     """
 
     def __init__(self, tokens: torch.Tensor, doc_offsets: torch.Tensor, seq_len: int, source: str) -> None:
@@ -48,14 +50,16 @@ class PackedDataset(_TokenStore):
         return self.num_blocks
 
     def __getitem__(self, index: int) -> Sample:
-        if not -self.num_blocks <= index < self.num_blocks:
-            raise IndexError(f"index {index} out of range for {self.num_blocks} blocks")
-        index %= self.num_blocks
-        input_ids = self.tokens[index * self.seq_len : (index + 1) * self.seq_len].long()
+        index = _wrap_index(index, self.num_blocks, "blocks")
+        start = index * self.seq_len
+        input_ids = self.tokens[start : start + self.seq_len].long()
+        at = torch.arange(start, start + self.seq_len)
+        doc = torch.searchsorted(self.doc_offsets, at, right=True) - 1
         return {
             "input_ids": input_ids,
             "labels": input_ids.clone(),
             "attention_mask": torch.ones_like(input_ids),
+            "position_ids": at - self.doc_offsets[doc].clamp(min=start),
         }
 
 
@@ -77,10 +81,7 @@ class PaddedDataset(_TokenStore):
         return self.num_documents
 
     def __getitem__(self, index: int) -> Sample:
-        n = self.num_documents
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} documents")
-        index %= n
+        index = _wrap_index(index, self.num_documents, "documents")
         start = int(self.doc_offsets[index])
         end = min(int(self.doc_offsets[index + 1]), start + self.seq_len)
         doc = self.tokens[start:end].long()

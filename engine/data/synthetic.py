@@ -6,7 +6,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from engine.data.tokenizers import IGNORE_INDEX, ByteTokenizer, Sample, Tokenizer, _check_seq_len, _encode
+from engine.data.tokenizers import (
+    IGNORE_INDEX,
+    ByteTokenizer,
+    Sample,
+    Tokenizer,
+    _check_seq_len,
+    _encode,
+    _wrap_index,
+)
 
 SYNTHETIC_TASKS = ("kv_recall", "passkey")
 
@@ -139,9 +147,7 @@ class SyntheticDataset(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> Sample:
-        if not -self.num_samples <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        index %= self.num_samples
+        index = _wrap_index(index, self.num_samples, "samples")
         # The task is part of the seed so that two tasks with the same seed do not share filler.
         rng = np.random.default_rng((self.seed, SYNTHETIC_TASKS.index(self.task), index))
         if self.task == "kv_recall":

@@ -127,6 +127,13 @@ def _wrap_doc(tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(head, np.int64), ids, np.asarray(tail, np.int64)])
 
 
+def _wrap_index(index: int, size: int, unit: str) -> int:
+    """`index` in [-size, size) as an index in [0, size) (Python's sequence convention), else IndexError."""
+    if not -size <= index < size:
+        raise IndexError(f"index {index} out of range for {size} {unit}")
+    return index % size
+
+
 def _check_seq_len(seq_len: int) -> None:
     # One token has nothing to predict after the causal shift.
     if not isinstance(seq_len, int) or seq_len < 2:
