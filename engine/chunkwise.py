@@ -80,7 +80,7 @@ def chunkwise_backward(
     The chunking is `schedule` (engine/schedule.py), or built from the loose arguments of the same names
     (chunk_size, mode, sample_prob, sampler, budget, selected, compensation_cap). `model` may also be a
     `deepspeed.DeepSpeedEngine`: chunks then run and backprop through the engine, and the caller calls
-    `engine.step()` (engine/distributed.py). `num_items_in_batch` overrides the (global) token count the loss
+    `engine.step()` (engine/distributed). `num_items_in_batch` overrides the (global) token count the loss
     is divided by, as HF's argument of that name. `position_ids` in HF's packed convention (restarting at 0
     per document) make documents packed into one row independent (engine/packing.py). `offload_kv` keeps the
     K/V checkpoints and their gradients in (pinned) host memory, fetched layer by layer (engine/kv_cache.py);
