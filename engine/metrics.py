@@ -36,6 +36,7 @@ SCALARS = (
     "num_chunks",
     "chunks_backpropagated",
     "compensation",
+    "aux_loss",
 )
 
 

@@ -219,6 +219,7 @@ def train_step(run: Run, poison: bool = False) -> dict[str, Any]:
         "num_chunks": stats.num_chunks,
         "chunks_backpropagated": len(stats.selected),
         "compensation": stats.compensation,
+        "aux_loss": stats.aux_loss,  # MoE router load-balancing loss (None without one), engine/moe.py
         "skipped": not applied,
     }
 
