@@ -23,13 +23,14 @@ import torch.nn.functional as F
 
 from engine.attention import chunk_attention
 from engine.distributed import backend_for
-from engine.kv_cache import ChunkKVCache
+from engine.kv_cache import ChunkKVCache, cache_argument, kv_grad_dtype_of, offload_mode
 from engine.layer_checkpoint import checkpointed_layers
 from engine.loss import FusedLoss
 from engine.moe import RouterLoss
 from engine.packing import IGNORE, check_position_ids, chunk_mask, documents_of
 from engine.schedule import MODES, SAMPLERS, ChunkSchedule, draw_chunks
 from engine.state_cache import RECURRENT_LAYER_TYPES, check_family, has_states
+from engine.step_state import Fp32GradAccumulation, RngReplay
 
 __all__ = ["MODES", "SAMPLERS", "ChunkSchedule", "ChunkStats", "chunkwise_backward", "draw_chunks"]
 
@@ -85,8 +86,8 @@ def chunkwise_backward(
     per document) make documents packed into one row independent (engine/packing.py). `offload_kv` keeps the
     K/V checkpoints and their gradients in (pinned) host memory, fetched layer by layer (engine/kv_cache.py);
     `offload_kv="auto"` keeps layers on the device while they fit in `kv_device_budget` bytes and only the
-    rest on the host. `kv_grad_dtype` ("float32" | "bfloat16") is what bf16 models' K/V gradients
-    accumulate in (wider models keep their own dtype; README: bf16 measured as accurate).
+    rest on the host. `kv_grad_dtype` ("float32" | "bfloat16") is what K/V gradients accumulate in,
+    never below the K/V's dtype (float32 / float64 models keep theirs; only bf16 models can get bfloat16).
     `checkpoint_layers` recomputes each decoder layer in the chunk's backward
     (engine/layer_checkpoint.py). `fused_loss` computes each chunk's loss `loss_slice` tokens (per row)
     at a time, never materialising the chunk's logits (engine/loss.py).
@@ -150,8 +151,8 @@ def chunkwise_backward(
         _num_layers(module),
         seq_len,
         needs_grad=needs_kv_grad,
-        offload=_offload_mode(offload_kv),
-        grad_dtype=_kv_grad_dtype(kv_grad_dtype),
+        offload=offload_mode(offload_kv),
+        grad_dtype=kv_grad_dtype_of(kv_grad_dtype),
         device_budget=kv_device_budget,
         config=_config(module) if recurrent else None,
     )
@@ -161,7 +162,7 @@ def chunkwise_backward(
     # forward when the vocabulary is large) and keeps only their K/V; so do chunks without loss tokens.
     recomputed = set(draw.selected)
     skip_head = {"logits_to_keep": 1} if _accepts_logits_to_keep(module) else {}
-    cache_arg = _cache_argument(module)
+    cache_arg = cache_argument(module)
     fused = None
     if fused_loss:  # checks the model's logits on one token per row first (engine/loss.py)
         fused = FusedLoss.build(
@@ -210,7 +211,7 @@ def chunkwise_backward(
     # Pass 1: every chunk, no graph. The K/V checkpoints fill up; the loss is exact for logging.
     # Any train-mode forward may draw random numbers (dropout, PhiMoE's jittered / Gumbel routing, LoRA
     # dropout): replay them all rather than guess which modules are stochastic.
-    rng = _RngReplay(input_ids.device, active=module.training)
+    rng = RngReplay(input_ids.device, active=module.training)
     loss_sum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
     with torch.no_grad(), chunk_attention(_config(module)):
         for c in range(k):
@@ -226,7 +227,7 @@ def chunkwise_backward(
     # averages gradients over ranks, hence the world size against the global token count.
     scale = backend.world_size / max(num_tokens, 1)
     with (
-        _Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32),
+        Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32),
         backend.step_context(),
         chunk_attention(_config(module)),
         checkpointed_layers(module, checkpoint_layers),
@@ -275,57 +276,6 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     )
 
 
-class _RngReplay:
-    """Saves the RNG before each chunk's pass-1 forward and replays it for the recompute (dropout)."""
-
-    def __init__(self, device: torch.device, active: bool):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.active, self.states = active, {}
-
-    def save(self, key) -> None:
-        if self.active:
-            cuda_state = torch.cuda.get_rng_state(self.device) if self.cuda else None
-            self.states[key] = (torch.get_rng_state(), cuda_state)
-
-    def restore(self, key) -> None:
-        if self.active:
-            cpu_state, cuda_state = self.states[key]
-            torch.set_rng_state(cpu_state)
-            if cuda_state is not None:
-                torch.cuda.set_rng_state(cuda_state, self.device)
-
-
-class _Fp32GradAccumulation:
-    """Accumulate 16-bit parameters' gradients across chunks in float32, rounding once at the end.
-
-    Plain backprop rounds each weight gradient once; adding k chunk contributions in bf16 rounds k times
-    (1.7x the error of plain backprop: docs/design.md 4b). Under DeepSpeed its fp32 accumulation does this.
-    """
-
-    def __init__(self, params: list[torch.Tensor], enabled: bool):
-        low = (torch.float16, torch.bfloat16)
-        self.params = [p for p in params if p.dtype in low] if enabled else []
-        self.acc, self.handles = {}, []
-
-    def __enter__(self):
-        for p in self.params:
-            self.acc[p] = torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float()
-            p.grad = None
-            self.handles.append(p.register_post_accumulate_grad_hook(self._take))
-        return self
-
-    def _take(self, p: torch.Tensor) -> None:
-        self.acc[p].add_(p.grad)
-        p.grad = None
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        for p in self.params:
-            p.grad = self.acc.pop(p).to(p.dtype)
-
-
 def _check_tensors(input_ids, labels, attention_mask, position_ids) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a LongTensor of shape [batch, seq]")
@@ -340,28 +290,6 @@ def _check_tensors(input_ids, labels, attention_mask, position_ids) -> None:
             raise ValueError("attention_mask: only right padding is supported (a 0 is followed by a 1)")
     if position_ids is not None:
         check_position_ids(position_ids, input_ids)
-
-
-def _cache_argument(module) -> str:
-    """transformers 5.24 renamed the models' `past_key_values` argument to `cache` (the old name warns and
-    goes in 5.40): pass it by the name the installed version's forward declares."""
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-KV_GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _kv_grad_dtype(name: str) -> torch.dtype:
-    if name not in KV_GRAD_DTYPES:
-        raise ValueError(f"kv_grad_dtype={name!r} is not one of {tuple(KV_GRAD_DTYPES)}")
-    return KV_GRAD_DTYPES[name]
-
-
-def _offload_mode(offload_kv) -> bool | str:
-    if offload_kv not in (True, False, "auto"):
-        raise ValueError(f"offload_kv={offload_kv!r} must be true, false or 'auto'")
-    return offload_kv
 
 
 def _accepts_logits_to_keep(module) -> bool:

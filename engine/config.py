@@ -216,8 +216,9 @@ class ChunkingConfig:
     the first layer is placed, less 20% of the device's total)."""
 
     kv_grad_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """What bf16 models' K/V gradients accumulate in (wider models keep their own dtype); bfloat16 measured as
-    accurate as float32 against plain bf16 backprop at 64 chunks (README)."""
+    """What K/V gradients accumulate in, never below the K/V's own dtype: it matters for bf16 models only
+    (float32 and float64 models keep float32 / float64 K/V gradients, float16 ones float32). bfloat16 measured
+    as accurate as float32 against plain bf16 backprop at 64 chunks (README)."""
 
     checkpoint_layers: bool = False
     """Recompute each decoder layer in the chunk's backward: a chunk then holds its layers' inputs plus one

@@ -21,6 +21,7 @@ scaling and 1/gradient_accumulation_steps included), which a surrogate dot produ
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 
 import torch
@@ -198,7 +199,7 @@ class ChunkKVCache(StateCacheMixin, Cache):
         return True
 
     def layers_offloaded(self) -> int:
-        return sum(layer.offload for layer in self.layers)
+        return sum(getattr(layer, "offload", False) for layer in self.layers)
 
     # ---- offload: host -> device copies, one layer ahead
 
@@ -275,3 +276,25 @@ class ChunkKVCache(StateCacheMixin, Cache):
         if idx > 0 and t.is_cuda and self._holds_kv(idx - 1):  # backward walks layers downwards
             self._prefetch((idx - 1, which, end, end))
         return t
+
+
+KV_GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def kv_grad_dtype_of(name: str) -> torch.dtype:
+    if name not in KV_GRAD_DTYPES:
+        raise ValueError(f"kv_grad_dtype={name!r} is not one of {tuple(KV_GRAD_DTYPES)}")
+    return KV_GRAD_DTYPES[name]
+
+
+def offload_mode(offload_kv) -> bool | str:
+    if offload_kv not in (True, False, "auto"):
+        raise ValueError(f"offload_kv={offload_kv!r} must be true, false or 'auto'")
+    return offload_kv
+
+
+def cache_argument(module) -> str:
+    """transformers 5.24 renamed the models' `past_key_values` argument to `cache` (the old name warns and
+    goes in 5.40): pass it by the name the installed version's forward declares."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

@@ -204,6 +204,11 @@ def train_step(run: Run, poison: bool = False) -> dict[str, Any]:
             schedule=ChunkSchedule.from_config(chunking),
             generator=spaco_generator(cfg.optim.seed, run.step),
             offload_kv=chunking.offload_kv,
+            kv_device_budget=chunking.kv_device_budget,
+            kv_grad_dtype=chunking.kv_grad_dtype,
+            checkpoint_layers=chunking.checkpoint_layers,
+            fused_loss=chunking.fused_loss,
+            loss_slice=chunking.loss_slice,
         )
     applied = distributed.optimizer_step(engine, math.isfinite(stats.loss))
     elapsed = time.perf_counter() - t0
