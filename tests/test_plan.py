@@ -180,7 +180,11 @@ def test_prediction_matches_measured_peak(case, one_thread):
 def test_llama3_8b_sizes():
     p = plan("llama3-8b", dtype="bfloat16", chunk_size=256, seq_len=16384, lora_rank=8)
     assert p.kv == 2 * GiB  # docs/design.md 4: 128 KiB per token in bf16, 16K tokens -> 2 GiB
-    assert p.kv_grads == 4 * GiB  # float32
+    assert p.kv_grads == 2 * GiB  # bfloat16, chunkwise_backward's default for bf16 models
+    assert (
+        plan("llama3-8b", chunk_size=256, seq_len=16384, lora_rank=8, kv_grad_dtype="float32").kv_grads
+        == 4 * GiB
+    )
     assert p.params - p.trainable == pytest.approx(8.03e9, rel=0.002)
     assert p.trainable == 32 * 8 * ((4096 + 4096) * 2 + (4096 + 1024) * 2)  # q, o and k, v adapters
     assert p.weights == pytest.approx(2 * p.params, rel=1e-9)
@@ -361,7 +365,7 @@ def test_chunk_size_auto(capsys):
 
 def test_checkpoint_layers_and_fused_loss_shrink_the_chunk():
     kw = dict(chunk_size=1024, seq_len=32768, lora_rank=8, zero_stage=2, offload_optimizer=True)
-    base = plan("llama3-8b", **kw)
+    base = plan("llama3-8b", kv_grad_dtype="float32", **kw)
     ckpt = plan("llama3-8b", checkpoint_layers=True, **kw)
     fused = plan("llama3-8b", fused_loss=True, **kw)
     # a checkpointed chunk keeps one hidden state per layer (+ one layer's graph during its backward)
@@ -372,6 +376,8 @@ def test_checkpoint_layers_and_fused_loss_shrink_the_chunk():
     assert both.total < min(ckpt.total, fused.total)
     bf16 = plan("llama3-8b", kv_grad_dtype="bfloat16", **kw)
     assert bf16.kv_grads == base.kv_grads // 2 and bf16.kv == base.kv
+    # never below the K/V's own dtype: a float32 model keeps float32 K/V gradients
+    assert plan("llama3-8b", dtype="float32", kv_grad_dtype="bfloat16", **kw).kv_grads == base.kv_grads
 
 
 def test_offload_kv_auto_keeps_what_fits_on_the_device():

@@ -43,9 +43,10 @@ def setup_from_config(cfg, device: str = "cuda", world_size: int = 1) -> dict:
         lora_rank=cfg.lora.r if cfg.lora.enabled else 0, lora_targets=tuple(cfg.lora.target_modules),
         attn=cfg.model.attn_implementation,
         offload_kv=ch.offload_kv, device=device,
-        # keys of issue 10's memory path; defaults where the installed config does not have them yet
+        # issue 10's memory path (getattr: a config module from before those keys still plans)
         checkpoint_layers=getattr(ch, "checkpoint_layers", False), fused_loss=getattr(ch, "fused_loss", False),
-        loss_slice=getattr(ch, "loss_slice", None) or 256, kv_grad_dtype=getattr(ch, "kv_grad_dtype", None),
+        loss_slice=getattr(ch, "loss_slice", 128), kv_grad_dtype=getattr(ch, "kv_grad_dtype", None),
+        kv_device_budget=getattr(ch, "kv_device_budget", None),
     )  # fmt: skip
 
 
@@ -69,6 +70,10 @@ def _tokens(text: str) -> int:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
+
+
+def _secs(x: float) -> str:
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
 def _fmt_len(n: int) -> str:
@@ -172,10 +177,8 @@ def _describe(name: str, shape: ModelShape, kw: dict, b0: Breakdown, cfg) -> lis
         )
     if shape.experts:
         kinds += f", {shape.experts} experts (top {shape.top_k}, {shape.base_params(active=True) / 1e9:.2f}B active)"
-    gqa = kw["attn"] in ("eager",) or (kw["attn"] == "sdpa" and kw["device"] == "cuda")
-    attn = kw["attn"] + (
-        ", K/V repeated per query head (GQA)" if gqa and shape.heads != shape.kv_heads else ""
-    )
+    attn = kw["attn"] + {"sdpa": " (the engine's mask-free attention, grouped K/V heads)",
+                         "eager": " (K/V repeated per query head)"}.get(kw["attn"], "")  # fmt: skip
     if kw["lora_rank"]:
         what = f"LoRA r={kw['lora_rank']} on {','.join(kw['lora_targets'])} ({b0.trainable / 1e6:.2f}M trainable)"
     else:
@@ -186,7 +189,7 @@ def _describe(name: str, shape: ModelShape, kw: dict, b0: Breakdown, cfg) -> lis
     )
     extras = [k for k in ("checkpoint_layers", "fused_loss") if kw[k]]
     extras += [f"offload_kv {kw['offload_kv']}"] if kw["offload_kv"] else []
-    extras += [f"K/V grads {kw['kv_grad_dtype']}"] if kw["kv_grad_dtype"] not in (None, "float32") else []
+    extras += [f"K/V grads in {kw['kv_grad_dtype'] or 'bfloat16'} (for bf16 models)"]
     return [
         f"model      {name}: hidden {shape.hidden}, {kinds}, {shape.heads} heads / {shape.kv_heads} KV heads "
         f"(head_dim {shape.head_dim}), MLP {shape.intermediate}, vocab {shape.vocab}; {b0.params / 1e9:.2f}B params",
@@ -225,8 +228,8 @@ def _chunk_table(
     lines.append(row("total", [_gib(b.total) for b in plans]))
     lines.append(row("peak phase", [b.peak_phase for b in plans]))
     lines.append(row("host (offloaded)", [_gib(b.host) for b in plans]))
-    lines.append(row("step time (s)", [f"{t.seconds:.1f}" for t in times]))
-    lines.append(row("  compute / copies", [f"{t.compute_s:.1f}/{t.transfer_s:.1f}" for t in times]))
+    lines.append(row("step time (s)", [_secs(t.seconds) for t in times]))
+    lines.append(row("  compute / copies", [f"{_secs(t.compute_s)}/{_secs(t.transfer_s)}" for t in times]))
     if budget is None:
         return lines
     fits = [b.total <= budget and (host is None or b.host <= host) for b in plans]

@@ -88,7 +88,12 @@ def evaluate(shape: ModelShape, o: Setup, seq_len: int, device_budget: int | Non
             evaluate(shape, o.replace(offload_kv=True), seq_len),
             evaluate(shape, o.replace(offload_kv=False), seq_len),
         )
-        kept = max(0, min(on.kv_host, device_budget - on.total))  # what fits beside the offloaded plan
+        room = (
+            device_budget - on.total
+            if o.kv_device_budget is None
+            else min(o.kv_device_budget, device_budget - on.total)
+        )
+        kept = max(0, min(on.kv_host, room))  # what fits beside the offloaded plan
         share = kept / on.kv_host if on.kv_host else 0.0
         on.kv, on.kv_grads = int(off.kv * share), kept - int(off.kv * share)
         on.kv_host -= kept

@@ -21,7 +21,7 @@ DEVICES = ("cuda", "cpu")
 BACKENDS = ("deepspeed", "local")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
-DEFAULT_LOSS_SLICE = 256  # tokens per slice of the fused chunked cross-entropy
+DEFAULT_LOSS_SLICE = 128  # tokens per slice of the fused chunked cross-entropy
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,12 @@ class Setup:
     checkpoint_layers: bool = False
     fused_loss: bool = False
     loss_slice: int = DEFAULT_LOSS_SLICE
-    kv_grad_dtype: str | None = None  # None: float32 (float64 for float64 models)
+    kv_grad_dtype: str | None = (
+        None  # None: chunkwise_backward's default (bfloat16, never below the K/V dtype)
+    )
+    kv_device_budget: int | None = (
+        None  # offload_kv "auto": at most this many bytes of K/V (+ grads) on the device
+    )
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -55,10 +60,15 @@ class Setup:
             if value not in DTYPE_BYTES:
                 raise ValueError(f"{name} {value!r} is not one of {list(DTYPE_BYTES)}")
             set_(name, value)
-        if self.kv_grad_dtype is None:
-            set_("kv_grad_dtype", "float64" if self.dtype == "float64" else "float32")
-        if self.kv_grad_dtype not in ("float32", "bfloat16", "float64"):
+        if self.kv_grad_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"kv_grad_dtype {self.kv_grad_dtype!r} is not float32 or bfloat16")
+        # As chunkwise_backward: bfloat16 by default, never below the K/V's own dtype (float32 models keep
+        # float32 K/V grads, float64 ones float64, float16 ones float32).
+        wanted = self.kv_grad_dtype or "bfloat16"
+        set_(
+            "kv_grad_dtype",
+            wanted if self.dtype == "bfloat16" else "float64" if self.dtype == "float64" else "float32",
+        )
         for name in ("chunk_size", "batch", "world_size", "loss_slice"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
