@@ -120,7 +120,7 @@ def choose_chunk_size(
 ) -> int:
     """chunking.chunk_size: auto. Of `candidates` (up to seq_len), the largest chunk whose step fits in
     `device_memory` (usable bytes), or (prefer="fastest") the one with the least predicted step time among
-    those that fit. 0 when none fits."""
+    those that fit (the largest of those within 1% of it). 0 when none fits."""
     if prefer not in ("largest", "fastest"):
         raise ValueError(f"prefer must be 'largest' or 'fastest', got {prefer!r}")
     budget = parse_bytes(device_memory)
@@ -133,7 +133,12 @@ def choose_chunk_size(
             fit.append((t, c))
     if not fit:
         return 0
-    return max(c for _, c in fit) if prefer == "largest" else min(fit)[1]
+    if prefer == "largest":
+        return max(c for _, c in fit)
+    # The time model has no per-chunk efficiency term (small matmuls run below the stated throughput on a
+    # GPU): predicted times within 1% are a tie, which the larger chunk wins.
+    best = min(t for t, _ in fit)
+    return max(c for t, c in fit if t <= 1.01 * best)
 
 
 def _setup(kw: dict) -> dict:
