@@ -1,9 +1,11 @@
 """The single-process reference shared by the DeepSpeed workers and the tests that compare with them."""
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from tiny import grads_of, tiny_batch, tiny_model
 from tiny import packed_positions as tiny_packed_positions
-from tiny import tiny_batch, tiny_model
+from tiny_hybrid import tiny_hybrid
 
 LR = 1e-2
 
@@ -15,8 +17,36 @@ def make_optimizer(name, params):
     return torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
-def build():
+# The MoE case: Mixtral with its router load-balancing loss in HF's loss (output_router_logits), coefficient
+# large enough that the aux term is a real part of the router's gradient.
+MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
+
+
+def build(model: str = "llama"):
+    if model == "moe":
+        return tiny_model("MixtralConfig", torch.float32, seed=0, **MOE)
+    if model != "llama":  # a hybrid family of tests/tiny_hybrid.py
+        return tiny_hybrid(model, torch.float32)
     return tiny_model("LlamaConfig", torch.float32, seed=0)
+
+
+def moe_reference(model, ids, labels, mask):
+    """Data-parallel convention for the router loss: CE over the global batch (as one process) plus coef x
+    the mean over ranks of the aux loss HF computes on each rank's own batch (each row of `ids`, unpadded),
+    which is what data-parallel training with HF's per-rank `.loss` averages to."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    for r in range(ids.shape[0]):
+        n = int(mask[r].sum())
+        aux = model(input_ids=ids[r : r + 1, :n], attention_mask=mask[r : r + 1, :n]).aux_loss
+        loss = loss + model.router_aux_loss_coef * aux / ids.shape[0]
+    loss.backward()
+    grads = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
 
 
 def lora_wrap(model):

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 import torch
-from ds_reference import PACKED_DOCS, build, global_batch, lora_wrap, make_optimizer
+from ds_reference import PACKED_DOCS, build, global_batch, lora_wrap, make_optimizer, moe_reference
 from tiny import per_document_grads, reference_grads, rel_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +34,10 @@ CASES = {
     # Packed documents (position_ids restarting per document) against the documents run one by one; the
     # SFT SpaCO policy ORs the loss-chunk flags over ranks (q = 1 here: exact).
     "zero2-packed": ["--zero", "2", "--packed"],
+    # MoE with the router load-balancing loss: CE over the global batch + coef x the mean of each rank's aux
+    # (tests/ds_reference.py's moe_reference); and a hybrid (Mamba-2 + attention) through its state cache.
+    "zero2-moe-aux": ["--zero", "2", "--model", "moe"],
+    "zero2-hybrid": ["--zero", "2", "--model", "nemotron_h"],
     "zero3-packed-spaco-loss-chunks": [
         "--zero",
         "3",
@@ -63,14 +67,15 @@ def launch(args, out, nprocs=2):
     return torch.load(out)
 
 
-def initial(lora: bool):
-    return lora_wrap(build()) if lora else build()
+def initial(lora: bool, model: str = "llama"):
+    return lora_wrap(build(model)) if lora else build(model)
 
 
-def reference_step(lora: bool, optim: str, packed: bool = False):
-    model = initial(lora)
+def reference_step(lora: bool, optim: str, packed: bool = False, model_name: str = "llama"):
+    model = initial(lora, model_name)
     ids, labels, mask = global_batch()
-    loss, grads = (packed_reference if packed else reference_grads)(model, ids, labels, mask)
+    reference = packed_reference if packed else moe_reference if model_name == "moe" else reference_grads
+    loss, grads = reference(model, ids, labels, mask)
     params = dict(model.named_parameters())
     for n, g in grads.items():
         params[n].grad = g
@@ -88,14 +93,15 @@ def test_one_step_matches_single_process(tmp_path, name):
     args = CASES[name]
     lora, optim = "--lora" in args, "adamw" if "adamw" in args else "sgd"
     got = launch(args, tmp_path / "out.pt")
-    ref_loss, ref = reference_step(lora, optim, packed="--packed" in args)
+    model_name = args[args.index("--model") + 1] if "--model" in args else "llama"
+    ref_loss, ref = reference_step(lora, optim, packed="--packed" in args, model_name=model_name)
     assert got["loss"] == pytest.approx(ref_loss, rel=1e-5)
     _, labels, _ = global_batch()
     cut = (
         len(PACKED_DOCS[0]) - 1 + len(PACKED_DOCS[1]) - 1 if "--packed" in args else 0
     )  # no cross-doc target
     assert got["tokens"] == int((labels[:, 1:] != -100).sum()) - cut
-    init = {n: p.detach() for n, p in initial(lora).named_parameters()}
+    init = {n: p.detach() for n, p in initial(lora, model_name).named_parameters()}
     ref_update = {n: ref[n] - init[n] for n in ref if not torch.equal(ref[n], init[n])}
     got_update = {n: got["params"][n] - init[n] for n in ref_update}
     assert ref_update and all(torch.equal(got["params"][n], init[n]) for n in init if n not in ref_update)

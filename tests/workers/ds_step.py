@@ -1,7 +1,8 @@
 """One chunk-wise training step under the deepspeed launcher; rank 0 saves the updated weights.
 
 Usage: deepspeed --num_gpus 2 tests/workers/ds_step.py --zero 2 [--offload-optimizer] [--offload-param]
-       [--lora] [--mode seco|spaco] [--optim sgd|adamw] [--packed] [--loss-chunks always] --out result.pt
+       [--lora] [--mode seco|spaco] [--optim sgd|adamw] [--packed] [--loss-chunks always]
+       [--model llama|moe|nemotron_h] --out result.pt
 """
 
 import argparse
@@ -26,6 +27,7 @@ p.add_argument("--mode", default="seco")
 p.add_argument("--optim", default="sgd", choices=["sgd", "adamw"])
 p.add_argument("--packed", action="store_true")  # documents packed per row (position_ids restart)
 p.add_argument("--loss-chunks", default="sampled")
+p.add_argument("--model", default="llama")  # llama | moe (Mixtral + router aux loss) | a tiny_hybrid family
 p.add_argument("--out", required=True)
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
@@ -33,7 +35,7 @@ args = p.parse_args()
 deepspeed.init_distributed(dist_backend="gloo")
 unlink_shm_comm_buffers()
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-model = build()
+model = build(args.model)
 if args.lora:
     model = lora_wrap(model)
 zero = {"stage": args.zero}
