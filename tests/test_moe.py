@@ -150,6 +150,21 @@ def test_aux_loss_with_lora(family):
             assert stats.aux_loss == pytest.approx(hf_aux, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"checkpoint_layers": True, "fused_loss": True, "loss_slice": 4}, {"offload_kv": True}],
+    ids=["checkpointed-fused", "offload"],
+)
+def test_aux_loss_with_memory_options(options):
+    """The router logits are taken in the chunk's forward (its graph, not a recompute's): layer
+    checkpointing, the fused loss and K/V offload leave the aux gradient intact."""
+    model = moe_model("MixtralConfig")
+    ids, labels, mask = tiny_batch(seq=SEQ)
+    _, hf_aux, ref = hf_reference(model, ids, labels, mask)
+    stats, got = run(model, ids, labels, mask, chunk_size=7, **options)
+    assert rel_error(got, ref) <= TOL[torch.float64] and stats.aux_loss == pytest.approx(hf_aux, rel=1e-6)
+
+
 def _chunk_by_chunk_reference(model, ids, labels, mask, chunk_size):
     """One autograd graph built chunk by chunk with HF's DynamicCache (the RNG consumed in the same order as
     the engine's pass 1), and HF's own load_balancing_loss_func on the router logits of all chunks."""
