@@ -62,6 +62,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Let transformers run the model directory's own modelling code."""
 
+    router_aux_loss: bool | None = None
+    """MoE: train on HF's `.loss` with the router load-balancing loss (sets the model config's
+    `output_router_logits`; its `router_aux_loss_coef` weights it); null keeps the model config's setting."""
+
     def __post_init__(self):
         _require(
             (self.name_or_path is None) != (self.hf_config is None),

@@ -54,6 +54,8 @@ def build_model(model_cfg: ModelConfig, seed: int) -> PreTrainedModel:
             trust_remote_code=model_cfg.trust_remote_code,
             **kwargs,
         )
+    if model_cfg.router_aux_loss is not None:  # HF's own switch; engine/moe.py splits the loss by chunk
+        model.config.output_router_logits = model_cfg.router_aux_loss
     # The chunk-wise code passes its own cache and use_cache=True per chunk; generation settings are moot.
     model.train()
     return model

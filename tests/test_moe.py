@@ -284,3 +284,21 @@ def hf_reference_plain(model, ids, labels, mask):
     grads = grads_of(model)
     model.zero_grad(set_to_none=True)
     return loss.item(), None, grads
+
+
+def test_router_aux_loss_config_key_switches_hf_output_router_logits():
+    from engine.config import ModelConfig
+    from engine.model import build_model
+
+    hf = dict(model_type="mixtral", **{k: v for k, v in MOE.items() if k != "output_router_logits"})
+    hf.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    hf.update(num_key_value_heads=2, vocab_size=97, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = build_model(ModelConfig(hf_config=hf, dtype="float32", router_aux_loss=True), seed=0)
+    assert model.config.output_router_logits
+    ids, labels, mask = tiny_batch(seq=SEQ)
+    stats, _ = run(model, ids, labels, mask, chunk_size=7)
+    assert stats.aux_loss == pytest.approx(
+        model(input_ids=ids, attention_mask=mask).aux_loss.item(), rel=1e-5
+    )
+    off = build_model(ModelConfig(hf_config=hf, dtype="float32", router_aux_loss=False), seed=0)
+    assert not off.config.output_router_logits
