@@ -1,7 +1,7 @@
 """Replay the hostile inputs and faults of issue 13 against the default recipe; one line per case.
 
-    python tests/hostile_cases.py            # everything (about 15 minutes on 2 CPU cores)
-    python tests/hostile_cases.py --quick    # without the 2-rank launcher / signal cases (about 3 minutes)
+    python tests/hostile_cases.py            # everything (about 20 minutes on 2 busy CPU cores)
+    python tests/hostile_cases.py --quick    # without the multi-process and signal cases (about 4 minutes)
     python tests/hostile_cases.py -k payload # cases whose name contains "payload"
 
 Each line: `PASS|FAIL  name  detail`. A case passes when the engine behaves as the README's "Faults and
