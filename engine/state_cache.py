@@ -146,7 +146,9 @@ class ChunkStateLayer(LinearAttentionCacheLayerMixin):
         if (
             prev is not None and not prev[1] and here[0] > prev[0]
         ):  # pass 1 moved on: its finals are boundary s
-            self.at[here[0]] = {k: t.detach() for k, t in self._finals().items()}
+            # Copies: a final state is often a view into a chunk-sized tensor (the conv input, the scan's
+            # per-block states), whose storage would otherwise stay alive with it.
+            self.at[here[0]] = {k: t.detach().clone() for k, t in self._finals().items()}
         self._chunk, self._handed, self._written = here, {}, {}
         for i in range(self.number_of_states):
             self.has_previous_state[i] = self.cache.offset > 0
