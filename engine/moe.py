@@ -76,6 +76,13 @@ class RouterLoss:
         Raises ValueError for a family whose router loss the engine cannot split by chunk."""
         base = _base(module)
         cfg = base.config
+        z_loss = getattr(base, "z_loss_coefficient", 0.0) or 0.0
+        if z_loss > 0:  # bamba: HF's loss adds z * mean(logsumexp(logits)^2) over every position
+            raise ValueError(
+                f"{cfg.model_type}: z_loss_coefficient={z_loss} adds a z-loss on the LM logits (a mean over all "
+                "positions, padding included) to HF's loss, which chunk-wise training does not compute; set "
+                "z_loss_coefficient=0"
+            )
         if not getattr(cfg, "output_router_logits", False):
             return None
         fn = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)

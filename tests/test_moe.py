@@ -247,6 +247,16 @@ def test_foreign_router_loss_is_refused():
     run(model, ids, labels, mask, chunk_size=7)
 
 
+def test_logit_z_loss_is_refused():
+    """bamba's z_loss_coefficient adds a z-loss on the LM logits to HF's loss: refused, not dropped."""
+    from tiny_hybrid import tiny_hybrid
+
+    model = tiny_hybrid("bamba", z_loss_coefficient=0.1)
+    ids, labels, mask = tiny_batch(**SHORT)
+    with pytest.raises(ValueError, match="bamba: z_loss_coefficient=0.1"):
+        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=7)
+
+
 LLAMA4 = dict(
     head_dim=16,
     attention_chunk_size=8,
