@@ -30,7 +30,12 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DummyLayer, LinearAttentionCacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    CacheLayerMixin,
+    DummyLayer,
+    LinearAttentionCacheLayerMixin,
+    get_layer_types_and_kwargs,
+)
 
 # Layer types of transformers' cache mapping and which of our layers holds them.
 KV_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -328,6 +333,14 @@ class StateCacheMixin:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.offset  # every layer's prefix ends where the chunk starts (also all-recurrent models)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        # Every attention layer reports the same sizes; models without one (all-Mamba Bamba / Granite configs)
+        # still build a causal mask for none.
+        for layer in self.layers[layer_idx:] + self.layers[:layer_idx]:
+            if isinstance(layer, CacheLayerMixin):
+                return layer.get_mask_sizes(query_length)
+        return self.offset + query_length - self.kv_start, self.kv_start
 
     def _state_layer(self, layer_idx: int) -> ChunkStateLayer:
         layer = self.layers[layer_idx]
