@@ -34,6 +34,10 @@ CASES = {
     # Packed documents (position_ids restarting per document) against the documents run one by one; the
     # SFT SpaCO policy ORs the loss-chunk flags over ranks (q = 1 here: exact).
     "zero2-packed": ["--zero", "2", "--packed"],
+    # checkpointed chunks + fused loss (ZeRO-3: the fused loss falls back to the whole-chunk loss, see
+    # engine/loss.py; with it the 2-rank step did not complete)
+    "zero2-memory": ["--zero", "2", "--memory"],
+    "zero3-memory": ["--zero", "3", "--memory"],
     # MoE with the router load-balancing loss: CE over the global batch + coef x the mean of each rank's aux
     # (tests/ds_reference.py's moe_reference); and a hybrid (Mamba-2 + attention) through its state cache.
     "zero2-moe-aux": ["--zero", "2", "--model", "moe"],

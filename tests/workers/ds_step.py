@@ -28,6 +28,7 @@ p.add_argument("--optim", default="sgd", choices=["sgd", "adamw"])
 p.add_argument("--packed", action="store_true")  # documents packed per row (position_ids restart)
 p.add_argument("--loss-chunks", default="sampled")
 p.add_argument("--model", default="llama")  # llama | moe (Mixtral + router aux loss) | a tiny_hybrid family
+p.add_argument("--memory", action="store_true")  # checkpoint_layers + fused_loss (2 tokens per slice)
 p.add_argument("--out", required=True)
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
@@ -66,6 +67,7 @@ stats = chunkwise_backward(
     attention_mask=mask,
     position_ids=pos,
     schedule=ChunkSchedule(chunk_size=8, mode=args.mode, **kw),
+    **({"checkpoint_layers": True, "fused_loss": True, "loss_slice": 2} if args.memory else {}),
 )
 engine.step()
 state = {}
