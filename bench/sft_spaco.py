@@ -12,7 +12,7 @@ q_u = (n + q (k - n)) / k costs the same.
               the policy at q, same init, data and AdamW; held-out answer accuracy against step.
 
     python bench/sft_spaco.py variance --q 0.25 0.5          # bench/results/sft_variance.{json,png}
-    python bench/sft_spaco.py learn --q 0.25 --steps 400     # bench/results/sft_learning.{json,png}
+    python bench/sft_spaco.py learn --q 0.25 --steps 400     # bench/results/sft_learn.{json,png}
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ parser.add_argument("--eval-every", type=int, default=25)
 parser.add_argument("--eval-samples", type=int, default=32)
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--threads", type=int, default=1)
+parser.add_argument("--methods", default="seco,uniform,policy,truncated", help="learn: a subset of seco,uniform,policy,truncated")
 parser.add_argument("--out", default=None, help="OUT.json and OUT.png (default: bench/results/sft_<what>)")
 # fmt: on
 
@@ -129,13 +130,15 @@ def learn(args) -> dict:
     q = args.q[0]
     qu = (n + q * (k - n)) / k
     methods = {
-        "seco": ChunkSchedule(args.chunk),
-        f"spaco uniform q={qu:.3g}": ChunkSchedule(args.chunk, mode="spaco", sample_prob=qu),
-        f"spaco answer q=1, context q={q:g}": ChunkSchedule(
-            args.chunk, mode="spaco", sample_prob=q, loss_chunks="always"
+        "seco": ("seco", ChunkSchedule(args.chunk)),
+        "uniform": (f"spaco uniform q={qu:.3g}", ChunkSchedule(args.chunk, mode="spaco", sample_prob=qu)),
+        "policy": (
+            f"spaco answer q=1, context q={q:g}",
+            ChunkSchedule(args.chunk, mode="spaco", sample_prob=q, loss_chunks="always"),
         ),
-        "truncated": None,
+        "truncated": ("truncated", None),
     }
+    methods = dict(methods[m] for m in args.methods.split(","))
     eval_batches = list(batches(args, args.seed + 1000, max(1, args.eval_samples // args.batch)))
     runs = {}
     for name, schedule in methods.items():
@@ -217,11 +220,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = variance(args) if args.what == "variance" else learn(args)
-    out = Path(args.out or RESULTS / f"sft_{args.what}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    plot(result, args.what, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    out = str(args.out or RESULTS / f"sft_{args.what}")  # not Path.with_suffix: "q0.5" is no suffix
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps(result, indent=1))
+    plot(result, args.what, Path(out + ".png"))
+    print(f"wrote {out}.json and {out}.png")
     return result
 
 
