@@ -108,6 +108,17 @@ def test_a_chunk_step_raises_no_future_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
         chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8)
+        chunkwise_backward(  # and with every memory option
+            model.train(),
+            ids,
+            labels=labels,
+            attention_mask=mask,
+            chunk_size=8,
+            checkpoint_layers=True,
+            fused_loss=True,
+            offload_kv="auto",
+            kv_device_budget=0,
+        )
 
 
 def test_models_not_on_sdpa_keep_their_attention():
