@@ -374,6 +374,9 @@ def test_checkpoint_layers_and_fused_loss_shrink_the_chunk():
     assert fused.transient < base.transient / 3 and base.peak_phase == "ce"
     both = plan("llama3-8b", checkpoint_layers=True, fused_loss=True, **kw)
     assert both.total < min(ckpt.total, fused.total)
+    # under ZeRO-3 the engine falls back to the whole-chunk loss
+    zero3 = dict(kw, zero_stage=3)
+    assert plan("llama3-8b", fused_loss=True, **zero3).total == plan("llama3-8b", **zero3).total
     bf16 = plan("llama3-8b", kv_grad_dtype="bfloat16", **kw)
     assert bf16.kv_grads == base.kv_grads // 2 and bf16.kv == base.kv
     # never below the K/V's own dtype: a float32 model keeps float32 K/V gradients
@@ -431,6 +434,9 @@ def test_hybrid_and_moe_presets():
     kv_token = 2 * 12 * nxt.kv_width * 2  # only the 12 attention layers keep K/V
     states = 36 * nxt.state_bytes  # each linear layer's state, once per chunk boundary
     assert b.kv - a.kv == kv_token * 65536 + 64 * states
+    assert states == pytest.approx(74 * 2**20, rel=0.01)  # engine/state_cache.py's bytes per boundary (bf16)
+    bamba = ModelShape.from_config(transformers.BambaConfig().to_dict())
+    assert bamba.linear_layers * bamba.state_bytes == pytest.approx(258 * 2**20, rel=0.01)
     mix = ModelShape.from_config("mixtral-8x7b")
     assert mix.base_params() == pytest.approx(46.7e9, rel=0.02) and mix.base_params(
         active=True

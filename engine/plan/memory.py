@@ -186,10 +186,11 @@ def _static(shape: ModelShape, o: Setup) -> dict[str, int]:
 
 def kv_bytes(shape: ModelShape, o: Setup, seq_len: int) -> tuple[int, int]:
     """Checkpoints (attention layers' K/V over the whole sequence in the model dtype; linear layers' state at
-    each chunk boundary) and their gradients (K/V in kv_grad_dtype; one boundary's state per linear layer)."""
+    each of the k - 1 inner chunk boundaries) and their gradients (K/V in kv_grad_dtype; one boundary's state
+    per linear layer), as engine/kv_cache.py and engine/state_cache.py hold them."""
     elems = 2 * shape.attn_layers * shape.kv_width * seq_len * o.batch
     states = shape.linear_layers * shape.state_bytes * o.batch
-    boundaries = math.ceil(seq_len / o.chunk_size)
+    boundaries = max(0, math.ceil(seq_len / o.chunk_size) - 1)  # the first chunk starts from zero states
     return elems * DTYPE_BYTES[o.dtype] + boundaries * states, elems * DTYPE_BYTES[o.kv_grad_dtype] + (
         states if seq_len else 0
     )

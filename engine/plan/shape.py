@@ -158,6 +158,8 @@ def _linear_mixer(cfg: Mapping, hidden: int, layers: int) -> dict:
     n = sum(t in ("linear_attention", "mamba", "mamba2") for t in types)
     if not types and cfg.get("full_attention_interval"):  # Qwen3-Next: every interval-th layer is attention
         n = layers - layers // cfg["full_attention_interval"]
+    elif not types and _first(cfg, "ssm_state_size", "mamba_d_state"):  # Bamba: Mamba-2 but at these indices
+        n = layers - len(cfg.get("attn_layer_indices") or [])
     if not n:
         return {}
     if types and len(types) != layers:  # block-type patterns list every layer (attention, MLP and mixers)
