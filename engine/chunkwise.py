@@ -147,6 +147,11 @@ def chunkwise_backward(
             f"{_config(module).model_type}: packed documents (position_ids restarting per document) are not "
             "supported for models with recurrent layers: their state would flow from one document into the next"
         )
+    if recurrent and checkpoint_layers and size == 1:
+        raise ValueError(
+            f"{_config(module).model_type}: checkpoint_layers with chunk_size 1 is not supported for models with "
+            "recurrent layers: their single-token kernels overwrite the state in place, also in the recompute"
+        )
     cache = ChunkKVCache(
         _num_layers(module),
         seq_len,

@@ -136,7 +136,9 @@ class ChunkStateLayer(LinearAttentionCacheLayerMixin):
         self.at: dict[int, dict] = {}
         self.grad_at: dict[int, dict] = {}
         self._chunk = None  # (offset, grad mode) of the chunk the handed/written states belong to
-        self._handed: dict = {}  # key -> (tensor given to the model, its version then)
+        self._handed: dict = {}  # key -> (first tensor given to the model, its version then)
+        self._sources: dict = {}  # key -> the boundary state (a leaf with a deposit hook in pass 2)
+        self._copies: list = []  # every copy handed out this chunk (their saved values are protected)
         self._written: dict = {}  # key -> final state the model handed back this chunk
         self._kernel: dict = {}
 
@@ -154,7 +156,7 @@ class ChunkStateLayer(LinearAttentionCacheLayerMixin):
             # Copies: a final state is often a view into a chunk-sized tensor (the conv input, the scan's
             # per-block states), whose storage would otherwise stay alive with it.
             self.at[here[0]] = {k: t.detach().clone() for k, t in self._finals().items()}
-        self._chunk, self._handed, self._written = here, {}, {}
+        self._chunk, self._handed, self._written, self._sources, self._copies = here, {}, {}, {}, []
         for i in range(self.number_of_states):
             self.has_previous_state[i] = self.cache.offset > 0
 
@@ -180,17 +182,18 @@ class ChunkStateLayer(LinearAttentionCacheLayerMixin):
         key = (kind, state_idx)
         if s == 0:
             return None
-        if key in self._handed:
-            return self._handed[key][0]
-        saved = self.at.get(s, {}).get(key)
-        assert saved is not None, f"no {key} state recorded at boundary {s} (pass 1 must run every chunk)"
-        if torch.is_grad_enabled() and self.cache.needs_grad:
-            leaf = saved.detach().requires_grad_()
-            leaf.register_hook(self._depositor(s, key))
-            t = leaf.clone()  # the model may write into it (decode kernels); never into the checkpoint
-        else:
-            t = saved.clone()
-        self._handed[key] = (t, t._version)
+        if key not in self._sources:
+            saved = self.at.get(s, {}).get(key)
+            assert saved is not None, f"no {key} state recorded at boundary {s} (pass 1 must run every chunk)"
+            if torch.is_grad_enabled() and self.cache.needs_grad:
+                saved = saved.detach().requires_grad_()
+                saved.register_hook(self._depositor(s, key))
+            self._sources[key] = saved
+        # A fresh copy per call: the model may write into it (decode kernels), never into the checkpoint, and
+        # a recompute of the layer (checkpoint_layers) must see the entering state, not the written one.
+        t = self._sources[key].clone()
+        self._copies.append(t)
+        self._handed.setdefault(key, (t, t._version))  # the forward's own copy: its in-place final state
         return t
 
     def _depositor(self, boundary: int, key):
@@ -216,7 +219,7 @@ class ChunkStateLayer(LinearAttentionCacheLayerMixin):
         return finals, grads
 
     def protects(self, ptr: int) -> bool:
-        return any(h.untyped_storage().data_ptr() == ptr for h, _ in self._handed.values())
+        return any(h.untyped_storage().data_ptr() == ptr for h in self._copies)
 
     # ---- transformers' LinearAttention cache interface
 

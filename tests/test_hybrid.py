@@ -258,3 +258,27 @@ def test_pure_recurrent_memory_does_not_grow_beyond_state_checkpoints():
         # ids, labels, targets, position ids, mask: a few int64 per token; nothing per token per layer
         assert d_seco <= d_states + 64 * d_tokens
         assert d_plain >= 10 * d_seco
+
+
+def test_kv_offload_with_recurrent_layers():
+    """Host-resident K/V of the attention layers next to device-resident states; the last chunk (one token)
+    puts the decode kernels' in-place state writes under the offload's saved-tensor hooks."""
+    model = tiny_hybrid("falcon_h1")
+    ids, labels, mask = batch(seq=7)
+    _, ref = reference_grads(model, ids, labels, mask)
+    _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=2, offload_kv=True)  # 2 + 2 + 2 + 1
+    assert rel_error(got, ref) <= tol(model)
+
+
+def test_checkpoint_layers_with_recurrent_layers():
+    """Layers recomputed in backward get the entering state again (a fresh copy per call), not the state the
+    forward wrote; single-token chunks, whose kernels write in place also in the recompute, are refused."""
+    model = tiny_hybrid("falcon_h1")
+    ids, labels, mask = batch(seq=7)
+    _, ref = reference_grads(model, ids, labels, mask)
+    _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=3, checkpoint_layers=True)
+    assert rel_error(got, ref) <= tol(model)
+    with pytest.raises(ValueError, match="falcon_h1: checkpoint_layers with chunk_size 1"):
+        chunkwise_backward(
+            model, ids, labels=labels, attention_mask=mask, chunk_size=1, checkpoint_layers=True
+        )
