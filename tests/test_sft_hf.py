@@ -72,6 +72,14 @@ def test_chunkwise_trainer_matches_the_project_trainer(project_losses, tmp_path)
     assert (tmp_path / f"checkpoint-{STEPS}" / "trainer_state.json").is_file()  # the Trainer's checkpoint
 
 
+def test_resume_from_the_trainers_checkpoint(tmp_path):
+    """Trainer checkpointing: a run resumed from its step-2 checkpoint continues with the same losses (the
+    SpaCO draw follows the Trainer's global step, the data its resumed position)."""
+    first = train(tmp_path, OVERRIDES, deepspeed=False, save_steps=2)
+    resumed = train(tmp_path, OVERRIDES, deepspeed=False, resume=str(tmp_path / "checkpoint-2"))
+    assert len(resumed) == STEPS - 2 and resumed == pytest.approx(first[2:], rel=1e-6)
+
+
 def test_chunkwise_trainer_under_the_trainers_deepspeed(project_losses, tmp_path):
     worker = [sys.executable, str(REPO / "tests" / "workers" / "hf_trainer.py"), str(tmp_path), "--deepspeed"]
     done = subprocess.run(

@@ -35,7 +35,10 @@ DS_CONFIG = {
 }
 
 
-def train(out: Path, overrides: list[str], deepspeed: bool) -> list[float]:
+def train(
+    out: Path, overrides: list[str], deepspeed: bool, save_steps: int | None = None, resume: str | None = None
+) -> list[float]:
+    """The per-step losses of a ChunkwiseTrainer run of the config; `resume`: a checkpoint to continue."""
     cfg = load_config(str(REPO / "configs" / "tiny-cpu.yaml"), overrides, check_paths=False)
     dataset = build_dataset(cfg.data, load_tokenizer(cfg.data.tokenizer), model_vocab_size(cfg.model))
     stream = DataStream(dataset, cfg.data.batch_size, 0, 1, seed=cfg.data.seed)
@@ -57,7 +60,7 @@ def train(out: Path, overrides: list[str], deepspeed: bool) -> list[float]:
         optim="adamw_torch",
         logging_steps=1,
         save_strategy="steps",
-        save_steps=steps,
+        save_steps=save_steps or steps,
         report_to=[],
         use_cpu=not deepspeed,
         dataloader_num_workers=0,
@@ -84,7 +87,7 @@ def train(out: Path, overrides: list[str], deepspeed: bool) -> list[float]:
         schedule=ChunkSchedule.from_config(cfg.chunking),
         seed=cfg.optim.seed,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return losses
 
 
