@@ -36,6 +36,7 @@ from transformers.cache_utils import DynamicCache
 
 from engine.chunkwise import chunkwise_backward
 from engine.data import ByteTokenizer, SyntheticDataset
+from engine.kv_cache import cache_argument
 
 IGNORE = -100
 METHODS = ("plain", "seco", "spaco", "truncated", "plain_split")
@@ -135,7 +136,9 @@ def truncated_backward(model, input_ids, labels, chunk_size: int) -> float:
     for s in range(0, seq_len, chunk_size):
         e = min(s + chunk_size, seq_len)
         pos = torch.arange(s, e).unsqueeze(0).expand(input_ids.shape[0], -1)
-        out = model(input_ids=input_ids[:, s:e], position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=input_ids[:, s:e], position_ids=pos, use_cache=True, **{cache_argument(model): cache}
+        )
         loss = F.cross_entropy(out.logits.flatten(0, 1), targets[:, s:e].flatten(), reduction="sum")
         loss = loss / num_tokens
         if loss.requires_grad and (targets[:, s:e] != IGNORE).any():
