@@ -99,8 +99,9 @@ def test_checkpointed_chunks_lower_the_chunk_peak():
 
 
 def test_bf16_kv_grads_error_within_1_5x_of_plain_bf16_backprop():
-    """The README's figure: at 64 chunks, bfloat16 K/V gradients against plain bf16 backprop (both against
-    float64 on the same rounded weights). Measured ratios 0.9-1.0, as float32 K/V gradients'."""
+    """The README's figure: at 64 chunks, K/V gradients accumulated in float32 against plain bf16 backprop
+    (both against float64 on the same rounded weights). The default, bfloat16, is the same check in
+    tests/test_precision_and_args.py. Measured ratios: float32 0.98, bfloat16 1.00 (seed 3)."""
     fp64 = tiny_model("LlamaConfig", torch.float64, seed=3)
     bf16 = copy.deepcopy(fp64).to(torch.bfloat16)
     fp64.load_state_dict({k: v.to(torch.float64) for k, v in bf16.state_dict().items()})
@@ -108,7 +109,7 @@ def test_bf16_kv_grads_error_within_1_5x_of_plain_bf16_backprop():
     _, exact = reference_grads(fp64, ids, labels, mask)
     _, plain = reference_grads(bf16, ids, labels, mask)
     e_plain = rel_error(plain, exact)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32",):  # bfloat16: tests/test_precision_and_args.py (the default)
         bf16.zero_grad(set_to_none=True)
         chunkwise_backward(bf16, ids, labels=labels, attention_mask=mask, chunk_size=4, kv_grad_dtype=dtype)
         ratio = rel_error(grads_of(bf16), exact) / e_plain
