@@ -172,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 def _describe(name: str, shape: ModelShape, kw: dict, b0: Breakdown, cfg) -> list[str]:
     kinds = f"{shape.layers} layers"
     if shape.linear_layers:
-        kinds += (
-            f" ({shape.linear_layers} linear-attention/SSM, {shape.state_bytes / 2**20:.2f} MiB state each)"
-        )
+        kinds += f" ({shape.linear_layers} linear-attention/SSM, {shape.state_bytes(2) / 2**20:.2f} MiB bf16/fp32 state each)"
     if shape.experts:
         kinds += f", {shape.experts} experts (top {shape.top_k}, {shape.base_params(active=True) / 1e9:.2f}B active)"
     attn = kw["attn"] + {"sdpa": " (the engine's mask-free attention, grouped K/V heads)",

@@ -189,11 +189,11 @@ def kv_bytes(shape: ModelShape, o: Setup, seq_len: int) -> tuple[int, int]:
     each of the k - 1 inner chunk boundaries) and their gradients (K/V in kv_grad_dtype; one boundary's state
     per linear layer), as engine/kv_cache.py and engine/state_cache.py hold them."""
     elems = 2 * shape.attn_layers * shape.kv_width * seq_len * o.batch
-    states = shape.linear_layers * shape.state_bytes * o.batch
+    states = shape.linear_layers * shape.state_bytes(DTYPE_BYTES[o.dtype]) * o.batch
+    state_grads = shape.linear_layers * 4 * (shape.rec_state + shape.conv_state) * o.batch if seq_len else 0
     boundaries = max(0, math.ceil(seq_len / o.chunk_size) - 1)  # the first chunk starts from zero states
-    return elems * DTYPE_BYTES[o.dtype] + boundaries * states, elems * DTYPE_BYTES[o.kv_grad_dtype] + (
-        states if seq_len else 0
-    )
+    kv = elems * DTYPE_BYTES[o.dtype] + boundaries * states
+    return kv, elems * DTYPE_BYTES[o.kv_grad_dtype] + state_grads
 
 
 def _activations(shape: ModelShape, o: Setup, seq_len: int) -> tuple[int, dict[str, int]]:

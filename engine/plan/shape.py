@@ -34,7 +34,8 @@ class ModelShape:
     qkv_bias: bool = False
     # hybrid: how many of the layers are linear (recurrent) mixers, and per such layer and sequence:
     linear_layers: int = 0
-    state_bytes: int = 0  # the state checkpointed at each chunk boundary (conv + recurrent, their dtypes)
+    rec_state: int = 0  # elements of the recurrent state checkpointed at each chunk boundary (float32)
+    conv_state: int = 0  # elements of the conv state there (the model's dtype)
     linear_params: int = 0  # the mixer's weights
     linear_width: int = 0  # elements per token the mixer's autograd graph saves (projections, conv, gates)
     # MoE: experts per layer (0: dense MLP), experts run per token, shared expert's intermediate size
@@ -91,6 +92,10 @@ class ModelShape:
         )
 
     # ------------------------------------------------------------------------------------------ sizes
+
+    def state_bytes(self, dtype_bytes: int = 2) -> int:
+        """One linear layer's state at one boundary: recurrent in float32, conv in the model's dtype."""
+        return 4 * self.rec_state + dtype_bytes * self.conv_state
 
     @property
     def attn_layers(self) -> int:
@@ -169,11 +174,12 @@ def _linear_mixer(cfg: Mapping, hidden: int, layers: int) -> dict:
         kd, vd = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
         key, value, kernel = kh * kd, vh * vd, cfg.get("linear_conv_kernel_dim", 4)
         conv = 2 * key + value
-        state = (
-            4 * vh * kd * vd + 2 * conv * kernel
-        )  # recurrent state in float32, conv state (16-bit) x kernel
+        rec, conv_state = vh * kd * vd, conv * kernel
         params = hidden * (2 * key + 2 * value + 2 * vh) + conv * kernel + value * hidden + vd + 2 * vh
-        width = (2 * key + 2 * value) + 2 * conv + 4 * value  # projections, conv in/out, core out, gated norm
+        # what transformers' torch path (torch_chunk_gated_delta_rule, 64-token blocks, float32) saves per
+        # token, counted on a tiny Qwen3-Next: the projections, conv in/out, five [64 x 64] block matrices per
+        # value head and ~23 head-sized tensors (q, k, v, their l2-normed, blocked and decayed forms)
+        width = (2 * key + 2 * value + 2 * vh) + 2 * conv + 5 * vh * 64 + 23 * vh * max(kd, vd)
     elif _first(cfg, "ssm_state_size", "mamba_d_state"):  # Mamba-2 (the families spell its fields apart)
         heads = _first(cfg, "mamba_num_heads", "mamba_n_heads")
         head_dim = _first(cfg, "mamba_head_dim", "mamba_d_head")
@@ -185,7 +191,7 @@ def _linear_mixer(cfg: Mapping, hidden: int, layers: int) -> dict:
             )
         inner, kernel = heads * head_dim, _first(cfg, "conv_kernel", "mamba_d_conv") or 4
         conv = inner + 2 * groups * d_state
-        state = 4 * heads * head_dim * d_state + 2 * conv * kernel
+        rec, conv_state = heads * head_dim * d_state, conv * kernel
         params = (
             hidden * (2 * inner + 2 * groups * d_state + heads) + conv * kernel + inner * hidden + 3 * heads
         )
@@ -195,7 +201,9 @@ def _linear_mixer(cfg: Mapping, hidden: int, layers: int) -> dict:
             f"planner: {cfg.get('model_type')!r} has linear layers of a kind it cannot size "
             "(known: Gated DeltaNet linear_* fields, Mamba-2 ssm_state_size/mamba_* fields)"
         )
-    return dict(linear_layers=n, state_bytes=state, linear_params=params, linear_width=width)
+    return dict(
+        linear_layers=n, rec_state=rec, conv_state=conv_state, linear_params=params, linear_width=width
+    )
 
 
 def _first(cfg: Mapping, *names: str):
