@@ -23,6 +23,7 @@ from engine.plan import (
     PRESETS,
     Breakdown,
     ModelShape,
+    Setup,
     choose_chunk_size,
     load_model_config,
     longest_sequence,
@@ -187,7 +188,7 @@ def _describe(name: str, shape: ModelShape, kw: dict, b0: Breakdown, cfg) -> lis
     )
     extras = [k for k in ("checkpoint_layers", "fused_loss") if kw[k]]
     extras += [f"offload_kv {kw['offload_kv']}"] if kw["offload_kv"] else []
-    extras += [f"K/V grads in {kw['kv_grad_dtype'] or 'bfloat16'} (for bf16 models)"]
+    extras += [f"K/V grads in {Setup(**kw).kv_grad_dtype}"]
     return [
         f"model      {name}: hidden {shape.hidden}, {kinds}, {shape.heads} heads / {shape.kv_heads} KV heads "
         f"(head_dim {shape.head_dim}), MLP {shape.intermediate}, vocab {shape.vocab}; {b0.params / 1e9:.2f}B params",
