@@ -107,7 +107,9 @@ def test_sliding_window_models_are_exact(family, attn, kw):
 def test_recurrent_family_without_state_continuation_is_refused():
     # Hybrid / SSM families are exact or refused by name (tests/test_hybrid.py); Jamba's Mamba-1 scan
     # cannot start a multi-token chunk from a given state.
-    model = tiny_model("JambaConfig", attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=8)
+    model = tiny_model(
+        "JambaConfig", attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=8
+    )
     ids, labels, mask = tiny_batch()
     with pytest.raises(ValueError, match="jamba: .*initial state"):
         chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8)
