@@ -8,20 +8,10 @@ from __future__ import annotations
 
 import torch
 import transformers
+from tiny import BASE as ATTENTION_BASE
 
-VOCAB = 97
-BASE = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-    max_position_embeddings=512,
-)
+# The attention tests' tiny shape, narrower and with 4 layers (3 recurrent : 1 full attention).
+BASE = dict(ATTENTION_BASE, hidden_size=32, intermediate_size=64, num_hidden_layers=4)
 LINEAR_3_1 = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
 DELTA = dict(  # gated delta-net heads (Qwen3-Next / Qwen3.5 / OLMo-hybrid)
     layer_types=LINEAR_3_1,
