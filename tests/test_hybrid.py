@@ -173,6 +173,12 @@ LORA_TARGETS = {
     # PEFT refuses LoRA on Mamba mixers' out_proj and conv1d
     "falcon_h1": ["in_proj", "q_proj", "v_proj"],
     "mamba2": ["in_proj"],
+    "qwen3_next": ["in_proj_qkvz", "in_proj_ba", "q_proj", "v_proj"],
+    "olmo_hybrid": ["a_proj", "b_proj", "g_proj", "q_proj", "v_proj"],
+    "kimi_linear": ["b_proj", "g_a_proj", "q_proj", "v_proj"],
+    "bamba": ["in_proj", "q_proj", "v_proj"],
+    "granitemoehybrid": ["in_proj", "q_proj", "v_proj"],
+    "nemotron_h": ["in_proj", "q_proj", "v_proj"],
 }
 
 
