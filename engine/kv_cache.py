@@ -295,6 +295,12 @@ def offload_mode(offload_kv) -> bool | str:
 
 def cache_argument(module) -> str:
     """transformers 5.24 renamed the models' `past_key_values` argument to `cache` (the old name warns and
-    goes in 5.40): pass it by the name the installed version's forward declares."""
+    goes in 5.40): pass it by the name the installed version's forward declares. Before 5.24 the Mamba-style
+    models call it `cache_params`; a name the forward does not declare would vanish into its **kwargs and
+    the model would run without our cache (silently wrong gradients), so that is an error."""
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    declared = inspect.signature(base.forward).parameters
+    for name in ("cache", "past_key_values", "cache_params"):
+        if name in declared:
+            return name
+    raise ValueError(f"{type(base).__name__}.forward takes no cache argument: chunk-wise training needs one")

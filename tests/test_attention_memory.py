@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
 from engine.chunkwise import chunkwise_backward
-from engine.kv_cache import ChunkKVCache
+from engine.kv_cache import ChunkKVCache, cache_argument
 from engine.memory import MemoryTracker
 
 CASES = [
@@ -139,11 +139,12 @@ def test_offload_auto_keeps_what_fits_on_the_device():
     ids, labels, mask = tiny_batch()
     per_layer = 2 * 2 * 37 * 2 * 16 * 8 * 2  # batch 2, K+V, 37 tokens, 2 heads x 16, float64, K/V + grads
     cache = ChunkKVCache(2, 37, offload="auto", device_budget=per_layer)
+    arg = cache_argument(model)  # `cache` from transformers 5.24, `past_key_values` before
     with torch.no_grad():
-        model(input_ids=ids[:, :16], cache=cache, use_cache=True)
+        model(input_ids=ids[:, :16], **{arg: cache}, use_cache=True)
     cache.begin_chunk(16)
     with cache.saved_kv_offloaded():
-        model(input_ids=ids[:, 16:32], cache=cache, use_cache=True)
+        model(input_ids=ids[:, 16:32], **{arg: cache}, use_cache=True)
     assert [layer.offload for layer in cache.layers] == [False, True]
     assert {idx for _, idx, *_ in cache._device_copies} == {1}
     _, ref = reference_grads(model, ids, labels, mask)
