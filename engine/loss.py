@@ -18,7 +18,7 @@ the whole-chunk loss (logged once) until that is resolved. ZeRO-0/1/2 are exact 
 
 The model's own logit post-processing is reproduced: final-logit softcapping (Gemma-2/3), logit scaling
 (Cohere `logit_scale`, Granite `logits_scaling`). Because an unknown family could do something else after
-the head, each step first runs the model on one token per row (no grad, no cache) and compares its logits
+the head, the first step of each model runs it on one token per row (no grad, no cache) and compares its logits
 with ours; a mismatch (or a head we cannot read: a PEFT adapter on it, a non-Linear head) makes the step use
 the whole-chunk path, logged once per reason.
 """
@@ -27,15 +27,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from engine.packing import IGNORE
+
 logger = logging.getLogger(__name__)
 _logged: set[str] = set()  # log each fallback reason once per process
+# Whether a model's logits are lm_head(h) with the known post-processing: a property of its structure,
+# checked by one forward the first time a model is seen, not on every step.
+_verified: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _log_once(reason: str) -> None:
@@ -160,10 +165,18 @@ class FusedLoss:
             _log_once("the LM head's weight is partitioned by ZeRO-3")
             return None
         fused = cls(head, logit_transform(module), slice_tokens)
+        if base not in _verified:
+            _verified[base] = fused._logits_match(head, forward_one_token)
+        if not _verified[base]:
+            _log_once(f"{type(base).__name__}'s logits are not lm_head(h) with the known softcapping/scaling")
+            return None
+        return fused
+
+    def _logits_match(self, head: torch.nn.Linear, forward_one_token: Callable[[], torch.Tensor]) -> bool:
         expected = []
 
         def capture(mod, args):
-            expected.append(fused.transform(F.linear(args[0], mod.weight, mod.bias)))
+            expected.append(self.transform(F.linear(args[0], mod.weight, mod.bias)))
 
         handle = head.register_forward_pre_hook(capture)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -172,10 +185,7 @@ class FusedLoss:
                 logits = forward_one_token()
         finally:
             handle.remove()
-        if not (expected and logits.shape == expected[-1].shape and torch.allclose(logits, expected[-1])):
-            _log_once(f"{type(base).__name__}'s logits are not lm_head(h) with the known softcapping/scaling")
-            return None
-        return fused
+        return bool(expected and logits.shape == expected[-1].shape and torch.allclose(logits, expected[-1]))
 
     @contextlib.contextmanager
     def chunk(self, targets: torch.Tensor):

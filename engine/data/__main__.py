@@ -12,7 +12,7 @@ import statistics
 import sys
 
 from engine.config_load import load_config
-from engine.data import build_dataset, load_tokenizer
+from engine.data import IGNORE_INDEX, build_dataset, load_tokenizer
 from engine.data.sft import SftDataset
 from engine.model import model_vocab_size
 
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(min(args.inspect, len(dataset))):
             row = dataset[i]
             ids, labels = row["input_ids"].tolist(), row["labels"].tolist()
-            print(f"--- row {i}: {sum(x != -100 for x in labels)} tokens with loss")
-            print(marked(tokenizer, ids, [x != -100 for x in labels], color))
+            print(f"--- row {i}: {sum(x != IGNORE_INDEX for x in labels)} tokens with loss")
+            print(marked(tokenizer, ids, [x != IGNORE_INDEX for x in labels], color))
     print("--- summary")
     print("\n".join(summary(dataset)))
     return 0
