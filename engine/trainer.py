@@ -76,6 +76,7 @@ class Run:
     saved_step: int | None = None
     zero3_ctx: Any = None  # transformers only weakly references it: must live as long as the engine
     signals: dict = field(default_factory=dict)  # previous handlers, restored by close()
+    stopping: bool = False  # a preemption stops this run (set by run_loop; close() keeps the handlers)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -163,6 +164,7 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
         if cfg.checkpoint.dir and (preempted or (every and run.step % every == 0)):
             save(run, faults)
         if preempted:
+            run.stopping = True
             break
     if cfg.checkpoint.dir and run.saved_step != run.step:
         save(run, faults)
@@ -310,6 +312,11 @@ def _request_stop(signum, frame) -> None:
 
 def close(run: Run) -> None:
     run.metrics.close()
-    for sig, handler in run.signals.items():
-        signal.signal(sig, handler)
+    # A preempted process is on its way out with its checkpoint saved, and launchers repeat the signal:
+    # DeepSpeed's inner launcher, once it has a TERM of its own, terminates the ranks one after the other,
+    # each after the previous one exited. Restoring the default action here would let that late TERM kill
+    # a rank between its save and its exit (exit 143 instead of 0), so the flag handler stays.
+    if not (run.stopping or _PREEMPT):
+        for sig, handler in run.signals.items():
+            signal.signal(sig, handler)
     distributed.shutdown()

@@ -80,3 +80,30 @@ def test_sigterm_through_deepspeed_launcher_saves_and_exits_0(tmp_path, target):
     wait_for_steps(tmp_path, proc, 2)
     signal_target(proc, target, signal.SIGTERM)
     check_preempted(tmp_path, proc.wait(timeout=300), "SIGTERM")
+
+
+def test_a_repeated_signal_after_the_preemption_save_cannot_kill_the_rank():
+    """The race CI hit with TERM to the launcher's process group: DeepSpeed's inner launcher terminates the
+    ranks one by one, so rank 1 got a second TERM after its save, in close(), and died by it (exit 143)."""
+    from types import SimpleNamespace
+
+    from engine import trainer
+
+    before = {s: signal.getsignal(s) for s in trainer.PREEMPT_SIGNALS}
+    try:
+        for s in trainer.PREEMPT_SIGNALS:
+            signal.signal(s, trainer._request_stop)  # as setup() leaves them
+        run = SimpleNamespace(metrics=SimpleNamespace(close=lambda: None), stopping=True)
+        run.signals = {s: signal.SIG_DFL for s in trainer.PREEMPT_SIGNALS}  # what a fresh process had
+        trainer.close(run)
+        assert all(signal.getsignal(s) == trainer._request_stop for s in trainer.PREEMPT_SIGNALS)
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher's late TERM: must not end this process
+        time.sleep(0.1)
+        run.stopping = False  # a run that ended normally gives its handlers back
+        trainer._PREEMPT.clear()
+        trainer.close(run)
+        assert all(signal.getsignal(s) == signal.SIG_DFL for s in trainer.PREEMPT_SIGNALS)
+    finally:
+        trainer._PREEMPT.clear()
+        for s, h in before.items():
+            signal.signal(s, h)
