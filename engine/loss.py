@@ -10,11 +10,13 @@ and the head's weight is read in the forward only.
 How the model is reached: a forward pre-hook on the model's output embedding (the LM head) takes the
 hidden states the model is about to project, computes the fused loss, and hands the head an empty input, so
 the model's own forward (PEFT, DeepSpeed and its hooks included) runs as always and its logits are empty.
-The head module is therefore called once per chunk, so under ZeRO-3 its weight would be gathered once per
-chunk by DeepSpeed's own module hook (which runs before ours), not once per slice. But the precomputed
-weight gradient then reaches the partitioned parameter after DeepSpeed has released it, and the 2-rank
-ZeRO-3 step did not complete (tests/test_deepspeed_equivalence.py timed out): under ZeRO-3 the step uses
-the whole-chunk loss (logged once) until that is resolved. ZeRO-0/1/2 are exact (same test).
+The head module is therefore called once per chunk, so under ZeRO-3 its weight is gathered once per chunk
+by DeepSpeed's own module hook (which runs before ours), not once per slice. ZeRO-3 releases the weight
+after the head's forward and gathers it again only when backward passes through the head's output; the
+precomputed weight gradient would otherwise reach a released (partitioned) parameter, and the 2-rank step
+did not complete. So under ZeRO-3 the chunk's loss also adds the sum of the head's empty output (exactly
+0): backward then enters the head, DeepSpeed re-gathers its weight, and the weight's gradient (ours plus
+the empty projection's zero) accumulates on the gathered parameter, where ZeRO-3's reduce hook expects it.
 
 The model's own logit post-processing is reproduced: final-logit softcapping (Gemma-2/3), logit scaling
 (Cohere `logit_scale`, Granite `logits_scaling`). Because an unknown family could do something else after
@@ -144,6 +146,7 @@ class FusedLoss:
 
     def __init__(self, head: torch.nn.Linear, transform, slice_tokens: int):
         self.head, self.transform, self.slice_tokens = head, transform, slice_tokens
+        self.partitioned = hasattr(head.weight, "ds_id")  # ZeRO-3 (see the module docstring)
 
     @classmethod
     def build(
@@ -160,9 +163,6 @@ class FusedLoss:
             _log_once(
                 f"{type(base).__name__}'s output embedding is {type(head).__name__}, not a plain Linear"
             )
-            return None
-        if hasattr(head.weight, "ds_id"):  # ZeRO-3 partitions the head (see the module docstring)
-            _log_once("the LM head's weight is partitioned by ZeRO-3")
             return None
         fused = cls(head, logit_transform(module), slice_tokens)
         if base not in _verified:
@@ -199,8 +199,16 @@ class FusedLoss:
             )
             return (hidden[:, :0],)  # the model's own projection: of nothing
 
-        handle = self.head.register_forward_pre_hook(pre_hook)
+        def post_hook(module, args, output):
+            # ZeRO-3: the empty output (as DeepSpeed's own hook returned it) joins the loss, so that
+            # backward enters the head and DeepSpeed gathers its weight again before the gradient lands.
+            result.loss = result.loss + output.sum().to(result.loss.dtype)
+
+        handles = [self.head.register_forward_pre_hook(pre_hook)]
+        if self.partitioned:
+            handles.append(self.head.register_forward_hook(post_hook))
         try:
             yield result
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()

@@ -34,10 +34,11 @@ CASES = {
     # Packed documents (position_ids restarting per document) against the documents run one by one; the
     # SFT SpaCO policy ORs the loss-chunk flags over ranks (q = 1 here: exact).
     "zero2-packed": ["--zero", "2", "--packed"],
-    # checkpointed chunks + fused loss (ZeRO-3: the fused loss falls back to the whole-chunk loss, see
-    # engine/loss.py; with it the 2-rank step did not complete)
+    # checkpointed chunks + fused loss (ZeRO-3: the head's weight gathered once per chunk, engine/loss.py;
+    # the test also checks that the fused loss ran, not its whole-chunk fallback)
     "zero2-memory": ["--zero", "2", "--memory"],
     "zero3-memory": ["--zero", "3", "--memory"],
+    "zero3-offload-param-memory": ["--zero", "3", "--offload-optimizer", "--offload-param", "--memory"],
     # MoE with the router load-balancing loss: CE over the global batch + coef x the mean of each rank's aux
     # (tests/ds_reference.py's moe_reference); and a hybrid (Mamba-2 + attention) through its state cache.
     "zero2-moe-aux": ["--zero", "2", "--model", "moe"],
@@ -68,6 +69,8 @@ def launch(args, out, nprocs=2):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # DeepSpeed's CPU all-reduce leaves a 64 MiB /dev/shm file per rank unless we unlink it
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    if "--memory" in args:
+        assert "using the whole-chunk loss" not in r.stdout + r.stderr, r.stderr[-3000:]
     return torch.load(out)
 
 

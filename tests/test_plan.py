@@ -381,9 +381,9 @@ def test_checkpoint_layers_and_fused_loss_shrink_the_chunk():
     assert fused.transient < base.transient / 3 and base.peak_phase == "ce"
     both = plan("llama3-8b", checkpoint_layers=True, fused_loss=True, **kw)
     assert both.total < min(ckpt.total, fused.total)
-    # under ZeRO-3 the engine falls back to the whole-chunk loss
+    # and under ZeRO-3 too (the head's weight gathered once per chunk)
     zero3 = dict(kw, zero_stage=3)
-    assert plan("llama3-8b", fused_loss=True, **zero3).total == plan("llama3-8b", **zero3).total
+    assert plan("llama3-8b", fused_loss=True, **zero3).transient < plan("llama3-8b", **zero3).transient / 3
     bf16 = plan("llama3-8b", kv_grad_dtype="bfloat16", **kw)
     assert bf16.kv_grads == base.kv_grads // 2 and bf16.kv == base.kv
     # never below the K/V's own dtype: a float32 model keeps float32 K/V gradients

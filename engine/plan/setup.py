@@ -98,8 +98,6 @@ class Setup:
             raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
         if self.backend == "local" and (self.zero_stage or self.world_size != 1):
             raise ValueError("backend 'local' is one process without ZeRO: zero_stage 0, world_size 1")
-        if self.fused_loss and self.backend == "deepspeed" and self.zero_stage == 3:
-            set_("fused_loss", False)  # chunkwise_backward falls back to the whole-chunk loss under ZeRO-3
         if self.offload_kv not in (True, False, "auto"):
             raise ValueError(f"offload_kv must be true, false or 'auto', got {self.offload_kv!r}")
 
