@@ -69,6 +69,9 @@ def logit_transform(model) -> Callable[[torch.Tensor], torch.Tensor]:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    # The factor when the transform is a plain scaling (None: it is not), for the in-place loss.
+    factor = (1.0 if scale is None else scale) / (1.0 if divide is None else divide)
+    transform.linear_scale = None if cap is not None else factor
     return transform
 
 
@@ -94,18 +97,15 @@ class _FusedCE(torch.autograd.Function):
             if not any(grads):
                 total += _ce(transform(F.linear(x, weight, bias)), y, acc)
                 continue
-            with torch.enable_grad():  # the slice's own little graph: logits -> transform -> CE
-                logits = F.linear(x, weight, bias).detach().requires_grad_()
-                loss = _ce(transform(logits), y, acc)
-                (dlogits,) = torch.autograd.grad(loss, logits)
-            total += loss.detach()
+            loss, dlogits = _slice_loss_and_grad(F.linear(x, weight, bias), y, transform, acc)
+            total += loss
             if want_h:
-                grad_h[a : a + slice_tokens] = dlogits @ weight
+                grad_h[a : a + slice_tokens] = dlogits.to(weight.dtype) @ weight
             if grad_w is not None:
-                grad_w.addmm_(dlogits.t().to(acc), x.to(acc))
+                grad_w.addmm_(dlogits.t(), x.to(acc))
             if grad_b is not None:
-                grad_b += dlogits.sum(0).to(acc)
-            del logits, loss, dlogits
+                grad_b += dlogits.sum(0)
+            del dlogits
         ctx.grad_h = None if grad_h is None else grad_h.view_as(hidden)
         ctx.grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         ctx.grad_b = None if grad_b is None else grad_b.to(bias.dtype)
@@ -117,6 +117,39 @@ class _FusedCE(torch.autograd.Function):
         grads = [None if x is None else x.mul_(g.to(x.dtype)) for x in (ctx.grad_h, ctx.grad_w, ctx.grad_b)]
         ctx.grad_h = ctx.grad_w = ctx.grad_b = None
         return (*grads, None, None, None, None)
+
+
+def _slice_loss_and_grad(logits, y, transform, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slice's summed CE and its gradient with respect to the (untransformed) logits, in `acc`.
+
+    Without a non-linear transform (every family but the softcapping ones) this works in place on one
+    float32 [slice x V] buffer: the softmax overwrites the logits and becomes the gradient
+    (softmax - one-hot, times the logit scale). Through autograd it would hold four such buffers (logits,
+    log-softmax, the NLL gradient, the log-softmax gradient), which at a 128K vocabulary is most of the
+    fused loss's own peak."""
+    if transform.linear_scale is None:  # softcapping: the slice's own small graph
+        with torch.enable_grad():
+            z = logits.detach().requires_grad_()
+            loss = _ce(transform(z), y, acc)
+            (dz,) = torch.autograd.grad(loss, z)
+        return loss.detach(), dz.to(acc)
+    z = logits.to(acc)  # a new buffer for low-precision logits; the logits themselves in float32
+    del logits
+    if transform.linear_scale != 1.0:
+        z.mul_(transform.linear_scale)
+    valid = y != IGNORE
+    rows = torch.arange(len(y), device=y.device)
+    target = z[rows, y.clamp(min=0)]
+    top = z.amax(dim=1, keepdim=True)
+    z.sub_(top).exp_()
+    norm = z.sum(dim=1, keepdim=True)
+    loss = ((norm.log() + top).squeeze(1) - target)[valid].sum()
+    z.div_(norm)  # softmax
+    z[rows[valid], y[valid]] -= 1.0
+    z[~valid] = 0.0
+    if transform.linear_scale != 1.0:
+        z.mul_(transform.linear_scale)  # d(scale * logits) / d logits
+    return loss, z
 
 
 def _ce(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -19,7 +19,7 @@ trained by engine/chunkwise.py:
                       flash-attn get no mask and grouped heads. checkpoint_layers: each layer's input only,
                       plus one layer recomputed during its backward
     transient         the largest of what backward allocates on top of that: the chunk's cross-entropy
-                      (float32 [C, vocab] x 3; fused_loss: one slice's, [loss_slice, vocab]), the lm_head backward,
+                      (float32 [C, vocab] x 3; fused_loss: one slice's float32 [loss_slice, vocab], in place), the lm_head backward,
                       the top layer's attention backward (gradients over prefix + chunk K/V; with offload_kv
                       its K/V fetched back from the host, the next layer's prefetched, the deposit staged),
                       the top layer's MLP backward (full fine-tuning)
@@ -282,12 +282,13 @@ def _phases(shape: ModelShape, o: Setup, seq_len: int, acts: int, parts: dict[st
     phases = {}
     if o.fused_loss:
         # engine/loss.py computes each slice's gradients inside the forward: the hidden states' gradient
-        # (model dtype) and, when the head trains, a float32 accumulator of its weight's; per slice its
-        # logits, their float32 log-softmax, the gradient of both. Backward scales the stored gradients
-        # (one more copy of each).
+        # (model dtype) and, when the head trains, a float32 accumulator of its weight's; per slice one
+        # float32 buffer that holds the logits, then their softmax, then their gradient (in place), plus
+        # the model-dtype logits it was cast from (and, for grad_h, the gradient cast back) when the model
+        # computes below float32. Softcapping models (Gemma-2) take autograd's path instead: not modelled.
         s = min(o.loss_slice, c)
         weight_grad = v * h * 4 if full else 0
-        phases["ce"] = head_acts + b * c * h * dt + weight_grad + b * s * v * (dt + 3 * 4)
+        phases["ce"] = head_acts + b * c * h * dt + weight_grad + b * s * v * (xf + (dt if dt != xf else 0))
         phases["lm_head"] = head_acts + 2 * (b * c * h * dt + (v * h * dt if full else 0))
     else:
         # Cross-entropy in float32: log-softmax output, NLL gradient, log-softmax gradient.
