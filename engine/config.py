@@ -228,9 +228,9 @@ class ChunkingConfig:
     """Recompute each decoder layer in the chunk's backward: a chunk then holds its layers' inputs plus one
     layer's activations, so chunks can be several times longer in the same memory (exact)."""
 
-    fused_loss: bool = False
+    fused_loss: bool = True
     """Each chunk's loss loss_slice tokens per row at a time, never the chunk's whole logits (exact; heads
-    it cannot reproduce fall back to the whole-chunk loss, logged once)."""
+    it cannot reproduce fall back to the whole-chunk loss, logged once). false: the model's own loss."""
 
     loss_slice: int = 128
     """fused_loss: tokens per row in one slice (its float32 logits: loss_slice x batch x vocab x 4 bytes)."""

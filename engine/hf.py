@@ -38,10 +38,22 @@ class ChunkwiseTrainer(Trainer):
 
     `seed` seeds SpaCO's draw per step as launch/train.py's optim.seed does (same on every rank, so ranks
     draw the same chunks);
-    `offload_kv` keeps the K/V checkpoints in host memory. `last_stats` holds the last step's ChunkStats.
+    `offload_kv` keeps the K/V checkpoints in host memory; `fused_loss` (on, as in the run config) computes
+    each chunk's loss a slice of tokens at a time, `checkpoint_layers` recomputes each decoder layer in the
+    chunk's backward (chunking.fused_loss / checkpoint_layers in the README). `last_stats` holds the last
+    step's ChunkStats.
     """
 
-    def __init__(self, *args, schedule: ChunkSchedule, seed: int = 0, offload_kv: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        schedule: ChunkSchedule,
+        seed: int = 0,
+        offload_kv: bool = False,
+        fused_loss: bool = True,
+        checkpoint_layers: bool = False,
+        **kwargs,
+    ):
         if not isinstance(schedule, ChunkSchedule):
             raise ValueError(
                 f"schedule: expected an engine.schedule.ChunkSchedule, got {type(schedule).__name__}"
@@ -54,6 +66,7 @@ class ChunkwiseTrainer(Trainer):
                 "raise per_device_train_batch_size instead"
             )
         self.schedule, self.seed, self.offload_kv = schedule, seed, offload_kv
+        self.fused_loss, self.checkpoint_layers = fused_loss, checkpoint_layers
         self.last_stats: ChunkStats | None = None
 
     def training_step(
@@ -80,6 +93,8 @@ class ChunkwiseTrainer(Trainer):
                 schedule=self.schedule,
                 generator=generator,
                 offload_kv=self.offload_kv,
+                fused_loss=self.fused_loss,
+                checkpoint_layers=self.checkpoint_layers,
             )
         if self.is_deepspeed_enabled:
             # accelerate steps the DeepSpeed engine inside accelerator.backward, which chunk-wise backprop

@@ -304,7 +304,12 @@ LLAMA_24GB = [
     "24GiB",
 ]
 LLAMA_24GB_KW = dict(
-    chunk_size=256, lora_rank=8, zero_stage=2, offload_optimizer=True, attn="flash_attention_2"
+    chunk_size=256,
+    lora_rank=8,
+    zero_stage=2,
+    offload_optimizer=True,
+    attn="flash_attention_2",
+    fused_loss=True,
 )
 
 
