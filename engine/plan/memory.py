@@ -286,10 +286,11 @@ def _phases(shape: ModelShape, o: Setup, seq_len: int, acts: int, parts: dict[st
         # float32 buffer that holds the logits, then their softmax, then their gradient (in place), plus
         # the model-dtype logits it was cast from (and, for grad_h, the gradient cast back) when the model
         # computes below float32. Softcapping models (Gemma-2) take autograd's path instead: not modelled.
+        # Backward scales the stored gradients in place.
         s = min(o.loss_slice, c)
         weight_grad = v * h * 4 if full else 0
         phases["ce"] = head_acts + b * c * h * dt + weight_grad + b * s * v * (xf + (dt if dt != xf else 0))
-        phases["lm_head"] = head_acts + 2 * (b * c * h * dt + (v * h * dt if full else 0))
+        phases["lm_head"] = head_acts + b * c * h * dt + weight_grad  # scaled in place, then accumulated
     else:
         # Cross-entropy in float32: log-softmax output, NLL gradient, log-softmax gradient.
         phases["ce"] = head_acts + 3 * b * c * v * xf
