@@ -80,3 +80,9 @@ if rank == 0:
 # interpreter's shutdown ("terminate called without an active exception", seen once in CI).
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
+# Even so, a rank still died in the interpreter's teardown once in CI (zero3-memory, after the step and the
+# barrier: "terminate called without an active exception", exit 250). The result is written and the group is
+# gone: skip the teardown, where DeepSpeed's native threads meet static destructors.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
