@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from engine.attention import chunk_attention
 from engine.distributed import backend_for
 from engine.kv_cache import ChunkKVCache, cache_argument, kv_grad_dtype_of, offload_mode
-from engine.layer_checkpoint import checkpointed_layers
+from engine.layer_checkpoint import checkpointed_layers, hf_checkpointing_taken_over
 from engine.loss import FusedLoss
 from engine.moe import RouterLoss
 from engine.packing import IGNORE, check_position_ids, chunk_mask, documents_of
@@ -89,7 +89,8 @@ def chunkwise_backward(
     rest on the host. `kv_grad_dtype` ("float32" | "bfloat16") is what K/V gradients accumulate in,
     never below the K/V's dtype (float32 / float64 models keep theirs; only bf16 models can get bfloat16).
     `checkpoint_layers` recomputes each decoder layer in the chunk's backward
-    (engine/layer_checkpoint.py). `fused_loss` computes each chunk's loss `loss_slice` tokens (per row)
+    (engine/layer_checkpoint.py); a model with transformers' gradient checkpointing enabled gets that
+    instead for the step (transformers' own drops the cache), its flags restored after. `fused_loss` computes each chunk's loss `loss_slice` tokens (per row)
     at a time, never materialising the chunk's logits (engine/loss.py).
     """
     loose = dict(chunk_size=chunk_size, mode=mode, sample_prob=sample_prob, sampler=sampler, budget=budget)
@@ -235,7 +236,12 @@ def chunkwise_backward(
         Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32),
         backend.step_context(),
         chunk_attention(_config(module)),
-        checkpointed_layers(module, checkpoint_layers),
+        # transformers' own checkpointing would drop the cache in every layer: ours replaces it, cache kept
+        # (except where it cannot recompute exactly: recurrent layers' single-token kernels, see above)
+        hf_checkpointing_taken_over(module) as hf_checkpointing,
+        checkpointed_layers(
+            module, checkpoint_layers or (hf_checkpointing and not (recurrent and size == 1))
+        ),
     ):
         for i, c in enumerate(order):
             rng.restore(c)  # dropout masks of the recompute equal pass 1's

@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import re
 import reprlib
@@ -117,6 +118,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return {_coerce(k, args[0], key): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     # Scalars. bool is a subclass of int in Python, but `steps: true` is never meant as 1.
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        # .inf / .nan load as floats: `weight_decay: .inf` would turn every weight into NaN on step 1
+        _require(math.isfinite(value), f"{key}: must be a finite number, got {value}")
         return float(value)
     if tp in (int, str, bool) and type(value) is tp:
         return value
@@ -191,10 +194,44 @@ _Loader.add_implicit_resolver(
 
 
 def _yaml_load(text: str, where: str) -> Any:
+    loader = _Loader(text)
     try:
-        return yaml.load(text, Loader=_Loader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, "", where, set())
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_duplicate_keys(node: yaml.Node, path: str, where: str, seen: set[int]) -> None:
+    """A key given twice in one mapping: YAML keeps the last silently (a second `optim:` section replaces
+    the first). Refused, naming the key and both lines. Keys merged in with `<<: *anchor` may be
+    overridden: they are not this mapping's own keys."""
+    if id(node) in seen:  # an alias: its node was checked where it was defined
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{i}]", where, seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            _check_duplicate_keys(value_node, path, where, seen)
+            continue
+        key, line = key_node.value, key_node.start_mark.line + 1
+        if key in first_line:
+            raise ConfigError(
+                f"{where}: duplicate key '{_dotted(path, key)}' at lines {first_line[key]} and {line} "
+                "(YAML would keep only the last)"
+            )
+        first_line[key] = line
+        _check_duplicate_keys(value_node, _dotted(path, key), where, seen)
 
 
 def _read_utf8(file: Path) -> str:
@@ -311,19 +348,22 @@ def _check_hf_config(model: ModelConfig, data: DataConfig) -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"model.hf_config.model_type: unknown transformers model type {model_type!r}{hint}")
     cls = CONFIG_MAPPING[model_type]
-    # transformers stores unknown kwargs as attributes without a word, so `hidden_sizee: 64` would be ignored.
-    known = set(inspect.signature(cls.__init__).parameters) | set(cls.attribute_map)
-    with contextlib.suppress(Exception):  # composite configs may not build without arguments
-        known |= set(vars(cls()))
-    for k in kwargs:
-        if k not in known:
-            close = difflib.get_close_matches(k, sorted(known), n=1)
-            hint = f"; did you mean 'model.hf_config.{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown key 'model.hf_config.{k}': not a {cls.__name__} field{hint}")
+    _check_finite(kwargs, "model.hf_config")
     try:
         hf = AutoConfig.for_model(model_type, **kwargs)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"model.hf_config: transformers rejects it: {e}") from None
+    # transformers stores unknown kwargs as attributes without a word, so `hidden_sizee: 64` would be ignored.
+    # Keys it consumes without a field of that name (`rope_scaling`, `rope_theta` into `rope_parameters`,
+    # `torch_dtype`) are its backward-compatible spellings and are kept.
+    known = set(inspect.signature(cls.__init__).parameters) | set(cls.attribute_map)
+    with contextlib.suppress(Exception):  # composite configs may not build without arguments
+        known |= set(vars(cls()))
+    for k in kwargs:
+        if k not in known and k in vars(hf):
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hint = f"; did you mean 'model.hf_config.{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key 'model.hf_config.{k}': not a {cls.__name__} field{hint}")
     vocab = hf.vocab_size
     # Several families default bos/eos/pad to ids far above a tiny vocab and fail deep inside the model.
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -339,6 +379,18 @@ def _check_hf_config(model: ModelConfig, data: DataConfig) -> None:
             f"model.hf_config.vocab_size: {vocab} is too small for data.tokenizer 'byte' "
             f"(needs >= {BYTE_VOCAB_SIZE}: 256 bytes + pad/bos/eos)",
         )
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """Untyped nested values (model.hf_config) get the typed keys' rule: no .inf / .nan."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(value, float):
+        _require(math.isfinite(value), f"{key}: must be a finite number, got {value}")
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -1,0 +1,151 @@
+"""A model with transformers' gradient checkpointing enabled: chunk-wise steps stay exact (transformers' own
+checkpointing drops the cache in every layer, so each chunk would see no prefix), and the model's
+checkpointing flags are as the user left them after the step."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+
+from engine.chunkwise import chunkwise_backward
+from engine.layer_checkpoint import hf_checkpointing_taken_over  # noqa
+
+
+def _flags(model) -> list[bool]:
+    return [bool(getattr(m, "gradient_checkpointing", False)) for m in model.modules()]
+
+
+def _lora(model):
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return peft
+
+
+def _step(model, ids, labels, mask, **kw):
+    model.zero_grad(set_to_none=True)
+    stats = chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8, **kw)
+    return stats, grads_of(model)
+
+
+def test_hf_gradient_checkpointing_is_exact_and_restored():
+    model = tiny_model("LlamaConfig").train()
+    ids, labels, mask = tiny_batch()
+    loss, ref = reference_grads(model, ids, labels, mask)
+    model.gradient_checkpointing_enable()
+    before = _flags(model)
+    assert any(before)
+    stats, got = _step(model, ids, labels, mask)
+    assert rel_error(got, ref) <= 1e-12
+    assert abs(stats.loss - loss) <= 1e-12
+    assert _flags(model) == before  # the user's setting is back after the step
+    assert "forward" not in vars(model.model.layers[0])  # and ours is gone
+    model.gradient_checkpointing_disable()
+    assert not any(_flags(model))
+
+
+def test_hf_gradient_checkpointing_on_a_lora_model_is_exact():
+    """PEFT: the flags sit on the wrapped base model's modules."""
+    model = _lora(tiny_model("LlamaConfig")).train()
+    ids, labels, mask = tiny_batch()
+    _, ref = reference_grads(model, ids, labels, mask)
+    model.gradient_checkpointing_enable()
+    assert any(_flags(model.get_base_model()))
+    for fused in (False, True):
+        _, got = _step(model, ids, labels, mask, fused_loss=fused)
+        assert rel_error(got, ref) <= 1e-12
+
+
+def test_without_the_takeover_the_gradient_is_wrong(monkeypatch):
+    """Negative control: transformers' checkpointing left on drops the prefix (the error the takeover avoids)."""
+    import engine.chunkwise
+
+    model = tiny_model("LlamaConfig").train()
+    ids, labels, mask = tiny_batch()
+    _, ref = reference_grads(model, ids, labels, mask)
+    model.gradient_checkpointing_enable()
+    monkeypatch.setattr(
+        engine.chunkwise, "hf_checkpointing_taken_over", lambda m: contextlib.nullcontext(False)
+    )
+    _, got = _step(model, ids, labels, mask)
+    assert rel_error(got, ref) > 0.1
+
+
+def test_flags_restored_when_the_step_raises():
+    model = tiny_model("LlamaConfig").train()
+    model.gradient_checkpointing_enable()
+    before = _flags(model)
+    try:
+        with hf_checkpointing_taken_over(model) as was_on:
+            assert was_on and not any(_flags(model))
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert _flags(model) == before
+    with hf_checkpointing_taken_over(tiny_model("LlamaConfig")) as was_on:
+        assert not was_on
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, ids, labels, mask):
+        self.rows = list(zip(ids, labels, mask))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        ids, labels, mask = self.rows[i]
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _trainer_grads(tmp_path, gradient_checkpointing: bool):
+    """The gradient of the first step of ChunkwiseTrainer (seen before the optimizer step)."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from engine.hf import ChunkwiseTrainer
+    from engine.schedule import ChunkSchedule
+
+    seen = {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            seen.setdefault("grads", grads_of(trainer.model))
+            seen.setdefault("flags", _flags(trainer.model))
+
+    model = tiny_model("LlamaConfig")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"gc{gradient_checkpointing}"),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        max_grad_norm=0.0,
+        gradient_checkpointing=gradient_checkpointing,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        dataloader_drop_last=True,
+    )
+    trainer = ChunkwiseTrainer(
+        model=model,
+        args=args,
+        train_dataset=_Rows(*tiny_batch()),
+        data_collator=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
+        schedule=ChunkSchedule(chunk_size=8),
+        callbacks=[Grab()],
+    )
+    trainer.train()
+    return seen
+
+
+def test_chunkwise_trainer_with_gradient_checkpointing_is_exact(tmp_path):
+    """TrainingArguments(gradient_checkpointing=True) makes the Trainer enable transformers' checkpointing
+    on the model: the step's gradient equals full backprop's all the same."""
+    ids, labels, mask = tiny_batch()
+    _, ref = reference_grads(tiny_model("LlamaConfig").train(), ids, labels, mask)
+    with_gc = _trainer_grads(tmp_path, True)
+    assert any(with_gc["flags"])  # the Trainer did enable it, and the step left it enabled
+    assert rel_error(with_gc["grads"], ref) <= 1e-12
