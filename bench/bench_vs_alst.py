@@ -26,7 +26,7 @@ ckpt: nothing). `median_s`: the median of --repeats untracked steps (the tracked
 `predicted_peak_bytes` (chunk-wise rows): engine.plan's prediction for the same step. The machine's load
 average is recorded before and after every row: on a shared machine the times are noisy.
 
-Goals of issue 10 (reported, never asserted): SeCO device-side peak <= 0.25x ALST's at 32K, SeCO step time
+Goals (the JSON's `goals`, reported, never asserted): SeCO device-side peak <= 0.25x ALST's at 32K, SeCO step time
 <= 0.9x ALST's, SpaCO (q = 1/8) step time <= 0.3x ALST's.
 
     nice -n 10 python bench/bench_vs_alst.py                       # CPU, 4K..32K, the 19M Llama
@@ -347,7 +347,7 @@ def _machine(label: str) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Ratios against ALST's stack at each length where both ran (the issue's goals beside them)."""
+    """Ratios against ALST's stack at each length where both ran (the goals beside them)."""
     at = {(r["method"], r["seq_len"]): r for r in rows if not r.get("skipped")}
     ratios: dict[str, dict[int, float]] = {}
     for m in CHUNKWISE:

@@ -13,7 +13,7 @@ sits at the end of the sequence and depends only on the header at its start, fou
 
 Loss and accuracy are measured on the answer tokens only (the only labelled tokens), on a held-out set.
 
-    python bench/learning_curves.py     # the README's run, one process: about 40 min on 2 free cores
+    python bench/learning_curves.py     # docs/results.md's run, one process: about 40 min on 2 free cores
     # the same on two cores as two processes, then one result (what bench/results/learning_curves.* is):
     python bench/learning_curves.py --threads 1 --methods plain,seco --no-plot --out /tmp/lc_a &
     python bench/learning_curves.py --threads 1 --methods spaco,truncated,plain_split --no-plot --out /tmp/lc_b

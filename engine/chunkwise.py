@@ -8,8 +8,8 @@
              backprop  w * (loss_c + <KV_c, G_c>),  where G_c is what later chunks deposited on chunk c's KV
              (engine/kv_cache.py does the deposit and the relay inside autograd); free the chunk's graph.
 
-Only one chunk's graph is alive at a time; the K/V checkpoints and their float32 gradients are the only
-state that grows with the sequence (docs/design.md section 4).
+Only one chunk's graph is alive at a time; the K/V checkpoints and their gradients (kv_grad_dtype, bfloat16
+by default for bf16 models) are the only state that grows with the sequence (docs/design.md section 4).
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ Every section is its own dataclass so each part of the engine takes only its sli
 rules between its own fields (``Config``'s the rules between sections); these also run when a section is
 built by hand. This module imports only the standard library: reading YAML and ``--section.key=value``
 overrides, the typed coercion and the checks that need transformers or the file system live in
-``engine/config_load.py``; the ds_config derivation in ``engine/distributed.py``.
+``engine/config_load.py``; the ds_config derivation in ``engine/distributed/ds_config.py``.
 
-The docstring under each field is its documentation: the README's configuration table is generated from
+The docstring under each field is its documentation: docs/configuration.md's table is generated from
 them (``python -m engine.config_doc --write``; ``tests/test_config_doc.py`` fails when the two drift).
 """
 
@@ -57,7 +57,7 @@ class ModelConfig:
     """Weights and compute dtype."""
 
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """transformers' attention kernel (use flash_attention_2 on GPU: see Memory)."""
+    """transformers' attention kernel (flash_attention_2 on GPU: docs/memory-and-planner.md)."""
 
     trust_remote_code: bool = False
     """Let transformers run the model directory's own modelling code."""
@@ -222,7 +222,7 @@ class ChunkingConfig:
     kv_grad_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """What K/V gradients accumulate in, never below the K/V's own dtype: it matters for bf16 models only
     (float32 and float64 models keep float32 / float64 K/V gradients, float16 ones float32). bfloat16 measured
-    as accurate as float32 against plain bf16 backprop at 64 chunks (README)."""
+    as accurate as float32 against plain bf16 backprop at 64 chunks (docs/memory-and-planner.md)."""
 
     checkpoint_layers: bool = False
     """Recompute each decoder layer in the chunk's backward: a chunk then holds its layers' inputs plus one

@@ -6,7 +6,7 @@ All before any process group exists, so a typo costs seconds instead of a queue 
    suggestion, wrong types, Literal choices) and names the full dotted key in every error;
 2. each section's ``__post_init__`` (engine/config.py) checks values and the rules between its fields;
 3. ``config_from_dict`` checks what needs the outside world: files exist, ``model.hf_config`` is a valid
-   transformers config, the user's ds_config agrees with this config (engine/distributed.py derives it).
+   transformers config, the user's ds_config agrees with this config (engine/distributed/ds_config.py derives it).
 
 Why a small builder of our own rather than a library (dacite, tyro, jsonargparse): the error messages are
 the point (the full dotted key, the expected type, the closest valid key, ``steps: true`` refused as an

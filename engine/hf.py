@@ -40,7 +40,7 @@ class ChunkwiseTrainer(Trainer):
     draw the same chunks);
     `offload_kv` keeps the K/V checkpoints in host memory; `fused_loss` (on, as in the run config) computes
     each chunk's loss a slice of tokens at a time, `checkpoint_layers` recomputes each decoder layer in the
-    chunk's backward (chunking.fused_loss / checkpoint_layers in the README). `last_stats` holds the last
+    chunk's backward (chunking.fused_loss / checkpoint_layers, docs/memory-and-planner.md). `last_stats` holds the last
     step's ChunkStats.
     """
 

@@ -2,8 +2,10 @@
 
 One `ChunkKVCache` lives for one chunk-wise step. Each decoder layer gets a `ChunkKVLayer` holding four
 preallocated buffers over the whole sequence: K and V exactly as attention consumes them (after RoPE, in the
-model's dtype) and their gradients G_K, G_V (float32 at least, the accumulator of many chunks' contributions;
-float64 models keep float64, so the exactness reference loses nothing).
+model's dtype) and their gradients G_K, G_V, the accumulator of many chunks' contributions, in the type
+promotion of the cache's `grad_dtype` (the run's kv_grad_dtype: bfloat16 by default) and the K/V's dtype: bf16
+models follow kv_grad_dtype, float16 ones get float32, float32 and float64 ones keep theirs (the float64
+exactness reference loses nothing).
 
 The model calls `layer.update(k, v)` with the current chunk's K/V. We copy them into the buffers and hand
 attention a *view* of the buffers covering prefix + chunk, so no per-layer concatenated copy of the prefix is
@@ -49,7 +51,7 @@ class _AppendKV(torch.autograd.Function):
         if g is None:  # no chunk reads an earlier chunk's K/V (packed rows cut at chunk starts)
             assert start == lo, "a prefix is read but no K/V gradient buffer was allocated"
             return own, None, None, None, None, None
-        if start > lo:  # deposit on the prefix (float32 at least)
+        if start > lo:  # deposit on the prefix (in grad_dtype, never below the K/V's dtype)
             _add_into(g[..., lo:start, :], grad[..., : start - lo, :])
         if ctx.relay == 0.0:  # no later chunk reads this chunk's K/V (its documents end here): no relay
             return own, None, None, None, None, None

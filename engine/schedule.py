@@ -127,7 +127,7 @@ class ChunkSchedule:
 
     chunk_size: tokens per chunk. mode: "seco" (exact) or "spaco" (unbiased estimate).
     sampler: "bernoulli" (each chunk independently with q_c, weight 1/q_c: unbiased) or "fixed" (the
-    paper's t of k, weight k/t: biased for paths through 2+ chunks, see the README).
+    paper's t of k, weight k/t: biased for paths through 2+ chunks, docs/design.md section 3).
     sample_prob: q (bernoulli), or t = round(q k) (fixed). budget: t (fixed).
     loss_chunks: "always" gives chunks holding loss tokens q_c = 1 (bernoulli; the SFT policy).
     chunk_probs: explicit q_c per chunk (bernoulli), instead of sample_prob.
@@ -205,7 +205,7 @@ def draw_chunks(
 
     Bernoulli: chunk c with probability q_c, weight 1/q_c (unbiased, module docstring). Fixed t-of-k (the
     paper's Algorithm 2), weight k/t: paths through p >= 2 chunks survive with probability
-    t(t-1)..(t-p+1) / (k(k-1)..(k-p+1)) < (t/k)^p, so they are under-weighted: biased, see the README.
+    t(t-1)..(t-p+1) / (k(k-1)..(k-p+1)) < (t/k)^p, so they are under-weighted: biased, docs/design.md section 3.
     """
     import torch  # here, not at module level: see the module docstring
 

@@ -1,11 +1,11 @@
-"""Replay the hostile inputs and faults of issue 13 against the default recipe; one line per case.
+"""Replay the hostile inputs and faults of docs/faults-and-safety.md against the default recipe, one line each.
 
     python tests/hostile_cases.py            # everything (about 20 minutes on 2 busy CPU cores)
     python tests/hostile_cases.py --quick    # without the multi-process and signal cases (about 4 minutes)
     python tests/hostile_cases.py -k payload # cases whose name contains "payload"
 
-Each line: `PASS|FAIL  name  detail`. A case passes when the engine behaves as the README's "Faults and
-safety" section promises (exit code, message naming the key or file, nothing lost, nothing executed).
+Each line: `PASS|FAIL  name  detail`. A case passes when the engine behaves as docs/faults-and-safety.md
+promises (exit code, message naming the key or file, nothing lost, nothing executed).
 Not part of the pytest suite (tests/test_safety*.py hold the fast regression tests); exit status 1 if any
 case fails. Runs on CPU (gloo); the 2-rank cases use the real `deepspeed` launcher.
 """

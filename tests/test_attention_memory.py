@@ -99,7 +99,7 @@ def test_checkpointed_chunks_lower_the_chunk_peak():
 
 
 def test_bf16_kv_grads_error_within_1_5x_of_plain_bf16_backprop():
-    """The README's figure: at 64 chunks, K/V gradients accumulated in float32 against plain bf16 backprop
+    """docs/memory-and-planner.md's figure: at 64 chunks, K/V gradients accumulated in float32 against plain bf16 backprop
     (both against float64 on the same rounded weights). The default, bfloat16, is the same check in
     tests/test_precision_and_args.py. Measured ratios: float32 0.98, bfloat16 1.00 (seed 3)."""
     fp64 = tiny_model("LlamaConfig", torch.float64, seed=3)

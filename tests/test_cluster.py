@@ -345,7 +345,7 @@ def test_dockerfile_pins_the_tested_versions():
     assert keywords[0] in ("FROM", "ARG"), "a Dockerfile starts with FROM (or the ARGs it uses)"
     assert "FROM" in keywords
     # PID 1 of the container is the signal-forwarding supervisor, so `docker stop` (TERM to PID 1) reaches
-    # every rank, which saves and exits 0 (README, "Faults and safety").
+    # every rank, which saves and exits 0 (docs/faults-and-safety.md).
     entry = [v for k, v in steps if k.upper() == "ENTRYPOINT"]
     assert entry and "launch/preemptible.py" in entry[-1], "the image's entry point must forward signals"
     users = [v for k, v in steps if k.upper() == "USER"]

@@ -46,7 +46,7 @@ class Case:
     offload_kv: bool = False
     shape: dict = field(default_factory=dict)  # overrides of the tiny Llama below
     config_cls: str = "LlamaConfig"
-    engine: dict = field(default_factory=dict)  # chunkwise_backward keywords of issue 10's memory path
+    engine: dict = field(default_factory=dict)  # chunkwise_backward's memory options
 
 
 TINY = dict(layers=2, hidden=128, inter=352, heads=4, kv_heads=2, vocab=1000)
@@ -86,7 +86,7 @@ CASES = [
         layers=4, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
         linear_value_head_dim=32, linear_conv_kernel_dim=4, num_experts=0, mlp_only_layers=[0, 1, 2, 3],
         layer_types=["linear_attention"] * 3 + ["full_attention"])),
-    # issue 10's memory path: checkpointed chunks, the fused loss, bf16 K/V grads
+    # the memory options: checkpointed chunks, the fused loss, bf16 K/V grads
     Case("fp32-checkpoint-layers", chunk=256, seq_len=1024, shape=dict(layers=4), engine=dict(checkpoint_layers=True)),
     Case("fp32-fused-loss", chunk=256, seq_len=1024, shape=dict(vocab=4000), engine=dict(fused_loss=True, loss_slice=64)),
     Case("bf16-ckpt-fused-bf16-kv-grads", dtype="bfloat16", chunk=256, seq_len=1024, shape=dict(vocab=4000, layers=3),
@@ -372,7 +372,7 @@ def test_chunk_size_auto(capsys):
         planner.choose_chunk_size("llama3-8b", seq_len=8192, device_memory=budget, prefer="best", **kw)
 
 
-# ------------------------------------------------------------------------- issue 10's memory path, time
+# ----------------------------------------------------------------------------- the memory options, time
 
 
 def test_checkpoint_layers_and_fused_loss_shrink_the_chunk():

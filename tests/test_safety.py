@@ -1,4 +1,4 @@
-"""Checkpoints never run code, and late faults are messages (issue 13).
+"""Checkpoints never run code, and late faults are messages.
 
 One real checkpoint (one step, one rank, ZeRO-2, in this process) is written once; every test tampers with a
 copy of it: a pickle payload in each file (it must not run, and the error names the file), truncated files, a

@@ -1,4 +1,4 @@
-"""Hostile configs are refused up front (issue 13): an alias bomb, non-UTF-8 YAML, unbounded values in
+"""Hostile configs are refused up front: an alias bomb, non-UTF-8 YAML, unbounded values in
 messages, output directories that are files or not writable. All before any process group: in this process."""
 
 from __future__ import annotations

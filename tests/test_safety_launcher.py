@@ -1,4 +1,4 @@
-"""Preemption through the real `deepspeed` launcher (issue 13): 2 CPU ranks under launch/preemptible.py;
+"""Preemption through the real `deepspeed` launcher: 2 CPU ranks under launch/preemptible.py;
 a TERM to the supervisor (what `docker stop` sends to the image's PID 1), to the `deepspeed` runner, or to
 the runner's whole process group -> every rank finishes its step, the checkpoint is saved, exit 0.
 

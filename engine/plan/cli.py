@@ -44,7 +44,7 @@ def setup_from_config(cfg, device: str = "cuda", world_size: int = 1) -> dict:
         lora_rank=cfg.lora.r if cfg.lora.enabled else 0, lora_targets=tuple(cfg.lora.target_modules),
         attn=cfg.model.attn_implementation,
         offload_kv=ch.offload_kv, device=device,
-        # issue 10's memory path (getattr: a config module from before those keys still plans)
+        # the memory options (getattr: a config module without those keys still plans)
         checkpoint_layers=getattr(ch, "checkpoint_layers", False), fused_loss=getattr(ch, "fused_loss", False),
         loss_slice=getattr(ch, "loss_slice", 128), kv_grad_dtype=getattr(ch, "kv_grad_dtype", None),
         kv_device_budget=getattr(ch, "kv_device_budget", None),

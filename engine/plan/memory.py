@@ -8,7 +8,7 @@ trained by engine/chunkwise.py:
     grad_accum        chunkwise_backward's float32 sums of 16-bit gradients (backend "local" only)
     kv                K/V checkpoints of the attention layers, 2 * kv_heads * head_dim * L * batch each, in
                       the model dtype; hybrids add each linear layer's state at every chunk boundary
-    kv_grads          the same K/V shape in kv_grad_dtype (float32 by default), and one boundary's state
+    kv_grads          the same K/V shape in kv_grad_dtype (bfloat16 for bf16 models by default), and one boundary's state
                       gradient per linear layer (with offload_kv in host memory, `kv_host`; "auto": only
                       what does not fit on the device)
     activations       what autograd saves for backward of ONE chunk of C tokens, the last one (its keys span

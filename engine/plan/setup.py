@@ -1,7 +1,7 @@
 """The training setup the planner evaluates (validated on construction), and memory sizes.
 
 Python callers pass these as keywords of `plan`; `python -m engine.plan` builds them from a run config
-(engine/plan/from_config.py), whose loader has already checked the ZeRO rules.
+(`setup_from_config` in engine/plan/cli.py), whose loader has already checked the ZeRO rules.
 """
 
 from __future__ import annotations
