@@ -138,8 +138,14 @@ class DataConfig:
     completion_field: str = "completion"
     """prompt_completion: the record field holding the completion (the loss-bearing part)."""
 
-    assistant_loss: Literal["all", "last"] = "all"
-    """chat: loss on every assistant turn, or on the last one only."""
+    assistant_loss: Literal["all", "last", "per_turn"] = "all"
+    """chat: loss on every assistant turn, or on the last one only; per_turn: one sample per assistant turn
+    (the conversation up to it, loss on it), for templates that render earlier turns differently from the
+    last (Qwen3-style), with which `all` is refused."""
+
+    chat_template: str | None = None
+    """chat: a Jinja chat template (a file, or the template text itself) used instead of the tokenizer's;
+    one with {% generation %} markers gives the loss mask directly."""
 
     truncation: Literal["left", "drop", "error"] = "left"
     """chat / prompt_completion samples longer than `seq_len`: left drops the oldest tokens first (the
@@ -171,6 +177,10 @@ class DataConfig:
             self.kind != "chat" or self.tokenizer != "byte",
             "data.tokenizer: data.kind 'chat' needs a local tokenizer directory with a chat template "
             "(the byte tokenizer has none)",
+        )
+        _require(
+            self.chat_template is None or self.kind == "chat",
+            f"data.chat_template: applies to data.kind chat only (data.kind is {self.kind!r})",
         )
         if self.kind == "synthetic":
             # data.kind defaults to synthetic: a path here almost always means a forgotten data.kind.

@@ -304,6 +304,7 @@ def _check_paths(cfg: Config) -> None:
         ("data.tokenizer", None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer, Path.is_dir, "'byte' or a tokenizer directory"),
         ("checkpoint.resume", None if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume, Path.exists, "'auto' or a checkpoint path"),
         ("deepspeed.config_file", cfg.deepspeed.config_file, Path.is_file, "a ds_config JSON file"),
+        ("data.chat_template", _template_file(cfg.data.chat_template), Path.is_file, "a Jinja template file or the template text"),
     ]  # fmt: skip
     for key, value, exists, what in checks:
         _require(value is None or exists(Path(value)), f"{key}: {value!r} not found (expected {what})")
@@ -317,6 +318,11 @@ def _check_paths(cfg: Config) -> None:
         check_model_dir(Path(cfg.model.name_or_path), "model.name_or_path: file")
     if cfg.data.tokenizer != "byte":
         check_json_files(Path(cfg.data.tokenizer), "data.tokenizer: file")
+
+
+def _template_file(spec: str | None) -> str | None:
+    """data.chat_template names a file unless it is the template text itself."""
+    return None if spec is None or "{{" in spec or "{%" in spec else spec
 
 
 def _check_writable_dir(key: str, path: Path) -> None:

@@ -128,7 +128,37 @@ BAD = [
     ({"messages": [{"role": "user", "content": "hi"}]}, "has no assistant turn"),
     (
         {"messages": [{"role": "user", "content": ["a"]}, {"role": "assistant", "content": "x"}]},
-        r"content: must be a string, got list",
+        r"messages\[0\]\.content\[0\]: a content part must be an object with a type",
+    ),
+    (
+        {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]},
+        r"content: must be a string or a list of text parts, got int",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image", "url": "x"}]},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
+        r"messages\[0\]\.content\[0\]\.type: 'image' parts are not supported",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "hi", "weight": 0}, {"role": "assistant", "content": "x"}]},
+        r"messages\[0\]\.weight: not a key of a 'user' message \(allowed: role, content\)",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [{"name": "f"}]},
+            ]
+        },
+        r"messages\[1\]\.tool_calls\[0\]\.function\.name: missing",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+        r"messages\[1\]\.content: empty",
     ),
     ({"msgs": []}, r"no field 'messages' \(data.messages_field\)"),
 ]

@@ -1,14 +1,11 @@
 """Chat and prompt/completion records: reading, validation, and rendering into tokens with a loss mask.
 
-A chat record is rendered by the tokenizer's own chat template; the loss-bearing tokens are found without
-knowing the template: for assistant turn i, the text of `messages[:i]` rendered with the generation prompt
-is where the answer starts, and `messages[: i + 1]` rendered (trailing whitespace aside) is where it ends,
-both prefixes of the whole rendering. Tokens whose first character falls inside such a span carry labels
-(the answer and the template's end-of-turn marker). A template that does not render prefixes as prefixes
-(some strip earlier turns' reasoning) cannot be masked this way and is refused with that reason.
+A chat record is rendered by its chat template (engine/data/chat_render.py, which also finds the
+loss-bearing tokens). Messages keep what they hold: an assistant's `tool_calls`, a tool turn's
+`tool_call_id` / `name`, content as a string or a list of text parts; any other key is refused by name.
 
-Every record is validated (missing or unknown role, empty or non-string content, no assistant turn, missing
-fields) before anything is tokenized, with an error naming the file, line and field: it surfaces at config
+Every record is validated (missing or unknown role, empty or malformed content, unknown keys, no assistant turn,
+missing fields) before anything is tokenized, with an error naming the file, line and field: it surfaces at config
 load, before any process group starts.
 """
 
@@ -55,30 +52,94 @@ def read_records(path: str) -> list[tuple[str, Any]]:
     return records
 
 
-def check_chat(record: Any, where: str, field: str) -> list[dict[str, str]]:
-    """The record's messages, or a ValueError naming the record and the field."""
+# What a message may hold besides role and content, by role: everything else is refused by name (a chat
+# template sees the whole message; a key it would ignore is a key the run would silently not train on).
+EXTRA_KEYS = {"assistant": ("tool_calls",), "tool": ("tool_call_id", "name")}
+
+
+def check_chat(record: Any, where: str, field: str) -> list[dict[str, Any]]:
+    """The record's messages as given (role, content, and an assistant's `tool_calls`, a tool turn's
+    `tool_call_id` / `name`; content a string or a list of text parts), or a ValueError naming the record
+    and the field."""
     if not isinstance(record, dict) or field not in record:
         raise ValueError(f"{where}: no field {field!r} (data.messages_field) in the record")
     messages = record[field]
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: {field} must be a non-empty list of {{role, content}} messages")
     for i, m in enumerate(messages):
-        at = f"{where}: {field}[{i}]"
-        if not isinstance(m, dict):
-            raise ValueError(f"{at}: must be an object with role and content, got {type(m).__name__}")
-        if "role" not in m:
-            raise ValueError(f"{at}.role: missing")
-        if m["role"] not in ROLES:
-            raise ValueError(f"{at}.role: {m['role']!r} is not one of {ROLES}")
-        if "content" not in m:
-            raise ValueError(f"{at}.content: missing")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"{at}.content: must be a string, got {type(m['content']).__name__}")
-        if not m["content"].strip():
-            raise ValueError(f"{at}.content: empty")
+        _check_message(m, f"{where}: {field}[{i}]")
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: {field} has no assistant turn, so the sample would carry no loss")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [dict(m) for m in messages]
+
+
+def _check_message(m: Any, at: str) -> None:
+    if not isinstance(m, dict):
+        raise ValueError(f"{at}: must be an object with role and content, got {type(m).__name__}")
+    if "role" not in m:
+        raise ValueError(f"{at}.role: missing")
+    role = m["role"]
+    if role not in ROLES:
+        raise ValueError(f"{at}.role: {role!r} is not one of {ROLES}")
+    allowed = ("role", "content", *EXTRA_KEYS.get(role, ()))
+    for key in m:
+        if key not in allowed:
+            raise ValueError(f"{at}.{key}: not a key of a {role!r} message (allowed: {', '.join(allowed)})")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        _check_tool_calls(calls, f"{at}.tool_calls")
+    if "content" not in m:
+        if calls:  # an assistant turn that only calls tools
+            return
+        raise ValueError(f"{at}.content: missing")
+    content = m["content"]
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            _check_part(part, f"{at}.content[{j}]")
+    elif content is None and calls:
+        return
+    elif not isinstance(content, str):
+        raise ValueError(
+            f"{at}.content: must be a string or a list of text parts, got {type(content).__name__}"
+        )
+    if not calls and not _text_of(content).strip():
+        raise ValueError(f"{at}.content: empty")
+
+
+def _check_part(part: Any, at: str) -> None:
+    if not isinstance(part, dict) or "type" not in part:
+        raise ValueError(f"{at}: a content part must be an object with a type, got {_SHORT(part)}")
+    if part["type"] != "text":
+        raise ValueError(
+            f"{at}.type: {part['type']!r} parts are not supported (data.kind chat trains on text)"
+        )
+    extra = sorted(set(part) - {"type", "text"})
+    if extra:
+        raise ValueError(f"{at}.{extra[0]}: not a key of a text part (allowed: type, text)")
+    if not isinstance(part.get("text"), str):
+        raise ValueError(f"{at}.text: must be a string")
+
+
+def _check_tool_calls(calls: Any, at: str) -> None:
+    if not isinstance(calls, list):
+        raise ValueError(f"{at}: must be a list of tool calls, got {type(calls).__name__}")
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise ValueError(
+                f"{at}[{j}].function.name: missing (a tool call is {{function: {{name, arguments}}}})"
+            )
+        if not isinstance(fn.get("arguments", {}), (dict, str)):
+            raise ValueError(f"{at}[{j}].function.arguments: must be an object or a JSON string")
+
+
+def _text_of(content: str | list) -> str:
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
+
+
+def _SHORT(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def check_prompt_completion(
@@ -95,34 +156,6 @@ def check_prompt_completion(
             raise ValueError(f"{where}: {name} is empty")
         out.append(value)
     return out[0], out[1]
-
-
-def render_chat(tokenizer, messages: list[dict[str, str]], where: str, last_only: bool) -> Rendered:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("data.tokenizer: has no chat template, which data.kind 'chat' renders records with")
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            "data.tokenizer: data.kind 'chat' needs a fast tokenizer (tokenizer.json) for offsets"
-        )
-
-    def render(msgs, prompt=False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
-
-    full = render(messages)
-    spans = []
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    for i in turns[-1:] if last_only else turns:
-        start, end = render(messages[:i], prompt=True), render(messages[: i + 1])
-        if not (full.startswith(start) and full.startswith(end) and len(start) <= len(end.rstrip())):
-            raise ValueError(
-                f"{where}: the tokenizer's chat template does not render the conversation up to message {i} "
-                "as a prefix of the whole conversation, so the assistant tokens cannot be located"
-            )
-        spans.append((len(start), len(end.rstrip())))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    loss = [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
-    first = next(t for t, (s, _) in enumerate(enc["offset_mapping"]) if s >= spans[-1][0])
-    return Rendered(list(enc["input_ids"]), loss, first, where)
 
 
 def render_prompt_completion(tokenizer, prompt: str, completion: str, where: str) -> Rendered:

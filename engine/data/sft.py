@@ -20,9 +20,9 @@ from engine.data.chat import (
     check_prompt_completion,
     fit,
     read_records,
-    render_chat,
     render_prompt_completion,
 )
+from engine.data.chat_render import render_conversation, resolve_template
 from engine.data.tokenizers import IGNORE_INDEX, Sample, Tokenizer, _pad_id
 
 
@@ -31,8 +31,8 @@ def render_samples(data_cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[Ren
     records = read_records(data_cfg.path)
     if data_cfg.kind == "chat":
         checked = [(w, check_chat(r, w, data_cfg.messages_field)) for w, r in records]
-        last = data_cfg.assistant_loss == "last"
-        rendered = [render_chat(tokenizer, m, w, last) for w, m in checked]
+        template, loss = resolve_template(data_cfg.chat_template), data_cfg.assistant_loss
+        rendered = [r for w, m in checked for r in render_conversation(tokenizer, m, w, loss, template)]
     else:
         fields = (data_cfg.prompt_field, data_cfg.completion_field)
         checked = [(w, check_prompt_completion(r, w, *fields)) for w, r in records]
