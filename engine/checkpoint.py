@@ -6,12 +6,18 @@ Layout of checkpoint.dir:
     global_step20/          DeepSpeed's files (model states with our client state, ZeRO optimizer shards)
                             + rng_rank{r}.pt: each rank's RNG states (DeepSpeed keeps rank 0's client state only)
     tmp.global_step40/      a save in progress (or one a crash interrupted): never read, removed by the next save
-    zero_to_fp32.py         DeepSpeed's offline consolidation script
+    zero_to_fp32.py         DeepSpeed's offline consolidation scripts (and zero_to_torch.py)
     export/                 written at the end when checkpoint.export is lora or hf
+    run.lock                the running job's host and pid (engine/run_lock.py)
 
 A save writes into tmp.<tag>, and only once every rank has finished is it renamed to <tag> and `latest`
 replaced (write + os.replace): a crash at any point leaves the previous checkpoint and `latest` intact, and
 every directory named global_step* is complete by construction.
+
+Nothing else in the directory is touched: a save removes only its own temporaries (`tmp.global_stepN`,
+`tmp.old.global_stepN`, `tmp.latest`), and none of the names above is ever reached through a symbolic link
+(engine/safe_paths.py): a link planted there is refused by name, at start-up and at each save. `latest` must
+name a `global_stepN` directory of this directory (never `../x` or an absolute path).
 """
 
 from __future__ import annotations
@@ -32,10 +38,28 @@ import torch.distributed as dist
 from engine.config import CheckpointConfig
 from engine.distributed.runtime import any_rank
 from engine.safe_load import CheckpointError, deepspeed_loads_safely, load_file
+from engine.safe_paths import (
+    UnsafePath,
+    entry,
+    is_real_dir,
+    is_regular,
+    read_small,
+    refuse_links,
+    write_small,
+)
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 TMP_PREFIX = "tmp."
 LATEST = "latest"
+OWN_TMP_RE = re.compile(r"^tmp\.(old\.)?global_step\d+$")  # this engine's save temporaries, and nothing else
+FIXED_NAMES = (
+    LATEST,
+    TMP_PREFIX + LATEST,
+    "zero_to_fp32.py",
+    "zero_to_torch.py",
+    "export",
+    TMP_PREFIX + "export",
+)
 # DeepSpeed's model states (with our client state): one file, or under ZeRO-3 one per rank (rank 0's read).
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
@@ -51,9 +75,29 @@ def _is_tag_dir(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*model_states.pt"))
 
 
+def _is_own_tag_dir(root: Path, tag: str) -> bool:
+    """A tag found in `root` (named by `latest` or listed): a linked one is refused, never followed."""
+    path = entry(root, tag, "checkpoint")
+    return is_real_dir(path) and any(path.glob("*model_states.pt"))
+
+
 def _newest_complete(root: Path) -> str | None:
-    steps = [int(m.group(1)) for p in root.iterdir() if (m := TAG_RE.match(p.name)) and _is_tag_dir(p)]
+    steps = [
+        int(m.group(1))
+        for p in root.iterdir()
+        if (m := TAG_RE.match(p.name)) and _is_own_tag_dir(root, p.name)
+    ]
     return tag_for(max(steps)) if steps else None
+
+
+def check_dir(ckpt_dir: str | None) -> None:
+    """Start-up check (every rank, before any process group): no name this engine writes in checkpoint.dir
+    is a symbolic link (UnsafePath, a ValueError: exit 2, naming it)."""
+    root = Path(ckpt_dir) if ckpt_dir else None
+    if root is None or not root.is_dir():
+        return
+    ours = [p.name for p in root.iterdir() if TAG_RE.match(p.name) or OWN_TMP_RE.match(p.name)]
+    refuse_links(root, [*FIXED_NAMES, *ours], "checkpoint.dir")
 
 
 def find_resume(ckpt_cfg: CheckpointConfig) -> tuple[str, str] | None:
@@ -72,7 +116,7 @@ def find_resume(ckpt_cfg: CheckpointConfig) -> tuple[str, str] | None:
             return None
         tag = _read_latest(root)
         # `latest` can only be missing or stale after manual deletion; tag directories are complete anyway.
-        if tag is None or not _is_tag_dir(root / tag):
+        if tag is None or not _is_own_tag_dir(root, tag):
             tag = _newest_complete(root)
         return None if tag is None else (str(root), tag)
     path = Path(ckpt_cfg.resume)
@@ -80,7 +124,7 @@ def find_resume(ckpt_cfg: CheckpointConfig) -> tuple[str, str] | None:
         return str(path.parent), path.name
     if path.is_dir():
         tag = _read_latest(path)
-        if tag is not None and _is_tag_dir(path / tag):
+        if tag is not None and _is_own_tag_dir(path, tag):
             return str(path), tag
         if tag is not None:
             raise ValueError(f"checkpoint.resume: {str(path)!r}: 'latest' names {tag!r}, which is not there")
@@ -95,10 +139,17 @@ def find_resume(ckpt_cfg: CheckpointConfig) -> tuple[str, str] | None:
 
 
 def _read_latest(root: Path) -> str | None:
+    """The tag `latest` names (None without one). Read without following a link or blocking on a pipe, and
+    only a `global_stepN` of this very directory is accepted: a tag such as `../x` or `/abs` would resume
+    from weights outside it."""
     latest = root / LATEST
-    if not latest.is_file():
-        return None
-    return latest.read_text().strip() or None
+    tag = (read_small(latest, "checkpoint", limit=256) or "").strip()
+    if tag and not TAG_RE.match(tag):
+        raise UnsafePath(
+            f"checkpoint: {str(latest)!r} names {tag[:80]!r}, not a checkpoint of this directory "
+            "(global_stepN); it is not followed: delete or correct the file"
+        )
+    return tag or None
 
 
 def verify(load_dir: str, tag: str, world_size: int) -> None:
@@ -241,11 +292,9 @@ def save(
     root = Path(ckpt_dir)
     tag, tmp = tag_for(step), TMP_PREFIX + tag_for(step)
     rank = dist.get_rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(TMP_PREFIX + "*"):  # leftovers of interrupted saves
-            shutil.rmtree(stale, ignore_errors=True)
-    dist.barrier()
+    refused = _prepare_dir(root, tag) if rank == 0 else None
+    if any_rank(refused is not None):  # also the barrier: the temporary directory exists from here on
+        raise SaveFailed(f"checkpoint of step {step} not saved: {refused or 'rank 0 refused its directory'}")
     guard = _GuardedWrites(engine.checkpoint_engine, write)
     engine.checkpoint_engine = guard
     try:
@@ -272,25 +321,39 @@ def save(
     return str(root / tag)
 
 
+def _prepare_dir(root: Path, tag: str) -> str | None:
+    """Rank 0, before a save: a fresh tmp.<tag>, none of the names the save writes a symbolic link, and the
+    leftovers of this engine's interrupted saves removed (only those: OWN_TMP_RE). The refusal, or None."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        refuse_links(root, [*FIXED_NAMES, tag, TMP_PREFIX + tag, TMP_PREFIX + "old." + tag], "checkpoint.dir")
+        for stale in root.iterdir():
+            if OWN_TMP_RE.match(stale.name) and is_real_dir(stale):
+                shutil.rmtree(stale)
+        if is_regular(root / (TMP_PREFIX + LATEST)):
+            os.unlink(root / (TMP_PREFIX + LATEST))
+        os.mkdir(root / (TMP_PREFIX + tag))  # DeepSpeed writes into this very directory (makedirs exist_ok)
+    except (UnsafePath, OSError) as e:
+        return str(e)
+    return None
+
+
 def _commit(root: Path, tmp: str, tag: str) -> None:
     # torch.save does not fsync: without this a power loss after the rename could leave a complete-looking
     # directory of empty files. (On a network file system the writers' close() already reached the server.)
     for f in (root / tmp).iterdir():
         _fsync(f)
-    final = root / tag
+    final = entry(root, tag, "checkpoint.dir")
     if final.exists():  # the same step saved before (a run resumed from an older checkpoint): replace it
-        old = root / (TMP_PREFIX + "old." + tag)
+        old = entry(root, TMP_PREFIX + "old." + tag, "checkpoint.dir")
         os.rename(final, old)
         os.rename(root / tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(root / tmp, final)
-    latest_tmp = root / (TMP_PREFIX + LATEST)
-    with open(latest_tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(latest_tmp, root / LATEST)
+    latest_tmp = entry(root, TMP_PREFIX + LATEST, "checkpoint.dir")
+    write_small(latest_tmp, tag)  # O_EXCL | O_NOFOLLOW: a link planted since the check is not followed
+    os.replace(latest_tmp, root / LATEST)  # replaces the entry itself, never a link's target
     _fsync(root)
 
 

@@ -11,6 +11,8 @@ import torch.distributed as dist
 
 from engine.checkpoint import TMP_PREFIX, verify
 from engine.config import CheckpointConfig
+from engine.distributed.runtime import any_rank
+from engine.safe_paths import UnsafePath, entry, is_real_dir
 
 
 def export(engine, ckpt_cfg: CheckpointConfig, tag: str, tokenizer) -> str | None:
@@ -26,8 +28,12 @@ def export(engine, ckpt_cfg: CheckpointConfig, tag: str, tokenizer) -> str | Non
     root = Path(ckpt_cfg.dir)
     out, tmp = root / "export", root / (TMP_PREFIX + "export")
     zero3 = engine.zero_optimization_stage() == 3
+    refused = _refused(root) if dist.get_rank() == 0 else None
+    if any_rank(refused is not None):
+        raise UnsafePath(f"export not written: {refused or 'rank 0 refused its directory'}")
     if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_real_dir(tmp):  # this engine's own leftover (an export a crash interrupted)
+            shutil.rmtree(tmp)
         model = engine.module
         if zero3:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -49,6 +55,16 @@ def export(engine, ckpt_cfg: CheckpointConfig, tag: str, tokenizer) -> str | Non
         os.rename(tmp, out)
     dist.barrier()
     return str(out)
+
+
+def _refused(root: Path) -> str | None:
+    """Neither export/ nor tmp.export may be a symbolic link: save_pretrained would write through it."""
+    try:
+        for name in ("export", TMP_PREFIX + "export"):
+            entry(root, name, "checkpoint.dir")
+    except UnsafePath as e:
+        return str(e)
+    return None
 
 
 def _save_adapter(model, state: dict[str, torch.Tensor], out: Path) -> None:

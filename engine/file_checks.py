@@ -1,12 +1,17 @@
 """Cheap up-front checks of input files whose faults the libraries reading them report without naming the
-file (or only after the process group started): non-UTF-8 text, malformed JSON, truncated safetensors.
+file (or only after the process group started): non-UTF-8 text, malformed JSON, truncated safetensors, a
+named pipe or device where a file is expected (opening it would block the start forever), a pickle payload
+in a `pytorch_model.bin`.
 
-Each raises ValueError (exit 2) naming the file, and the byte / line / tensor, and what is wrong. Stdlib only.
+Each raises ValueError (exit 2) naming the file, and the byte / line / tensor, and what is wrong. Stdlib
+only, except the weights-only load of pickled weights (engine/safe_load.py, imported when there are some).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -16,6 +21,7 @@ _BLOCK = 1 << 20
 def check_utf8(file: Path, what: str) -> None:
     """Decode `file` 1 MiB at a time (data files can be large); the first bad byte and its line are named."""
     carry, offset, lines = b"", 0, 0  # carry: a character cut by the block boundary, completed next block
+    check_plain_file(file, what)
     with open(file, "rb") as f:
         while True:
             block = f.read(_BLOCK)
@@ -36,8 +42,27 @@ def check_utf8(file: Path, what: str) -> None:
                 return
 
 
+def check_plain_file(file: Path, what: str) -> None:
+    """A regular file (through links): checked before opening, since opening a named pipe blocks."""
+    try:
+        mode = os.stat(file).st_mode
+    except OSError as e:
+        raise ValueError(f"{what} {str(file)!r} cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{what} {str(file)!r} is not a regular file (a named pipe, socket or device?)")
+
+
+def check_plain_files(directory: Path, what: str) -> None:
+    """Every entry of `directory` (an HF tokenizer's or model's) is a regular file or a directory: the
+    libraries reading it open files by name and would block forever on a named pipe."""
+    for file in sorted(directory.iterdir()):
+        if not file.is_dir():
+            check_plain_file(file, what)
+
+
 def check_json_files(directory: Path, what: str) -> None:
     """Every *.json in `directory` (an HF tokenizer's or model's files) is UTF-8 and parses as JSON."""
+    check_plain_files(directory, what)
     for file in sorted(directory.glob("*.json")):
         check_utf8(file, what)
         try:
@@ -50,6 +75,7 @@ def check_json_files(directory: Path, what: str) -> None:
 
 def check_safetensors(file: Path, what: str) -> None:
     """The header parses and the file is as long as the tensors it declares (a cut-off download or copy)."""
+    check_plain_file(file, what)
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -87,3 +113,17 @@ def check_model_dir(directory: Path, what: str) -> None:
     check_json_files(directory, what)
     for file in sorted(directory.glob("*.safetensors")):
         check_safetensors(file, what)
+    for file in sorted([*directory.glob("*.bin"), *directory.glob("*.pt"), *directory.glob("*.pth")]):
+        check_pickled_weights(file, what)
+
+
+def check_pickled_weights(file: Path, what: str) -> None:
+    """Pickled weights (pytorch_model.bin) load under the weights-only rules: a payload does not run, and
+    the refusal names the file (transformers' own refusal is a traceback naming none)."""
+    from engine.safe_load import CheckpointError, load_file
+
+    try:
+        load_file(file, mmap=True)
+    except CheckpointError as e:
+        reason = str(e).split(f"{str(file)!r} ", 1)[-1].split("; ")[0]
+        raise ValueError(f"{what} {str(file)!r}: {reason}; it is not loaded") from None

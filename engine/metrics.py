@@ -6,6 +6,10 @@ run after its last checkpoint) are dropped so the file holds one clean curve; Te
 purge_step. When the run ends (also by preemption or divergence) logging.dir/metrics.png is drawn from
 that file (engine/report.py; `python -m engine.report` redraws it or compares runs).
 
+Writing under logging.dir never ends a run: a write that fails (a full disk, a quota) prints one warning and
+the run goes on without metrics files (its checkpoints are written elsewhere or fail on their own). None of
+the files named here is written through a symbolic link (engine/safe_paths.py).
+
 The progress bar is drawn only when stderr is a terminal: under Slurm, mpirun or a redirected log its
 carriage-return frames would pile up in the log file, where the log line every logging.every steps says
 the same.
@@ -25,6 +29,10 @@ import torch
 from engine import report
 from engine.config import LoggingConfig
 from engine.memory import peak_rss_bytes
+from engine.run_lock import LOCK_FILE
+from engine.safe_paths import entry, refuse_links
+
+OWN_NAMES = (report.METRICS_FILE, report.METRICS_FILE + ".tmp", report.PLOT_FILE, LOCK_FILE)
 
 SCALARS = (
     "loss",
@@ -54,11 +62,12 @@ class Metrics:
         """`stream`: where the progress bar would go (default sys.stderr); it is drawn only on a terminal."""
         self.cfg, self.enabled = log_cfg, enabled
         self.writer = self.bar = self.jsonl = None
+        self.write_line = self._write_jsonl  # tests inject a failing writer here (trainer.Faults.log_write)
         if not enabled:
             return
         out = Path(log_cfg.dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = _open_jsonl(out / report.METRICS_FILE, keep_until=start_step)
+        self.jsonl = _open_jsonl(entry(out, report.METRICS_FILE, "logging.dir"), keep_until=start_step)
         if log_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -75,8 +84,8 @@ class Metrics:
         if not self.enabled:
             return
         record = {"step": step, **values}
-        self.jsonl.write(json.dumps(record, allow_nan=True) + "\n")
-        self.jsonl.flush()
+        if self.jsonl is not None:
+            self._guarded(self.write_line, json.dumps(record, allow_nan=True) + "\n")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
             self.bar.update(1)
@@ -85,9 +94,33 @@ class Metrics:
         if self.writer is not None:
             for key in SCALARS:
                 value = values.get(key)
-                if value is not None and math.isfinite(value):
-                    self.writer.add_scalar(f"train/{key}", value, step)
+                if value is not None and math.isfinite(value) and self.writer is not None:
+                    self._guarded(self.writer.add_scalar, f"train/{key}", value, step)
         self.print(format_line(step, values))
+
+    def _write_jsonl(self, line: str) -> None:
+        self.jsonl.write(line)
+        self.jsonl.flush()
+
+    def _guarded(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except OSError as e:
+            self._give_up(e)
+
+    def _give_up(self, e: OSError) -> None:
+        """A failed write under logging.dir: warn once, stop writing files there, keep training."""
+        self.print(
+            f"warning: writing metrics under logging.dir {self.cfg.dir!r} failed ({e.strerror or e}): no "
+            "more metrics files are written by this run; training and checkpoints go on"
+        )
+        for sink in (self.writer, self.jsonl):
+            try:
+                if sink is not None:
+                    sink.close()
+            except OSError:
+                pass  # the same full disk: what was written stays, the rest is lost
+        self.writer = self.jsonl = None
 
     def print(self, line: str) -> None:
         """A line for humans (rank 0 only), kept clear of the progress bar."""
@@ -99,10 +132,12 @@ class Metrics:
             print(line, flush=True)
 
     def close(self) -> None:
-        drawn = self.jsonl is not None  # once, and only on rank 0
-        for sink in (self.bar, self.writer, self.jsonl):
+        drawn = self.jsonl is not None  # once, and only on rank 0, and not after a failed write
+        if self.bar is not None:
+            self.bar.close()
+        for sink in (self.writer, self.jsonl):
             if sink is not None:
-                sink.close()
+                self._guarded(sink.close)
         self.writer = self.bar = self.jsonl = None
         if drawn:
             self._draw()
@@ -110,11 +145,17 @@ class Metrics:
     def _draw(self) -> None:
         # A plot is a convenience: failing to draw one must not turn a finished run into a failed one.
         try:
-            path = report.draw([self.cfg.dir], Path(self.cfg.dir) / report.PLOT_FILE)
+            path = report.draw([self.cfg.dir], entry(Path(self.cfg.dir), report.PLOT_FILE, "logging.dir"))
         except Exception as e:  # matplotlib's errors have no common base class
             print(f"warning: could not draw {report.PLOT_FILE}: {type(e).__name__}: {e}", flush=True)
             return
         print(f"plot of the run: {path}", flush=True)
+
+
+def check_dir(log_dir: str) -> None:
+    """Start-up check (every rank): no file this module writes in logging.dir is a symbolic link."""
+    if Path(log_dir).is_dir():
+        refuse_links(Path(log_dir), list(OWN_NAMES), "logging.dir")
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -159,7 +200,7 @@ def _open_jsonl(path: Path, keep_until: int):
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a crash
-    tmp = path.with_suffix(".jsonl.tmp")
+    tmp = entry(path.parent, path.name + ".tmp", "logging.dir")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
     return open(path, "a")

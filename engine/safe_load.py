@@ -15,8 +15,10 @@ what is wrong: a refused type, or a truncated / corrupt / non-checkpoint file.
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import re
+import stat
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +49,8 @@ def load_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
     """torch.load(weights_only=True) with DeepSpeed's optimizer-state types allowed for this call only."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # checked before opening: a named pipe would block
+            raise ValueError("not a regular file (a named pipe, socket or device?)")
         _check_format(path)
         with torch.serialization.safe_globals(_deepspeed_types()):
             # mmap needs the zip format; the legacy one (ds_config checkpoint_serialization: false) loads whole

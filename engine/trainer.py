@@ -15,6 +15,8 @@ optimizer step or its skip) is engine/distributed's; this module keeps the loop,
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import math
 import os
 import signal
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint, distributed
+from engine import checkpoint, distributed, run_dirs
 from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
@@ -51,6 +53,7 @@ class Faults:
     nan_steps: frozenset[int] = frozenset()  # logits * NaN: loss and every gradient non-finite (a divergence)
     crash_in_save: int | None = None  # this step's save raises once its files are written, before the commit
     write: checkpoint.Writer | None = None  # replaces the checkpoint file writer (e.g. one raising ENOSPC)
+    log_full_from: int | None = None  # from this step on, writing metrics fails with ENOSPC (a full disk)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Prepared:
     resume: tuple[str, str] | None  # (checkpoint dir, tag)
     ds_config: dict
     world_size: int
+    claim: run_dirs.Claim | None = None  # the output directories' locks (rank 0), released by close()
 
 
 @dataclass
@@ -76,6 +80,7 @@ class Run:
     saved_step: int | None = None
     zero3_ctx: Any = None  # transformers only weakly references it: must live as long as the engine
     signals: dict = field(default_factory=dict)  # previous handlers, restored by close()
+    claim: run_dirs.Claim | None = None  # the output directories' locks (rank 0), released by close()
     stopping: bool = False  # a preemption stops this run (set by run_loop; close() keeps the handlers)
 
 
@@ -83,6 +88,15 @@ class Run:
 
 
 def prepare(cfg: Config) -> Prepared:
+    claim = run_dirs.claim(cfg, distributed.announced_rank())  # first: a second run on the dirs ends here
+    try:
+        return _prepare(cfg, claim)
+    except BaseException:
+        claim.abandon()
+        raise
+
+
+def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
     world_size = distributed.announced_world_size()
     check_host_memory(cfg, world_size, torch.cuda.is_available())  # sizes that cannot fit: before anything
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -92,7 +106,12 @@ def prepare(cfg: Config) -> Prepared:
         checkpoint.verify(*resume, world_size)
     ds_config = distributed.run_ds_config(cfg, world_size)
     return Prepared(
-        tokenizer=tokenizer, dataset=dataset, resume=resume, ds_config=ds_config, world_size=world_size
+        tokenizer=tokenizer,
+        dataset=dataset,
+        resume=resume,
+        ds_config=ds_config,
+        world_size=world_size,
+        claim=claim,
     )
 
 
@@ -134,6 +153,7 @@ def setup(cfg: Config) -> Run:
         saved_step=step or None,
         zero3_ctx=zero3_ctx,
         signals=previous,
+        claim=prep.claim,
     )
 
 
@@ -152,6 +172,8 @@ def _warn_config_changes(metrics: Metrics, saved: dict, now: dict, prefix: str =
 def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
     cfg = run.cfg
     first_step, losses, preempted = run.step, [], False
+    if faults.log_full_from is not None:
+        run.metrics.write_line = _full_disk_from(faults.log_full_from, run.metrics.write_line)
     while run.step < cfg.optim.steps:
         run.step += 1
         record = train_step(run, poison=run.step in faults.nan_steps)
@@ -300,6 +322,15 @@ def _simulated_crash(step: int) -> None:
     raise RuntimeError(f"Faults(crash_in_save={step}): simulated crash in the middle of a checkpoint save")
 
 
+def _full_disk_from(step: int, write):
+    def full(line: str) -> None:
+        if json.loads(line)["step"] >= step:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"Faults(log_full_from={step})")
+        write(line)
+
+    return full
+
+
 # ------------------------------------------------------------------------------------------- preemption
 
 _PREEMPT: dict[str, int] = {}  # set by the signal handler; read once per step
@@ -320,3 +351,5 @@ def close(run: Run) -> None:
         for sig, handler in run.signals.items():
             signal.signal(sig, handler)
     distributed.shutdown()
+    if run.claim is not None:
+        run.claim.release()

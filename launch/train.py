@@ -57,6 +57,9 @@ def _run(trainer, run, faults) -> int:
     except (trainer.TrainingDiverged, trainer.checkpoint.SaveFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except trainer.checkpoint.UnsafePath as e:  # a link planted in checkpoint.dir during the run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         trainer.close(run)
     first, last = summary["first_step"] + 1, summary["last_step"]

@@ -12,6 +12,7 @@ Checkpoints (DeepSpeed's save/load with our atomic commit) are engine/checkpoint
 from engine.distributed.backend import DeepSpeedBackend, LocalBackend, backend_for
 from engine.distributed.ds_config import check_ds_config, derive_ds_config
 from engine.distributed.runtime import (
+    announced_rank,
     announced_world_size,
     any_rank,
     init_distributed,
@@ -26,6 +27,7 @@ from engine.distributed.runtime import (
 __all__ = [
     "DeepSpeedBackend",
     "LocalBackend",
+    "announced_rank",
     "announced_world_size",
     "any_rank",
     "backend_for",

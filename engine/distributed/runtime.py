@@ -30,6 +30,14 @@ def announced_world_size() -> int:
     return _mpi_world_size() or 1
 
 
+def announced_rank() -> int:
+    """This process's global rank as the launcher announced it, known before any process group exists."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
 def run_ds_config(cfg: Config, world_size: int) -> dict:
     """derive_ds_config, plus what this machine needs: torch's AdamW where there is no CUDA (module doc)."""
     ds_config = derive_ds_config(cfg, world_size)
