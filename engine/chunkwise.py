@@ -29,6 +29,7 @@ from engine.loss import FusedLoss
 from engine.moe import RouterLoss
 from engine.packing import IGNORE, check_position_ids, chunk_mask, documents_of
 from engine.schedule import MODES, SAMPLERS, ChunkSchedule, draw_chunks
+from engine.sequence_parallel import HeadShardedKVLayer, SequenceStep, ulysses_attention
 from engine.state_cache import RECURRENT_LAYER_TYPES, check_family, has_states
 from engine.step_state import Fp32GradAccumulation, RngReplay
 
@@ -74,6 +75,7 @@ def chunkwise_backward(
     checkpoint_layers: bool = False,
     fused_loss: bool = False,
     loss_slice: int = 128,
+    sequence_group=None,
 ) -> ChunkStats:
     """Add to every trainable parameter's .grad the gradient (SeCO) or an unbiased estimate of it (SpaCO) of
     `model(input_ids, labels=labels, attention_mask=attention_mask).loss`, one chunk's graph at a time.
@@ -90,8 +92,11 @@ def chunkwise_backward(
     never below the K/V's dtype (float32 / float64 models keep theirs; only bf16 models can get bfloat16).
     `checkpoint_layers` recomputes each decoder layer in the chunk's backward
     (engine/layer_checkpoint.py); a model with transformers' gradient checkpointing enabled gets that
-    instead for the step (transformers' own drops the cache), its flags restored after. `fused_loss` computes each chunk's loss `loss_slice` tokens (per row)
-    at a time, never materialising the chunk's logits (engine/loss.py).
+    instead for the step (transformers' own drops the cache), its flags restored after. `fused_loss` computes
+    each chunk's loss `loss_slice` tokens (per row) at a time, never materialising the chunk's logits
+    (engine/loss.py). `sequence_group` (engine/sequence_parallel.py's SequenceGroup) splits every chunk over
+    the ranks that share these rows; a DeepSpeed engine initialised with the sequence-parallel mpu brings its
+    own.
     """
     loose = dict(chunk_size=chunk_size, mode=mode, sample_prob=sample_prob, sampler=sampler, budget=budget)
     loose.update(selected=None if selected is None else tuple(selected), compensation_cap=compensation_cap)
@@ -112,7 +117,11 @@ def chunkwise_backward(
     docs = None if position_ids is None else documents_of(position_ids)
     if docs is not None:
         targets = docs.cut_targets(targets)
+    recurrent = has_states(_config(module))  # linear-attention / SSM layers: states at chunk boundaries
+    sp = SequenceStep.of(backend, sequence_group, _config(module), schedule.chunk_size, recurrent)
     seq_len, num_tokens = backend.agree(input_ids.shape[1], int((targets != IGNORE).sum()))
+    if sp is not None:
+        seq_len, num_tokens = sp.padded_length(seq_len), sp.row_tokens(num_tokens)
     if num_items_in_batch is not None:
         num_tokens = int(num_items_in_batch)
     input_ids, targets, attention_mask, position_ids = _pad_to(
@@ -133,6 +142,8 @@ def chunkwise_backward(
     # The SFT policy's q_c depend on where the loss tokens are: OR-ed over ranks, so all ranks draw alike.
     policy_flags = backend.any_rank(has_loss) if schedule.loss_chunks == "always" else None
     draw = draw_chunks(schedule, k, generator, policy_flags)
+    if sp is not None:
+        sp.check_draw(draw.selected, k)
     weight_of = draw.weight_of()
     # DeepSpeed ranks must all backprop at least once per step: an empty draw becomes one zero-weight pass.
     order = sorted(draw.selected, reverse=True) or ([k - 1] if backend.must_backward else [])
@@ -142,7 +153,6 @@ def chunkwise_backward(
     read_later = [c + 1 < k and lo[c + 1] < chunks[c][1] for c in range(k)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     needs_kv_grad = bool(order) and bool(trainable) and any(read_later)
-    recurrent = has_states(_config(module))  # linear-attention / SSM layers: states at chunk boundaries
     if recurrent and docs is not None:
         raise ValueError(
             f"{_config(module).model_type}: packed documents (position_ids restarting per document) are not "
@@ -161,6 +171,8 @@ def chunkwise_backward(
         grad_dtype=kv_grad_dtype_of(kv_grad_dtype),
         device_budget=kv_device_budget,
         config=_config(module) if recurrent else None,
+        kv_layer=HeadShardedKVLayer if sp is not None else None,
+        sequence=None if sp is None else sp.group,
     )
     dtype = next(module.parameters()).dtype
 
@@ -184,7 +196,11 @@ def chunkwise_backward(
         s, e = chunks[c]
         with_loss = with_loss and (has_loss[c] or not skip_head)
         cache.begin_chunk(s, relay=weight_of.get(c, 0.0) if read_later[c] else 0.0, kv_start=lo[c])
-        if docs is None:
+        extra = {}
+        if sp is not None:  # this rank's tokens; attention gets the whole chunk's mask from the shard
+            extra = sp.chunk_kwargs(docs, s, e, lo[c], dtype, input_ids.shape[0], input_ids.device)
+            (s, e), mask = sp.group.shard(s, e), None
+        elif docs is None:
             mask = None if attention_mask is None else attention_mask[:, :e]
         else:
             mask = chunk_mask(_config(module), docs, attention_mask, s, e, lo[c], dtype)
@@ -201,6 +217,7 @@ def chunkwise_backward(
                 attention_mask=mask,
                 position_ids=position_ids[:, s:e],
                 **{cache_arg: cache},
+                **extra,
                 use_cache=True,
                 **({} if with_loss else skip_head),
                 # HF's own router loss would pair this chunk's logits with the prefix's mask: we add it
@@ -219,7 +236,8 @@ def chunkwise_backward(
     # dropout): replay them all rather than guess which modules are stochastic.
     rng = RngReplay(input_ids.device, active=module.training)
     loss_sum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
-    with torch.no_grad(), chunk_attention(_config(module)):
+    attention = chunk_attention if sp is None else ulysses_attention
+    with torch.no_grad(), attention(_config(module)):
         for c in range(k):
             rng.save(c)
             ce = run_chunk(c, with_loss=c not in recomputed or not skip_head)
@@ -228,14 +246,21 @@ def chunkwise_backward(
             if c not in recomputed and ce is not None:
                 loss_sum += ce
     rng.save("end")
+    if sp is not None and router:
+        sp.reduce_router(router)
 
     # Pass 2: drawn chunks in reverse; each backward deposits on earlier chunks' K/V gradients. DeepSpeed
     # averages gradients over ranks, hence the world size against the global token count.
-    scale = backend.world_size / max(num_tokens, 1)
+    scale = (
+        backend.world_size / max(num_tokens, 1)
+        if sp is None
+        else sp.grad_scale(backend.world_size, num_tokens)
+    )
+    before = [] if sp is None else sp.grads_before(trainable)
     with (
         Fp32GradAccumulation(trainable, enabled=not backend.accumulates_fp32),
         backend.step_context(),
-        chunk_attention(_config(module)),
+        attention(_config(module)),
         # transformers' own checkpointing would drop the cache in every layer: ours replaces it, cache kept
         # (except where it cannot recompute exactly: recurrent layers' single-token kernels, see above)
         hf_checkpointing_taken_over(module) as hf_checkpointing,
@@ -254,6 +279,9 @@ def chunkwise_backward(
             objective = cache.with_state_relays(objective * weight_of.get(c, 0.0))  # recurrent states' relay
             backend.backward(objective, is_last=i == len(order) - 1)
     rng.restore("end")  # the caller's RNG stream continues as after one forward
+    if sp is not None:
+        sp.finish(trainable, before)
+        loss_sum = sp.total_loss(loss_sum)
     loss_sum = backend.total(float(loss_sum))
     aux = None if router is None else backend.total(router.value()) / backend.world_size
 

@@ -160,8 +160,13 @@ class ChunkKVCache(StateCacheMixin, Cache):
         grad_dtype: torch.dtype = torch.float32,
         device_budget: int | None = None,
         config=None,
+        kv_layer: type[ChunkKVLayer] | None = None,
+        sequence=None,
     ):
         self.seq_len, self.needs_grad, self.offload = seq_len, needs_grad, offload
+        # Sequence parallelism (engine/sequence_parallel.py): the group whose ranks share the sequence, and
+        # the layer class that stores this rank's head shard of each chunk's K/V.
+        self.sequence, kv_layer = sequence, kv_layer or ChunkKVLayer
         # K/V gradients accumulate in grad_dtype, or in the K/V's own dtype when that is wider (float64).
         self.grad_dtype, self.device_budget, self._on_device = grad_dtype, device_budget, 0
         self.offset, self.relay, self.kv_start = 0, 1.0, 0
@@ -170,8 +175,8 @@ class ChunkKVCache(StateCacheMixin, Cache):
         self._stream = None
         # With the model's (text) config, each layer gets the cache its type needs: recurrent layers keep
         # their boundary states (engine/state_cache.py), attention layers K/V.
-        layers = build_layers(self, config, ChunkKVLayer) if config is not None else None
-        super().__init__(layers=layers or [ChunkKVLayer(self, i) for i in range(num_layers)])
+        layers = build_layers(self, config, kv_layer) if config is not None else None
+        super().__init__(layers=layers or [kv_layer(self, i) for i in range(num_layers)])
 
     def begin_chunk(self, start: int, relay: float = 1.0, kv_start: int = 0) -> None:
         """Point the cache at the chunk starting at `start`; `relay` scales the KV gradient handed on to it

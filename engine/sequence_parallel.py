@@ -1,0 +1,331 @@
+"""Sequence parallelism inside a chunk (Ulysses), with the K/V checkpoints stored as head shards.
+
+P ranks (a "sequence group") share one sequence. Each chunk [s, e) is split along the sequence: rank r holds
+the tokens s + r*m .. s + (r+1)*m - 1 (m = (e - s) / P) through embeddings, norms, MLPs and its slice of the
+loss, with their global position_ids (RoPE). Attention switches to heads with an all-to-all:
+
+    q, k, v   [b, H, m, d] (sequence shard, all heads)  ->  [b, H/P, e - s, d] (the whole chunk, H/P heads)
+
+K/V switch *before* the cache update, so the cache of each rank holds the K/V (and K/V gradients) of its
+H/P heads for the whole sequence: K/V memory per rank is 1/P of one rank's, and the all-to-all moves only
+the chunk's tokens, never the prefix. Attention runs the chunk's queries of those heads against the cached
+prefix + chunk (engine/attention.py's kernels) and the output switches back to the sequence shard with the
+inverse all-to-all. The deposit / relay of K/V gradients (engine/kv_cache.py) then works per head shard
+unchanged: it is the same autograd function on a narrower buffer. K/V heads fewer than P are replicated
+(each rank gets the K/V head its query heads read), as DeepSpeed's Ulysses does; their gradients add up in
+the backward of the replication.
+
+The all-to-all is DeepSpeed's own autograd function (`deepspeed.sequence.layer._SeqAllToAll`, batch-first
+layout [b, s, h, d], scatter heads / gather sequence and back); it runs on gloo's `all_to_all_single` too.
+
+Masks: a rank's model forward sees m tokens, but attention sees the whole chunk, so the model's own mask
+(built for m queries) is of no use. The attention registered here ignores it and takes the chunk's mask from
+the step (`ChunkShard.masks`: None for plain causal attention, else the additive masks engine/packing.py
+builds for documents and sliding windows over the whole chunk); the mask interface registered with it
+returns None, so the model builds none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from engine.attention import _masked, lower_right_causal
+from engine.kv_cache import ChunkKVLayer
+from engine.packing import Documents, chunk_mask, layer_kinds
+
+ATTENTION = "seco_ulysses"  # the attention models select while a sequence-parallel step runs
+SHARD_KWARG = "seco_chunk_shard"  # the model-forward keyword that carries the chunk's shard to attention
+
+
+class SequenceGroup:
+    """The P ranks of a torch.distributed group that share one sequence (same rows on every rank)."""
+
+    def __init__(self, group=None):
+        if not dist.is_initialized():
+            raise ValueError("sequence parallelism needs an initialised torch.distributed process group")
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        _deepspeed_comm()  # DeepSpeed's all-to-all runs through deepspeed.comm
+
+    def shard(self, s: int, e: int) -> tuple[int, int]:
+        """This rank's tokens of the chunk [s, e); the engine pads sequences so that P divides every chunk."""
+        n = e - s
+        assert n % self.size == 0, (s, e, self.size)
+        m = n // self.size
+        return s + self.rank * m, s + (self.rank + 1) * m
+
+    def to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, h, m, d] sequence shard -> [b, h / P, P * m, d] head shard of the whole chunk (with gradient)."""
+        from deepspeed.sequence.layer import _SeqAllToAll
+
+        y = _SeqAllToAll.apply(self.group, x.transpose(1, 2), 2, 1, 0)  # scatter heads, gather sequence
+        return y.transpose(1, 2)
+
+    def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, h / P, n, d] head shard -> [b, n / P, h, d] (attention's output layout), with gradient."""
+        from deepspeed.sequence.layer import _SeqAllToAll
+
+        return _SeqAllToAll.apply(self.group, x.transpose(1, 2).contiguous(), 1, 2, 0)
+
+    def kv_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """K or V [b, hk, m, d] -> this rank's K/V heads over the whole chunk; hk < P: replicated first."""
+        hk = x.shape[1]
+        if hk < self.size:
+            x = x.repeat_interleave(self.size // hk, dim=1)  # rank r then gets K/V head r * hk // P
+        return self.to_heads(x)
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def sum_grads(self, params) -> None:
+        """Plain (non-DeepSpeed) training: each rank's .grad holds its tokens' share; the step's gradient is
+        their sum (one flattened all-reduce per dtype)."""
+        if self.size == 1:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)  # another rank may hold a gradient here: the sum needs a slot
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
+    def check_model(self, cfg) -> None:
+        """Refuse, by name and reason, the shapes the head switch cannot split evenly."""
+        p = self.size
+        heads, kv = (
+            cfg.num_attention_heads,
+            getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        )
+        if heads % p:
+            raise ValueError(
+                f"{cfg.model_type}: parallel.sequence={p} must divide the attention heads ({heads}): each "
+                "rank attends H/P heads"
+            )
+        if kv % p and p % kv:
+            raise ValueError(
+                f"{cfg.model_type}: parallel.sequence={p} and the K/V heads ({kv}) must divide one another "
+                "(K/V heads are split over ranks, or replicated when fewer than P)"
+            )
+        kinds = set(layer_kinds(cfg)) - {"full_attention", "sliding_attention"}
+        if kinds:
+            raise ValueError(
+                f"{cfg.model_type}: parallel.sequence={p} supports full and sliding-window attention layers, "
+                f"not {sorted(kinds)} (recurrent mixers are not sharded yet)"
+            )
+
+
+@dataclass
+class ChunkShard:
+    """What attention needs of the chunk a sequence-parallel forward runs: the group, and the additive masks
+    over the whole chunk (None: plain causal; a tensor: every layer; a dict: per layer kind)."""
+
+    group: SequenceGroup
+    masks: torch.Tensor | dict[str, torch.Tensor] | None
+    kinds: list[str]
+
+    def mask_for(self, layer_idx: int | None) -> torch.Tensor | None:
+        if not isinstance(self.masks, dict):
+            return self.masks
+        return self.masks[self.kinds[layer_idx]]
+
+
+def chunk_masks(cfg, docs: Documents | None, s: int, e: int, lo: int, dtype: torch.dtype, batch: int, device):
+    """The masks of chunk [s, e) over keys [lo, e), or None where bottom-right causal is the whole pattern
+    (right padding needs no mask: see engine/attention.py). Sliding windows without documents use the same
+    builder with every token in one document."""
+    if docs is None and "sliding_attention" not in layer_kinds(cfg):
+        return None
+    if docs is None:
+        ids = torch.zeros(batch, e, dtype=torch.long, device=device)
+        docs = Documents(ids, torch.zeros_like(ids))
+    return chunk_mask(cfg, docs, None, s, e, lo, dtype)
+
+
+class SequenceStep:
+    """What one chunk-wise step does differently when the P ranks of `group` share its sequence.
+
+    Gradient scale. Each rank backprops its own tokens' CE (and router share); the step's gradient is the
+    sum over the group's ranks. A plain model sums the group's .grad at the end of the step
+    (`finish`). DeepSpeed, given the sequence-parallel `mpu` (`deepspeed.runtime.sequence_parallel.
+    parallel_state_sp`), reduces over the data x sequence ranks and divides by the data-parallel size only,
+    i.e. sums over the sequence ranks and averages over data-parallel groups: the objective's scale is then
+    dp / N with N the global count of target tokens (each group's rows counted once)."""
+
+    def __init__(self, group: SequenceGroup, backend, cfg, chunk_size: int, recurrent: bool):
+        self.group, self.cfg = group, cfg
+        self.plain = not backend.must_backward  # LocalBackend: nobody else reduces the group's gradients
+        p = group.size
+        group.check_model(cfg)
+        if recurrent:
+            raise ValueError(
+                f"{cfg.model_type}: parallel.sequence={p}: recurrent (linear-attention / SSM) layers are not "
+                "sharded over a sequence group yet"
+            )
+        if chunk_size % p:
+            raise ValueError(
+                f"chunking.chunk_size={chunk_size} must be a multiple of parallel.sequence={p}: each rank "
+                "holds chunk_size / P tokens of every chunk"
+            )
+        if not self.plain and getattr(backend.engine, "sequence_parallel_size", 1) != p:
+            raise ValueError(
+                f"parallel.sequence={p}: the DeepSpeed engine reduces gradients over "
+                f"{getattr(backend.engine, 'sequence_parallel_size', 1)} sequence ranks; pass DeepSpeed's "
+                "sequence-parallel mpu to deepspeed.initialize"
+            )
+        self.kinds = layer_kinds(cfg)
+
+    @classmethod
+    def of(cls, backend, group, cfg, chunk_size: int, recurrent: bool) -> SequenceStep | None:
+        """The step's sequence group: `group` if given, else the DeepSpeed engine's own; None when P = 1."""
+        if (
+            group is None
+            and backend.must_backward
+            and getattr(backend.engine, "sequence_parallel_size", 1) > 1
+        ):
+            group = SequenceGroup(backend.engine.seq_parallel_group)
+        if group is None or group.size == 1:
+            return None
+        return cls(group, backend, cfg, chunk_size, recurrent)
+
+    def padded_length(self, seq_len: int) -> int:
+        """Right padding (masked, never a target) makes P divide the last chunk too."""
+        p = self.group.size
+        return -(-seq_len // p) * p
+
+    def row_tokens(self, agreed: int) -> int:
+        """DeepSpeed's backend sums the target count over every rank, the group's P copies of a row included."""
+        return agreed if self.plain else agreed // self.group.size
+
+    def grad_scale(self, world_size: int, num_tokens: int) -> float:
+        return (world_size if self.plain else world_size // self.group.size) / max(num_tokens, 1)
+
+    def check_draw(self, selected: list[int], k: int) -> None:
+        """SpaCO: every rank of the group must visit the same chunks (one seed); a difference is a deadlock
+        or a wrong gradient, so it is an error."""
+        flags = torch.zeros(2, k, dtype=torch.float64)
+        flags[0, selected] = 1.0
+        flags[1] = -flags[0]
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group.group)
+        if not torch.equal(flags[0], -flags[1]):
+            raise ValueError(
+                "SpaCO drew different chunks on the ranks of one sequence group: seed the generator alike"
+            )
+
+    def chunk_kwargs(self, docs, s: int, e: int, lo: int, dtype, batch: int, device) -> dict:
+        masks = chunk_masks(self.cfg, docs, s, e, lo, dtype, batch, device)
+        return {SHARD_KWARG: ChunkShard(self.group, masks, self.kinds)}
+
+    def reduce_router(self, router) -> None:
+        """Routing counts of the whole chunk: each rank saw its tokens only (after pass 1)."""
+        if router.counts is None:
+            return
+        rows = torch.tensor([router.rows], dtype=torch.float64, device=router.counts.device)
+        for t in (router.counts, router.prob_sum, rows):
+            self.group.all_sum(t)
+        router.rows = float(rows)
+
+    def total_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """The group's loss sum for a plain model; DeepSpeed's backend sums over every rank itself."""
+        return self.group.all_sum(loss_sum) if self.plain else loss_sum
+
+    def grads_before(self, params) -> list[torch.Tensor | None]:
+        return [None if p.grad is None else p.grad.clone() for p in params] if self.plain else []
+
+    def finish(self, params, before: list[torch.Tensor | None]) -> None:
+        """Plain model: sum this step's gradient over the group (what .grad held before is kept once)."""
+        if not self.plain:
+            return
+        for p, old in zip(params, before):
+            if old is not None and p.grad is not None:
+                p.grad.sub_(old)
+        self.group.sum_grads(params)
+        for p, old in zip(params, before):
+            if old is not None:
+                p.grad.add_(old)
+
+
+class HeadShardedKVLayer(ChunkKVLayer):
+    """A decoder layer's K/V cache on one rank of a sequence group: the K/V heads of this rank over the
+    whole sequence. The chunk's K/V arrive as this rank's sequence shard with all heads and leave the
+    all-to-all as the whole chunk with this rank's heads, before they are appended."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        group = self.cache.sequence
+        return super().update(group.kv_to_heads(key_states), group.kv_to_heads(value_states), *args, **kwargs)
+
+
+def ulysses_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention interface: query [b, H, m, d] (this rank's tokens), key / value [b, Hk/P, L, d] (this rank's
+    heads, prefix + whole chunk, from HeadShardedKVLayer); returns [b, m, H, d] as transformers expects."""
+    shard: ChunkShard | None = kwargs.get(SHARD_KWARG)
+    if shard is None:
+        raise ValueError(f"{ATTENTION}: attention selected outside a sequence-parallel chunk-wise step")
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise ValueError(f"{ATTENTION}: attention softcapping and position biases are not supported")
+    if not (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+        raise ValueError(f"{ATTENTION}: only causal attention is supported")
+    q = shard.group.to_heads(query)
+    mask = shard.mask_for(getattr(module, "layer_idx", None))
+    if mask is not None:
+        out = _masked(q, key, value, mask, dropout, scaling, q.shape[1] // key.shape[1])
+    else:
+        out = lower_right_causal(q, key, value, dropout=dropout, scale=scaling)
+    return shard.group.to_sequence(out), None
+
+
+def _no_mask(*args, **kwargs):
+    """The model builds no mask of its own: attention takes the whole chunk's from the step."""
+    return None
+
+
+AttentionInterface.register(ATTENTION, ulysses_attention_forward)
+AttentionMaskInterface.register(ATTENTION, _no_mask)
+
+
+@contextlib.contextmanager
+def ulysses_attention(config):
+    """Select `ATTENTION` on the model's (text) config for one step; sdpa and eager models only (the kernels
+    are engine/attention.py's either way)."""
+    previous = config._attn_implementation
+    if previous not in ("sdpa", "eager"):
+        raise ValueError(
+            f"{config.model_type}: sequence parallelism runs its own attention; attn_implementation "
+            f"{previous!r} is not supported (use sdpa)"
+        )
+    config._attn_implementation = ATTENTION
+    try:
+        yield ATTENTION
+    finally:
+        config._attn_implementation = previous
+
+
+def _deepspeed_comm() -> None:
+    """DeepSpeed's all-to-all calls deepspeed.comm, which wraps the process group torch.distributed already
+    has; join it once if the caller runs without deepspeed.initialize (plain torch training, tests)."""
+    import deepspeed.comm as ds_comm
+
+    if not ds_comm.is_initialized():
+        ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)

@@ -1,0 +1,116 @@
+"""The sequence-parallel cases: each runs one chunk-wise step, on a sequence group (the worker, P ranks) or
+in one process (the reference the test computes), on the same tiny float64 model and batch."""
+
+from __future__ import annotations
+
+import torch
+from tiny import grads_of, tiny_batch, tiny_model
+from tiny_hybrid import HYBRIDS, tiny_hybrid
+
+from engine.chunkwise import ChunkSchedule, chunkwise_backward
+
+MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
+QWEN2_SLIDING = dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)
+PACKED_DOCS = [[10, 15, 12], [20, 17]]
+
+# name -> (config class, config overrides, LoRA, packed rows, schedule, fused loss, full-backprop reference)
+CASES = {
+    "llama": ("LlamaConfig", {}, False, False, dict(chunk_size=8), False, True),
+    "llama_kv1": ("LlamaConfig", {"num_key_value_heads": 1}, False, False, dict(chunk_size=8), False, True),
+    "lora": ("LlamaConfig", {}, True, False, dict(chunk_size=8), False, True),
+    "fused": ("LlamaConfig", {}, False, False, dict(chunk_size=8), True, True),
+    "spaco": (
+        "LlamaConfig",
+        {},
+        False,
+        False,
+        dict(chunk_size=8, mode="spaco", sample_prob=0.5),
+        False,
+        False,
+    ),
+    "packed": ("LlamaConfig", {}, False, True, dict(chunk_size=8), False, False),
+    "qwen2_sliding": ("Qwen2Config", QWEN2_SLIDING, False, False, dict(chunk_size=8), False, True),
+    "moe": ("MixtralConfig", MOE, False, False, dict(chunk_size=8), False, False),
+}
+
+# Refused by name before any chunk runs: name -> (case, words the error must contain)
+REFUSALS = {
+    "odd_heads": (
+        (
+            "LlamaConfig",
+            {"num_attention_heads": 3, "num_key_value_heads": 3, "hidden_size": 48},
+            False,
+            False,
+            dict(chunk_size=8),
+            False,
+            False,
+        ),
+        "must divide the attention heads",
+    ),
+    "odd_chunk": (
+        ("LlamaConfig", {}, False, False, dict(chunk_size=7), False, False),
+        "multiple of parallel.sequence",
+    ),
+    "hybrid": (("qwen3_next", {}, False, False, dict(chunk_size=8), False, False), "recurrent"),
+}
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0
+    )
+    model = get_peft_model(model, cfg)
+    for n, p in model.named_parameters():  # LoRA's B starts at zero: make every path carry gradient
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    return model
+
+
+def build(case):
+    config_cls, overrides, lora, *_ = case
+    if config_cls in HYBRIDS:
+        return tiny_hybrid(config_cls, **overrides)
+    model = tiny_model(config_cls, **overrides)
+    if "num_local_experts" in overrides:  # grouped-mm expert kernels reject float64
+        model.config._experts_implementation = "eager"
+    return _lora(model) if lora else model
+
+
+def batch(case):
+    packed = case[3]
+    ids, labels, mask = tiny_batch(seq=37, pad_from=None if packed else 30)
+    position_ids = None
+    if packed:
+        mask = None
+        position_ids = torch.cat(
+            [torch.cat([torch.arange(n) for n in row]).unsqueeze(0) for row in PACKED_DOCS]
+        )
+    return ids, labels, mask, position_ids
+
+
+def run_case(case, group=None) -> dict:
+    """One step; `group` None: one process without sequence parallelism."""
+    model = build(case)
+    ids, labels, mask, position_ids = batch(case)
+    stats = chunkwise_backward(
+        model,
+        ids,
+        labels=labels,
+        attention_mask=mask,
+        position_ids=position_ids,
+        schedule=ChunkSchedule(**case[4]),
+        fused_loss=case[5],
+        loss_slice=2,
+        generator=torch.Generator().manual_seed(7),  # SpaCO: every rank (and the reference) draws alike
+        sequence_group=group,
+    )
+    return {
+        "grads": grads_of(model),
+        "loss": stats.loss,
+        "tokens": stats.num_tokens,
+        "kv_bytes": stats.kv_bytes,
+        "selected": stats.selected,
+    }

@@ -1,0 +1,89 @@
+"""Sequence parallelism (engine/sequence_parallel.py): 2 ranks on gloo share each sequence (P = 2); one step's
+gradients equal one process's, float64. The reference is full-sequence backprop where the case allows it
+(plain causal, sliding window, LoRA), else the one-process chunk-wise step, which tests/test_chunkwise.py,
+test_spaco.py and test_moe.py prove equal to full backprop (packed rows, a fixed SpaCO draw, the router loss).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from sp_cases import CASES, REFUSALS, batch, build, run_case
+from tiny import reference_grads, rel_error
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out, cases, nprocs=2) -> None:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nprocs))
+    env["OMP_NUM_THREADS"] = "1"
+    worker = os.path.join(HERE, "workers", "sp_step.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, "--out", str(out), "--cases", ",".join(cases)],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(nprocs)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp")
+    launch(out, [*CASES, *REFUSALS])
+    return {name: [torch.load(out / f"{name}.{r}.pt") for r in range(2)] for name in [*CASES, *REFUSALS]}
+
+
+def reference(case) -> dict:
+    if not case[6]:
+        return run_case(case)
+    model = build(case)
+    ids, labels, mask, _ = batch(case)
+    loss, grads = reference_grads(model, ids, labels, mask)
+    return {"grads": grads, "loss": loss}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_equal_one_process(results, name):
+    ref = reference(CASES[name])
+    for got in results[name]:
+        assert rel_error(got["grads"], ref["grads"]) <= 1e-10, name
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-10)
+    # both ranks hold the whole gradient, not their shard's
+    assert rel_error(results[name][0]["grads"], results[name][1]["grads"]) == 0.0
+
+
+def test_kv_bytes_per_rank_halve(results):
+    one = run_case(CASES["llama"])
+    assert one["kv_bytes"] > 0
+    for got in results["llama"]:
+        # the sequence is padded to a multiple of P (37 -> 38 tokens): per-token K/V bytes halve
+        assert got["kv_bytes"] / 38 == pytest.approx(one["kv_bytes"] / 37 / 2)
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_refused_by_name(results, name):
+    for got in results[name]:
+        assert got["error"] is not None and REFUSALS[name][1] in got["error"], got["error"]
+
+
+def test_spaco_draw_is_a_subset(results):
+    selected = results["spaco"][0]["selected"]
+    assert selected == results["spaco"][1]["selected"] and 0 < len(selected) < 5

@@ -1,0 +1,40 @@
+"""One sequence-parallel chunk-wise step per case on a plain torch model, 2+ ranks on gloo; each rank saves
+its (group-summed) gradients and stats. Launched by tests/test_sequence_parallel.py as P processes with
+RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set (no torchrun).
+
+Usage: python tests/workers/sp_step.py --out DIR --cases llama,lora,...
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sp_cases import CASES, REFUSALS, run_case  # noqa: E402
+
+from engine.sequence_parallel import SequenceGroup  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--out", required=True)
+p.add_argument("--cases", required=True)
+args = p.parse_args()
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+group = SequenceGroup()
+for name in args.cases.split(","):
+    if name in REFUSALS:
+        try:
+            run_case(REFUSALS[name][0], group)
+            result = {"error": None}
+        except ValueError as e:
+            result = {"error": str(e)}
+    else:
+        result = run_case(CASES[name], group)
+    torch.save(result, os.path.join(args.out, f"{name}.{rank}.pt"))
+dist.barrier()
+dist.destroy_process_group()
