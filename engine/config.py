@@ -106,14 +106,49 @@ class LoraConfig:
 
 
 @dataclass
+class MixtureSource:
+    path: str
+    """A file, directory, save_to_disk directory or hub dataset id, as `data.path`."""
+
+    weight: float = 1.0
+    """Relative share of the mixture's rows (> 0)."""
+
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "text", "arrow"] | None = None
+    """How its files are stored; null: `data.format`."""
+
+    def __post_init__(self):
+        _require(bool(self.path), "data.mixture[].path: must not be empty")
+        _require(
+            math.isfinite(self.weight) and self.weight > 0,
+            f"data.mixture[].weight: must be > 0, got {self.weight} (for {self.path!r})",
+        )
+        self.path = _expand(self.path)
+
+
+@dataclass
 class DataConfig:
-    kind: Literal["synthetic", "jsonl", "parquet", "text", "chat", "prompt_completion"] = "synthetic"
-    """Where the documents come from (text: one document per file). chat: jsonl records with a `messages`
-    list of {role, content}, rendered by the tokenizer's chat template, loss on assistant turns only;
-    prompt_completion: jsonl records with a prompt and a completion, loss on the completion only."""
+    kind: Literal["synthetic", "documents", "jsonl", "parquet", "text", "chat", "prompt_completion"] = (
+        "synthetic"
+    )
+    """What the records are. documents: raw text, one document per record (`text_field`), stored as
+    `format` says; jsonl / parquet / text: documents stored in that format (text: one document per file);
+    chat: conversations rendered by the tokenizer's chat template, loss on assistant turns only (see
+    `chat_format`); prompt_completion: records with a prompt and a completion, loss on the completion only."""
 
     path: str | None = None
-    """File or directory; required unless `kind` is synthetic."""
+    """A file, a directory of files (a hub-style layout such as data/train-00000-of-00002.parquet reads the
+    train split), a `datasets` save_to_disk directory, or a hub dataset id (read through the local HF cache).
+    Required unless `kind` is synthetic or `mixture` is set."""
+
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "text", "arrow"] = "auto"
+    """How the files are stored (any kind but synthetic; jsonl / parquet / text kinds imply theirs). auto:
+    from each file's extension (.jsonl .json .parquet .csv .txt .md .arrow)."""
+
+    mixture: list[MixtureSource] | None = None
+    """Several datasets of this `kind`, instead of `path`: a list of {path, weight, format}. Every row of
+    every dataset is rendered; the mixture has as many rows as they together, each drawn from dataset i with
+    probability weight_i / sum(weights) (from `seed`, deterministic), reusing a dataset's rows in a fixed
+    shuffled order when it is drawn more often than it has rows."""
 
     text_field: str = "text"
     """jsonl / parquet column holding the text."""
@@ -129,8 +164,21 @@ class DataConfig:
     document, so documents never attend to each other (chat / prompt_completion: whole samples share a
     row); false: one document per row, right-padded."""
 
-    messages_field: str = "messages"
-    """chat: the record field holding the list of {role, content} messages."""
+    messages_field: str | None = None
+    """chat: the record field holding the conversation; null: `messages` (chat_format messages) or
+    `conversations` (sharegpt)."""
+
+    chat_format: Literal["messages", "sharegpt"] = "messages"
+    """chat: messages: a list of {role, content} with roles system / user / assistant / tool; sharegpt: a list
+    of {from, value} with from human / gpt / system / tool (mapped to user / assistant / system / tool)."""
+
+    chat_keys: dict[str, str] | None = None
+    """chat: the message keys holding the role and the content, {role: KEY, content: KEY}, when they differ
+    from the `chat_format`'s."""
+
+    chat_roles: dict[str, str] | None = None
+    """chat: role names of the data mapped to system / user / assistant / tool (e.g. {bot: assistant}), on
+    top of the `chat_format`'s own mapping."""
 
     prompt_field: str = "prompt"
     """prompt_completion: the record field holding the prompt."""
@@ -147,10 +195,12 @@ class DataConfig:
     """chat: a Jinja chat template (a file, or the template text itself) used instead of the tokenizer's;
     one with {% generation %} markers gives the loss mask directly."""
 
-    truncation: Literal["left", "drop", "error"] = "left"
-    """chat / prompt_completion samples longer than `seq_len`: left drops the oldest tokens first (the
-    answer is kept; a sample whose last answer alone exceeds `seq_len` is an error), drop skips the sample,
-    error stops."""
+    truncation: Literal["split", "left", "drop", "error"] | None = None
+    """A row's worth of tokens exceeded (counted in the start-up and `python -m engine.data` summaries).
+    Documents without packing: split (the default: several rows, every token trained on), drop (skip the
+    document) or error. chat / prompt_completion: left (the default: drop the oldest tokens, keep the answer;
+    a sample whose last answer alone exceeds `seq_len` is an error), drop or error. Packed documents are
+    never cut short, but the tokens after the last full row are dropped and counted."""
 
     batch_size: int = 1
     """Micro batch per data-parallel rank."""
@@ -182,6 +232,7 @@ class DataConfig:
             self.chat_template is None or self.kind == "chat",
             f"data.chat_template: applies to data.kind chat only (data.kind is {self.kind!r})",
         )
+        self._check_sources_and_policies()
         if self.kind == "synthetic":
             # data.kind defaults to synthetic: a path here almost always means a forgotten data.kind.
             _require(
@@ -190,10 +241,67 @@ class DataConfig:
                 "set data.kind to jsonl, parquet, text, chat or prompt_completion (or data.path to null)",
             )
         else:
-            _require(self.path is not None, f"data.path: required for data.kind {self.kind!r}")
+            _require(
+                self.path is not None or self.mixture is not None,
+                f"data.path: required for data.kind {self.kind!r} (or data.mixture)",
+            )
+            _require(
+                self.path is None or self.mixture is None, "data: set only one of data.path and data.mixture"
+            )
         self.path = _expand(self.path)
         if self.tokenizer != "byte":
             self.tokenizer = _expand(self.tokenizer)
+
+    def _check_sources_and_policies(self) -> None:
+        """data.format / mixture / truncation / chat mapping against data.kind (resolves truncation's default)."""
+        documents = self.kind in ("documents", "jsonl", "parquet", "text")
+        sft = self.kind in ("chat", "prompt_completion")
+        formats = [("data.format", self.format)] + [
+            (f"data.mixture[{i}].format", m.format) for i, m in enumerate(self.mixture or []) if m.format
+        ]
+        for key, fmt in formats:
+            _require(
+                self.kind not in ("jsonl", "parquet", "text") or fmt in ("auto", self.kind),
+                f"{key}: {fmt!r} contradicts data.kind {self.kind!r} (which implies its format); "
+                "use data.kind documents to choose the format",
+            )
+            _require(
+                not sft or fmt != "text",
+                f"{key}: 'text' holds plain documents, not data.kind {self.kind!r} records; use jsonl, json, "
+                "parquet, csv or arrow",
+            )
+        _require(
+            self.chat_format == "messages" or self.kind == "chat",
+            f"data.chat_format: {self.chat_format!r} applies to data.kind chat only",
+        )
+        _require(
+            self.mixture is None or self.kind != "synthetic",
+            "data.mixture: needs a file data.kind (documents, jsonl, parquet, text, chat or prompt_completion)",
+        )
+        _require(
+            self.mixture is None or len(self.mixture) >= 1, "data.mixture: must list at least one dataset"
+        )
+        allowed = ("split", "drop", "error") if documents else ("left", "drop", "error")
+        if self.truncation is None and (documents or sft):
+            self.truncation = allowed[0]
+        _require(
+            self.truncation is None or self.truncation in allowed or not (documents or sft),
+            f"data.truncation: {self.truncation!r} does not apply to data.kind {self.kind!r}; "
+            f"use one of {', '.join(allowed)}",
+        )
+        for key, mapping, values in (
+            ("chat_keys", self.chat_keys, None),
+            ("chat_roles", self.chat_roles, ("system", "user", "assistant", "tool")),
+        ):
+            if mapping is None:
+                continue
+            _require(self.kind == "chat", f"data.{key}: applies to data.kind chat only")
+            if values is None:
+                bad = sorted(set(mapping) - {"role", "content"})
+                _require(not bad, f"data.chat_keys: unknown {bad}; allowed keys: role, content")
+            else:
+                bad = sorted(v for v in mapping.values() if v not in values)
+                _require(not bad, f"data.chat_roles: {bad} not among {', '.join(values)}")
 
 
 @dataclass

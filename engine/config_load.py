@@ -300,7 +300,6 @@ def config_from_dict(raw: dict, check_paths: bool = True) -> Config:
 def _check_paths(cfg: Config) -> None:
     checks = [
         ("model.name_or_path", cfg.model.name_or_path, Path.is_dir, "a local HF model directory"),
-        ("data.path", cfg.data.path, Path.exists, "a data file or directory"),
         ("data.tokenizer", None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer, Path.is_dir, "'byte' or a tokenizer directory"),
         ("checkpoint.resume", None if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume, Path.exists, "'auto' or a checkpoint path"),
         ("deepspeed.config_file", cfg.deepspeed.config_file, Path.is_file, "a ds_config JSON file"),
@@ -308,6 +307,14 @@ def _check_paths(cfg: Config) -> None:
     ]  # fmt: skip
     for key, value, exists, what in checks:
         _require(value is None or exists(Path(value)), f"{key}: {value!r} not found (expected {what})")
+    from engine.data.readers import is_hub_id  # a hub dataset id is resolved when the data is read
+
+    data_paths = [("data.path", cfg.data.path)] + [
+        (f"data.mixture[{i}].path", m.path) for i, m in enumerate(cfg.data.mixture or [])
+    ]
+    for key, value in data_paths:
+        ok = value is None or Path(value).exists() or is_hub_id(value)
+        _require(ok, f"{key}: {value!r} not found (expected a data file or directory, or a hub dataset id)")
     for key, value in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir)):
         if value is not None:
             _check_writable_dir(key, Path(value))

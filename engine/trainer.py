@@ -33,6 +33,7 @@ from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
 from engine.data import DataStream, build_dataset, load_tokenizer
+from engine.data.summary import summary as data_summary
 from engine.export import export
 from engine.host_memory import check_host_memory
 from engine.metrics import Metrics, peak_memory_bytes
@@ -136,6 +137,8 @@ def setup(cfg: Config) -> Run:
         stream.load_state_dict(state["data"])
         step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
     metrics = Metrics(cfg.logging, cfg.optim.steps, start_step=step, enabled=rank == 0)
+    for line in data_summary(prep.dataset):  # what was split, truncated or dropped: never silently
+        metrics.print(f"data: {line}")
     if prep.resume is not None:
         metrics.print(f"resumed from {os.path.join(*prep.resume)} at step {step}")
         _warn_config_changes(metrics, state["config"], config_to_dict(cfg))

@@ -270,20 +270,38 @@ def test_file_packed(kind: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_file_truncate_and_pad(kind: str, tmp_path: Path) -> None:
+def test_file_split_and_pad(kind: str, tmp_path: Path) -> None:
+    """packing false: one document per row, a document longer than seq_len split over several rows, so the
+    rows together hold every token of every document, in order."""
     seq_len = 24
     path = _write(kind, tmp_path, DOCS)
     ds = load_file_dataset(kind, path, BYTE, seq_len=seq_len, packing=False)
     assert isinstance(ds, PaddedDataset)
-    assert len(ds) == len(DOCS)
-    for i, doc in enumerate(DOCS):
+    pieces = [ids[i : i + seq_len] for ids in map(_doc_ids, DOCS) for i in range(0, len(ids), seq_len)]
+    assert len(ds) == len(pieces) == len(DOCS) + 4  # two documents of 55 and 52 tokens make 3 rows each
+    for i, ids in enumerate(pieces):
         s = ds[i]
-        ids = _doc_ids(doc)[:seq_len]
         n = len(ids)
         assert s["input_ids"].tolist() == ids + [BYTE.pad_token_id] * (seq_len - n)
         assert s["labels"].tolist() == ids + [IGNORE_INDEX] * (seq_len - n)
         assert s["attention_mask"].tolist() == [1] * n + [0] * (seq_len - n)
-    assert ds[2]["attention_mask"].sum() == seq_len  # the 52-token document was truncated
+    assert ds.long_documents == 2 and ds.dropped_tokens == 0
+
+
+def test_file_truncation_drop_and_error(tmp_path: Path) -> None:
+    path = _write("jsonl", tmp_path, DOCS)
+    ds = load_file_dataset("jsonl", path, BYTE, seq_len=24, packing=False, truncation="drop")
+    kept = [d for d in DOCS if len(_doc_ids(d)) <= 24]
+    assert [BYTE.decode(ds[i]["input_ids"], skip_special_tokens=True) for i in range(len(ds))] == kept
+    assert ds.dropped_tokens == 55 + 52 and ds.long_documents == 2
+    with pytest.raises(
+        ValueError, match=r"data\.jsonl, line 2: document of 55 tokens, more than data.seq_len 24"
+    ):
+        load_file_dataset("jsonl", path, BYTE, seq_len=24, packing=False, truncation="error")
+    # Packing cuts nothing short: only the tokens after the last full row are dropped, and counted.
+    packed = load_file_dataset("jsonl", path, BYTE, seq_len=24, packing=True, truncation="error")
+    total = sum(len(_doc_ids(d)) for d in DOCS)
+    assert packed.dropped_tokens == total - 24 * len(packed) > 0
 
 
 def test_jsonl_custom_field_and_directory_of_shards(tmp_path: Path) -> None:
@@ -324,7 +342,7 @@ def test_empty_file(kind: str, tmp_path: Path) -> None:
 
         path = tmp_path / "empty.parquet"
         datasets.Dataset.from_dict({"text": []}).to_parquet(str(path))
-        pattern = "has no rows"
+        pattern = "no records"
     else:
         path = tmp_path / f"empty.{kind}"
         path.write_text("")
@@ -334,7 +352,7 @@ def test_empty_file(kind: str, tmp_path: Path) -> None:
 
 
 def test_empty_directory(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="contains no files"):
+    with pytest.raises(ValueError, match="contains no data files"):
         load_file_dataset("text", tmp_path, BYTE, seq_len=8)
 
 
@@ -349,25 +367,23 @@ def test_bad_records_are_located(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     # Record 2 sits on line 4: datasets skips the blank line, the message must still give the real line.
     path.write_text('{"text": "ok"}\n\n{"text": "fine"}\n{"other": "no text"}\n')
-    with pytest.raises(
-        ValueError, match=r"bad\.jsonl.*record 2 \(0-based\), line 4: field 'text' is missing"
-    ):
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 4: field 'text' is missing"):
         load_file_dataset("jsonl", path, BYTE, seq_len=8)
     path.write_text('{"text": "ok"}\n{"text": ""}\n')
-    with pytest.raises(ValueError, match=r"record 1 .*line 2: document is empty"):
+    with pytest.raises(ValueError, match=r"line 2: document is empty"):
         load_file_dataset("jsonl", path, BYTE, seq_len=8, packing=True)
     path.write_text('{"text": "ok"}\n{"text": 5}\n')
-    with pytest.raises(ValueError, match="record 1 .*is int, not a string"):
+    with pytest.raises(ValueError, match="line 2: field 'text' is int, not a string"):
         load_file_dataset("jsonl", path, BYTE, seq_len=8)
     path.write_text('{"text": "ok"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"could not read jsonl data file .*bad\.jsonl"):
+    with pytest.raises(ValueError, match=r"could not read .*bad\.jsonl' as jsonl"):
         load_file_dataset("jsonl", path, BYTE, seq_len=8)
 
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_document_shorter_than_two_tokens(tmp_path: Path, packing: bool) -> None:
     path = _write("jsonl", tmp_path, ["abc", "z", "def"])
-    with pytest.raises(ValueError, match="record 1 .*line 2: document has 1 token"):
+    with pytest.raises(ValueError, match="line 2: document has 1 token"):
         load_file_dataset("jsonl", path, NoSpecialByteTokenizer(), seq_len=2, packing=packing)
 
 
@@ -539,6 +555,9 @@ def _cfg(**overrides: object) -> SimpleNamespace:
         text_field="text",
         seq_len=256,
         packing=True,
+        format="auto",
+        truncation="split",
+        mixture=None,
         num_samples=4,
         synthetic_task="passkey",
         seed=0,
@@ -555,7 +574,7 @@ def test_build_dataset(tmp_path: Path) -> None:
     path = _write("jsonl", tmp_path, DOCS, field="body")
     cfg = _cfg(kind="jsonl", path=str(path), text_field="body", seq_len=8, packing=False)
     padded = build_dataset(cfg, BYTE)
-    assert isinstance(padded, PaddedDataset) and len(padded) == len(DOCS)
+    assert isinstance(padded, PaddedDataset) and len(padded) == sum(-(-len(_doc_ids(d)) // 8) for d in DOCS)
     packed = build_dataset(_cfg(kind="jsonl", path=str(path), text_field="body", seq_len=8), BYTE)
     assert isinstance(packed, PackedDataset)
     with pytest.raises(ValueError, match="token id 258"):

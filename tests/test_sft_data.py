@@ -182,7 +182,7 @@ def test_bad_prompt_completion_records_and_json(tmp_path):
     with pytest.raises(ValueError, match="line 1: completion must be a string, got int"):
         dataset("prompt_completion", str(path))
     path.write_text('{"prompt": "a",\n')
-    with pytest.raises(ValueError, match="line 1: not valid JSON"):
+    with pytest.raises(ValueError, match=r"could not read .*bad.jsonl' as jsonl .*JSON parse error"):
         dataset("prompt_completion", str(path))
     with pytest.raises(ConfigError, match="data.kind 'chat' needs a local tokenizer directory"):
         DataConfig(kind="chat", path=CHAT)

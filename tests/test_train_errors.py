@@ -129,7 +129,7 @@ def test_empty_data_file(tmp_path, capsys):
 def test_blank_document(tmp_path, capsys):
     path = jsonl(tmp_path / "d.jsonl", ["a real document", "   "])
     r = train_inprocess(tmp_path, capsys, "--data.kind=jsonl", f"--data.path={path}", "--data.packing=false")
-    assert_user_error(r, tmp_path, "d.jsonl", "record 1", "empty")
+    assert_user_error(r, tmp_path, "d.jsonl", "line 2", "empty")
 
 
 def test_document_shorter_than_two_tokens(tmp_path, capsys, word_tokenizer):
@@ -142,7 +142,7 @@ def test_document_shorter_than_two_tokens(tmp_path, capsys, word_tokenizer):
         "--data.packing=false",
         f"--data.tokenizer={word_tokenizer}",
     )
-    assert_user_error(r, tmp_path, "d.jsonl", "record 1", "fewer than 2")
+    assert_user_error(r, tmp_path, "d.jsonl", "line 2", "fewer than 2")
 
 
 def test_token_ids_outside_vocab_byte_tokenizer(tmp_path, capsys):
@@ -186,7 +186,7 @@ def test_user_error_through_deepspeed_launcher(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "error: jsonl data file" in r.stdout + r.stderr
+    assert "error: jsonl data: file" in r.stdout + r.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -3,8 +3,9 @@
 Four layers, each its own module and usable on its own:
 
 * ``tokenizers``: ``ByteTokenizer`` (no download, 259 ids) and ``load_tokenizer`` for a local HF tokenizer;
-* datasets: ``synthetic.SyntheticDataset`` (long-range recall tasks generated from a seed) and file datasets
-  (``files``: jsonl / parquet / text) that ``packing`` packs into ``seq_len`` blocks or truncates and pads;
+* datasets: ``synthetic.SyntheticDataset`` (long-range recall tasks generated from a seed), document datasets
+  (``files``, read by ``readers`` from any format ``datasets`` reads) that ``packing`` packs into ``seq_len``
+  blocks or splits and pads, SFT datasets (``sft``) and ``mixture.MixtureDataset``;
 * ``stream``: ``DataStream``, an endless, data-parallel, exactly resumable batch iterator;
 * ``build_dataset`` (here), which maps a ``DataConfig`` onto the above.
 
@@ -20,6 +21,7 @@ from torch.utils.data import Dataset
 
 from engine.config import DataConfig
 from engine.data.files import FILE_KINDS, load_file_dataset
+from engine.data.mixture import MixtureDataset
 from engine.data.packing import PackedDataset, PaddedDataset, _TokenStore
 from engine.data.sft import SftDataset, build_sft_dataset
 from engine.data.stream import DataStream, collate
@@ -39,6 +41,7 @@ __all__ = [
     "PackedDataset",
     "PaddedDataset",
     "SftDataset",
+    "MixtureDataset",
     "SFT_KINDS",
     "load_file_dataset",
     "check_vocab",
@@ -77,34 +80,52 @@ def check_vocab(dataset: Dataset, vocab_size: int) -> None:
 
 
 def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int | None = None) -> Dataset:
-    """The dataset of config section ``data_cfg``.
+    """The dataset of config section ``data_cfg`` (a ``MixtureDataset`` for ``data.mixture``).
 
     ``num_samples`` and ``synthetic_task`` apply to ``kind == "synthetic"`` only; file data uses every
-    document (``num_samples`` is ignored), and ``seed`` there only matters to ``DataStream``'s shuffling.
-    If ``vocab_size`` (the model's) is given, ``check_vocab`` runs on the result.
+    document (``num_samples`` is ignored), and ``seed`` there only matters to the mixture's draw and
+    ``DataStream``'s shuffling. If ``vocab_size`` (the model's) is given, ``check_vocab`` runs on every dataset.
     """
     kind = data_cfg.kind
     if kind == "synthetic":
-        dataset: Dataset = SyntheticDataset(
-            data_cfg.synthetic_task, data_cfg.seq_len, data_cfg.num_samples, data_cfg.seed, tokenizer
+        parts: list[Dataset] = [
+            SyntheticDataset(
+                data_cfg.synthetic_task, data_cfg.seq_len, data_cfg.num_samples, data_cfg.seed, tokenizer
+            )
+        ]
+    elif kind in FILE_KINDS or kind in SFT_KINDS:
+        sources = (
+            [(data_cfg.path, data_cfg.format, 1.0)]
+            if data_cfg.mixture is None
+            else [(m.path, m.format or data_cfg.format, m.weight) for m in data_cfg.mixture]
         )
-    elif kind in FILE_KINDS:
-        if not data_cfg.path:
-            raise ValueError(f"data kind {kind!r} needs a path")
-        dataset = load_file_dataset(
-            kind,
-            data_cfg.path,
-            tokenizer,
-            seq_len=data_cfg.seq_len,
-            packing=data_cfg.packing,
-            text_field=data_cfg.text_field,
-        )
-    elif kind in SFT_KINDS:
-        dataset = build_sft_dataset(data_cfg, tokenizer)
+        parts = [_file_dataset(data_cfg, tokenizer, path, fmt) for path, fmt, _ in sources]
     else:
         raise ValueError(
             f"unknown data kind {kind!r}; expected 'synthetic' or one of {sorted(FILE_KINDS) + list(SFT_KINDS)}"
         )
     if vocab_size is not None:
-        check_vocab(dataset, vocab_size)
-    return dataset
+        for part in parts:
+            check_vocab(part, vocab_size)
+    if data_cfg.mixture is None:
+        return parts[0]
+    names = [str(m.path) for m in data_cfg.mixture]
+    return MixtureDataset(parts, [m.weight for m in data_cfg.mixture], data_cfg.seed, names)
+
+
+def _file_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, path: str | None, fmt: str) -> Dataset:
+    if not path:
+        raise ValueError(f"data kind {data_cfg.kind!r} needs a path")
+    if data_cfg.kind in SFT_KINDS:
+        return build_sft_dataset(data_cfg, tokenizer, path, fmt)
+    assert data_cfg.truncation is not None, "DataConfig resolves the documents' default"
+    return load_file_dataset(
+        data_cfg.kind,
+        path,
+        tokenizer,
+        seq_len=data_cfg.seq_len,
+        packing=data_cfg.packing,
+        text_field=data_cfg.text_field,
+        format=fmt,
+        truncation=data_cfg.truncation,
+    )

@@ -1,4 +1,4 @@
-"""Chat and prompt/completion records: reading, validation, and rendering into tokens with a loss mask.
+"""Chat and prompt/completion records (read by engine/data/readers.py): validation, and rendering into tokens with a loss mask.
 
 A chat record is rendered by its chat template (engine/data/chat_render.py, which also finds the
 loss-bearing tokens). Messages keep what they hold: an assistant's `tool_calls`, a tool turn's
@@ -11,9 +11,7 @@ load, before any process group starts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -28,28 +26,6 @@ class Rendered:
     answer_start: int  # first token of the last loss-bearing span (what left truncation must keep)
     where: str  # file and line, for messages
     truncated: int = 0  # tokens dropped from the left
-
-
-def read_records(path: str) -> list[tuple[str, Any]]:
-    """(where, record) of every non-blank line of the jsonl file `path`, or of the *.jsonl files of the
-    directory `path` in name order."""
-    p = Path(path)
-    files = sorted(p.glob("*.jsonl")) if p.is_dir() else [p]
-    if not files or not all(f.is_file() for f in files):
-        raise ValueError(f"data.path: {path!r} is neither a .jsonl file nor a directory of .jsonl files")
-    records = []
-    for f in files:
-        for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{f}, line {lineno}"
-            try:
-                records.append((where, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not records:
-        raise ValueError(f"data.path: {path!r} holds no records")
-    return records
 
 
 # What a message may hold besides role and content, by role: everything else is refused by name (a chat

@@ -34,7 +34,7 @@ class _TokenStore(Dataset):
 class PackedDataset(_TokenStore):
     """All documents concatenated (each as bos + text + eos) and cut into ``seq_len`` blocks.
 
-    The remainder after the last full block is dropped. Documents keep to themselves: `position_ids`
+    The remainder after the last full block is dropped (counted in ``dropped_tokens``). Documents keep to themselves: `position_ids`
     restart at 0 where a document starts (and at a block's start, for a document continued from the
     previous block), which chunkwise_backward turns into document masks (engine/packing.py), so no
     document attends to another one and no token is trained to predict the next document's first.
@@ -43,6 +43,7 @@ class PackedDataset(_TokenStore):
     def __init__(self, tokens: torch.Tensor, doc_offsets: torch.Tensor, seq_len: int, source: str) -> None:
         super().__init__(tokens, doc_offsets, seq_len, source)
         self.num_blocks = tokens.numel() // seq_len
+        self.dropped_tokens = tokens.numel() - self.num_blocks * seq_len
         if self.num_blocks == 0:
             raise ValueError(f"{source}: data has {tokens.numel()} tokens, fewer than seq_len {seq_len}")
 
@@ -64,26 +65,54 @@ class PackedDataset(_TokenStore):
 
 
 class PaddedDataset(_TokenStore):
-    """One document per sample: truncated to ``seq_len``, right-padded with ``pad_id``.
+    """One document per row, right-padded with ``pad_id`` to ``seq_len``. A document longer than ``seq_len``
+    is split into consecutive rows of at most ``seq_len`` tokens (``truncation`` split: every token is
+    trained on, each piece as a sequence of its own) or left out (drop: counted in ``dropped_tokens``).
 
     Padding gets ``labels == IGNORE_INDEX`` and ``attention_mask == 0``.
     """
 
     def __init__(
-        self, tokens: torch.Tensor, doc_offsets: torch.Tensor, seq_len: int, pad_id: int, source: str
+        self,
+        tokens: torch.Tensor,
+        doc_offsets: torch.Tensor,
+        seq_len: int,
+        pad_id: int,
+        source: str,
+        truncation: str = "split",
     ) -> None:
         super().__init__(tokens, doc_offsets, seq_len, source)
+        assert truncation in ("split", "drop", "error")
         self.pad_id = pad_id
-        lengths = doc_offsets[1:] - doc_offsets[:-1]
-        self._any_padding = bool((lengths < seq_len).any())
+        starts, ends = doc_offsets[:-1], doc_offsets[1:]
+        lengths = ends - starts
+        long = lengths > seq_len
+        self.long_documents = int(long.sum())
+        if truncation == "drop":
+            self.dropped_tokens = int(lengths[long].sum())
+            starts, ends = starts[~long], ends[~long]
+            if starts.numel() == 0:
+                raise ValueError(
+                    f"{source}: every document is longer than seq_len {seq_len} (data.truncation: drop)"
+                )
+        else:
+            assert truncation == "split" or not bool(long.any()), "the reader refuses long documents"
+            self.dropped_tokens = 0
+        pieces = -(-(ends - starts) // seq_len)  # rows per document
+        first = torch.repeat_interleave(starts, pieces)
+        k = torch.arange(int(pieces.sum())) - torch.repeat_interleave(
+            torch.cumsum(pieces, 0) - pieces, pieces
+        )
+        self.row_start = first + k * seq_len
+        self.row_end = torch.minimum(self.row_start + seq_len, torch.repeat_interleave(ends, pieces))
+        self._any_padding = bool((self.row_end - self.row_start < seq_len).any())
 
     def __len__(self) -> int:
-        return self.num_documents
+        return self.row_start.numel()
 
     def __getitem__(self, index: int) -> Sample:
-        index = _wrap_index(index, self.num_documents, "documents")
-        start = int(self.doc_offsets[index])
-        end = min(int(self.doc_offsets[index + 1]), start + self.seq_len)
+        index = _wrap_index(index, len(self), "rows")
+        start, end = int(self.row_start[index]), int(self.row_end[index])
         doc = self.tokens[start:end].long()
         length = doc.numel()
         input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)

@@ -19,34 +19,40 @@ from engine.data.chat import (
     check_chat,
     check_prompt_completion,
     fit,
-    read_records,
     render_prompt_completion,
 )
+from engine.data.chat_format import messages_field, to_messages
 from engine.data.chat_render import render_conversation, resolve_template
+from engine.data.readers import read_records
 from engine.data.tokenizers import IGNORE_INDEX, Sample, Tokenizer, _pad_id
 
 
-def render_samples(data_cfg: DataConfig, tokenizer: Tokenizer) -> tuple[list[Rendered], Counter]:
-    """Every record validated first (errors name the record and field), then rendered and fitted."""
-    records = read_records(data_cfg.path)
+def render_samples(
+    data_cfg: DataConfig, tokenizer: Tokenizer, path: str, fmt: str
+) -> tuple[list[Rendered], Counter, int]:
+    """Every record of ``path`` validated first (errors name the record and field), then rendered and fitted."""
+    records = read_records(path, fmt, f"{data_cfg.kind} data")
     if data_cfg.kind == "chat":
-        checked = [(w, check_chat(r, w, data_cfg.messages_field)) for w, r in records]
+        field = messages_field(data_cfg.chat_format, data_cfg.messages_field)
+        fmt_args = (field, data_cfg.chat_format, data_cfg.chat_keys, data_cfg.chat_roles)
+        checked = [(w, check_chat(to_messages(r, *fmt_args), w, field)) for w, r in records]
         template, loss = resolve_template(data_cfg.chat_template), data_cfg.assistant_loss
         rendered = [r for w, m in checked for r in render_conversation(tokenizer, m, w, loss, template)]
     else:
         fields = (data_cfg.prompt_field, data_cfg.completion_field)
         checked = [(w, check_prompt_completion(r, w, *fields)) for w, r in records]
         rendered = [render_prompt_completion(tokenizer, p, c, w) for w, (p, c) in checked]
-    samples, dropped = [], Counter()
+    samples, dropped, dropped_tokens = [], Counter(), 0
     for s in rendered:
         kept = fit(s, data_cfg.seq_len, data_cfg.truncation)
         if kept is None:
             dropped[f"longer than data.seq_len {data_cfg.seq_len} (data.truncation: drop)"] += 1
+            dropped_tokens += len(s.ids)
         else:
             samples.append(kept)
     if not samples:
-        raise ValueError(f"data.path: no sample of {data_cfg.path!r} fits data.seq_len {data_cfg.seq_len}")
-    return samples, dropped
+        raise ValueError(f"data.path: no sample of {path!r} fits data.seq_len {data_cfg.seq_len}")
+    return samples, dropped, dropped_tokens
 
 
 class SftDataset(Dataset):
@@ -60,9 +66,11 @@ class SftDataset(Dataset):
         packing: bool,
         source: str,
         dropped: Counter | None = None,
+        dropped_tokens: int = 0,
     ):
         self.samples, self.seq_len, self.pad_id, self.packing = samples, seq_len, pad_id, packing
         self.source, self.dropped = source, dropped or Counter()  # reason -> samples dropped
+        self.dropped_tokens = dropped_tokens  # the tokens of the samples dropped
         self.rows: list[list[int]] = []
         fill = seq_len + 1
         for i, s in enumerate(samples):
@@ -99,7 +107,12 @@ class SftDataset(Dataset):
         return max(max(s.ids) for s in self.samples)
 
 
-def build_sft_dataset(data_cfg: DataConfig, tokenizer: Tokenizer) -> SftDataset:
-    samples, dropped = render_samples(data_cfg, tokenizer)
+def build_sft_dataset(
+    data_cfg: DataConfig, tokenizer: Tokenizer, path: str | None = None, fmt: str | None = None
+) -> SftDataset:
+    """The SftDataset of ``path`` (default data.path) read as ``fmt`` (default data.format)."""
+    path = path if path is not None else data_cfg.path
+    assert path is not None, "DataConfig requires a path or a mixture"
+    samples, dropped, dropped_tokens = render_samples(data_cfg, tokenizer, path, fmt or data_cfg.format)
     pad = _pad_id(tokenizer)
-    return SftDataset(samples, data_cfg.seq_len, pad, data_cfg.packing, str(data_cfg.path), dropped)
+    return SftDataset(samples, data_cfg.seq_len, pad, data_cfg.packing, str(path), dropped, dropped_tokens)
