@@ -55,6 +55,7 @@ class Faults:
     crash_in_save: int | None = None  # this step's save raises once its files are written, before the commit
     write: checkpoint.Writer | None = None  # replaces the checkpoint file writer (e.g. one raising ENOSPC)
     log_full_from: int | None = None  # from this step on, writing metrics fails with ENOSPC (a full disk)
+    no_loss_steps: frozenset[int] = frozenset()  # every label of these steps' batches ignored (-100)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Run:
     signals: dict = field(default_factory=dict)  # previous handlers, restored by close()
     claim: run_dirs.Claim | None = None  # the output directories' locks (rank 0), released by close()
     stopping: bool = False  # a preemption stops this run (set by run_loop; close() keeps the handlers)
+    no_loss_steps: list[int] = field(default_factory=list)  # this process's steps without a loss token
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -179,9 +181,12 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
         run.metrics.write_line = _full_disk_from(faults.log_full_from, run.metrics.write_line)
     while run.step < cfg.optim.steps:
         run.step += 1
-        record = train_step(run, poison=run.step in faults.nan_steps)
+        record = train_step(
+            run, poison=run.step in faults.nan_steps, no_loss=run.step in faults.no_loss_steps
+        )
         run.metrics.log(run.step, record)
         losses.append(record["loss"])
+        _count_no_loss(run, record)
         _count_nonfinite(run, record)
         # Every rank takes part, so a signal that reached only some ranks still stops all of them together.
         preempted = distributed.any_rank(bool(_PREEMPT))
@@ -193,6 +198,11 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
             break
     if cfg.checkpoint.dir and run.saved_step != run.step:
         save(run, faults)
+    if run.no_loss_steps:
+        run.metrics.print(
+            f"{len(run.no_loss_steps)} batch(es) of this run held no loss token (zero gradient), the first at "
+            f"step {run.no_loss_steps[0]}"
+        )
     export_dir = None
     if preempted:
         signame = signal.Signals(_PREEMPT["signum"]).name if _PREEMPT else "a signal to another rank"
@@ -213,13 +223,15 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
     }
 
 
-def train_step(run: Run, poison: bool = False) -> dict[str, Any]:
+def train_step(run: Run, poison: bool = False, no_loss: bool = False) -> dict[str, Any]:
     """One optimizer step (LR, batch, chunk-wise backward, update or skip); returns its metrics record."""
     cfg, engine, t0 = run.cfg, run.engine, time.perf_counter()
     lr = lr_at(run.step, cfg.optim)
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     batch = {k: v.to(engine.device) for k, v in next(run.stream).items()}
+    if no_loss:  # Faults.no_loss_steps
+        batch["labels"] = torch.full_like(batch["labels"], -100)
     chunking = cfg.chunking
     with _poisoned_logits(engine.module) if poison else contextlib.nullcontext():
         stats = chunkwise_backward(
@@ -237,12 +249,16 @@ def train_step(run: Run, poison: bool = False) -> dict[str, Any]:
             fused_loss=chunking.fused_loss,
             loss_slice=chunking.loss_slice,
         )
-    applied = distributed.optimizer_step(engine, math.isfinite(stats.loss))
+    # No loss token in the whole step (every rank): the mean loss is 0 / 0, the gradient exactly zero. The
+    # step goes on with that zero gradient and reports loss 0 rather than NaN (which would read as divergence).
+    loss = 0.0 if stats.num_tokens == 0 else stats.loss
+    applied = distributed.optimizer_step(engine, loss, stats.num_tokens)
     elapsed = time.perf_counter() - t0
     grad_norm = engine.get_global_grad_norm() if applied else None
     return {
         "total_steps": cfg.optim.steps,
-        "loss": stats.loss,
+        "loss": loss,
+        "loss_tokens": stats.num_tokens,
         "lr": lr,
         "grad_norm": None if grad_norm is None else float(grad_norm),
         "tokens_per_s": stats.seq_len * cfg.data.batch_size * dist.get_world_size() / elapsed,
@@ -254,6 +270,19 @@ def train_step(run: Run, poison: bool = False) -> dict[str, Any]:
         "aux_loss": stats.aux_loss,  # MoE router load-balancing loss (None without one), engine/moe.py
         "skipped": not applied,
     }
+
+
+def _count_no_loss(run: Run, record: dict[str, Any]) -> None:
+    """A step without loss tokens is not an error (e.g. SFT rows whose answers all fell to truncation);
+    said once when it first happens, counted at the end of the run."""
+    if record["loss_tokens"]:
+        return
+    run.no_loss_steps.append(run.step)
+    if len(run.no_loss_steps) == 1:
+        run.metrics.print(
+            f"warning: step {run.step}: no rank's batch holds a loss token (every label -100): zero gradient, "
+            "loss reported as 0; such steps are counted at the end of the run"
+        )
 
 
 def _count_nonfinite(run: Run, record: dict[str, Any]) -> None:

@@ -234,3 +234,13 @@ def test_hostile_template_is_one_error_naming_the_record(tok, template, needle):
     messages = check_chat({"messages": CONVERSATIONS[0]}, "r", "messages")
     with pytest.raises(ValueError, match=f"^data.jsonl, line 3: {needle}"):
         render_chat(tok, messages, "data.jsonl, line 3", False, template, seconds=0.5)
+
+
+def test_template_that_renders_no_answer_is_refused(tok):
+    """Nothing of the assistant turn in the output: the sample would carry no loss; refused by name."""
+    silent = (
+        "{%- for m in messages %}{{ m.role + ':' }}{%- if m.role != 'assistant' %}{{ m.content }}{%- endif %}"
+        "{{ '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ 'assistant:' }}{%- endif %}"
+    )
+    with pytest.raises(ValueError, match="r: the chat template renders no text for the assistant turn"):
+        render_chat(tok, CONVERSATIONS[0], "r", False, silent)

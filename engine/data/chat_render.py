@@ -143,6 +143,10 @@ def _by_prefixes(tokenizer, messages, render, full: str, where: str, last_only: 
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
     loss = [any(s < b and e > a for a, b in spans) for s, e in offsets]
+    if not any(loss):
+        raise ValueError(
+            f"{where}: the chat template renders no text for the assistant turn(s): nothing to train on"
+        )
     first = next(t for t, (_, e) in enumerate(offsets) if e > spans[-1][0])
     return Rendered(list(enc["input_ids"]), loss, first, where)
 

@@ -12,6 +12,7 @@ fused_adam / cpu_adam take minutes on a small CI machine and buy nothing at test
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 from typing import Any
@@ -142,13 +143,15 @@ def initialize(model: torch.nn.Module, ds_config: dict) -> Any:
     return engine
 
 
-def optimizer_step(engine, loss_is_finite: bool) -> bool:
+def optimizer_step(engine, loss: float, num_tokens: int) -> bool:
     """engine.step(), or a skip that drops this step's gradients. Returns whether weights were updated.
 
-    The loss went through an all-reduce, so every rank takes the same branch. DeepSpeed itself skips (and
-    clears the gradients) when the gradient norm is non-finite under ZeRO 1-3, bf16 and fp16; only the
-    plain fp32 stage-0 optimizer would apply NaNs, so there the gradients are dropped without stepping.
+    The loss and `num_tokens` (the step's loss tokens) went through an all-reduce, so every rank takes the
+    same branch. DeepSpeed itself skips (and clears the gradients) when the gradient norm is non-finite
+    under ZeRO 1-3, bf16 and fp16; only the plain fp32 stage-0 optimizer would apply NaNs, so there the
+    gradients are dropped without stepping.
     """
+    loss_is_finite = math.isfinite(loss)
     if not loss_is_finite and not (
         engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
     ):
@@ -158,10 +161,24 @@ def optimizer_step(engine, loss_is_finite: bool) -> bool:
     applied = engine.was_step_applied()
     if applied and not loss_is_finite:
         raise RuntimeError(
-            "DeepSpeed applied an update although the loss was non-finite; do not turn off "
-            "zero_optimization.compute_grad_norm or bf16.check_grad_overflow in the ds_config"
+            f"DeepSpeed applied an update although the loss was {loss} ({num_tokens} loss tokens): "
+            f"{_why_applied(engine)}"
         )
     return applied
+
+
+def _why_applied(engine) -> str:
+    """What let a non-finite loss through DeepSpeed's overflow check, for the guard's message."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return (
+            "DeepSpeed computed no gradient norm to check; do not turn off zero_optimization.compute_grad_norm "
+            "or bf16.check_grad_overflow in the ds_config"
+        )
+    return (
+        f"the gradient was finite (norm {float(norm):.4g}): the non-finite loss came from tokens whose chunks "
+        "were not back-propagated (SpaCO) or from the loss alone; check the data and lower optim.lr"
+    )
 
 
 def any_rank(flag: bool) -> bool:
