@@ -92,5 +92,8 @@ def test_the_guard_names_the_cause():
         RuntimeError, match=r"loss was nan \(10 loss tokens\): the gradient was finite \(norm 0.5\)"
     ):
         optimizer_step(_Engine(0.5), float("nan"), 10)
-    with pytest.raises(RuntimeError, match="computed no gradient norm to check; do not turn off zero_optimization.compute_grad_norm"):
+    with pytest.raises(
+        RuntimeError,
+        match="computed no gradient norm to check; do not turn off zero_optimization.compute_grad_norm",
+    ):
         optimizer_step(_Engine(None), float("inf"), 10)
