@@ -494,7 +494,24 @@ class CheckpointConfig:
     export: Literal["none", "lora", "hf"] = "none"
     """Written into `dir`/export at the end: lora (the PEFT adapter) or hf (a full model, LoRA merged)."""
 
+    keep_last: int | None = None
+    """Keep only the newest N complete checkpoints (older ones are deleted after each save); null: keep all.
+    The newest complete checkpoint and one being written are never deleted."""
+
+    keep_best: bool = False
+    """With keep_last: also keep the checkpoint with the lowest eval/loss (needs eval.path or eval.split, and
+    checkpoint.every a multiple of eval.every, so that every checkpoint has an eval loss)."""
+
     def __post_init__(self):
+        _require(
+            self.keep_last is None or self.keep_last >= 1,
+            f"checkpoint.keep_last: must be >= 1 or null (keep all), got {self.keep_last}",
+        )
+        _require(
+            not self.keep_best or self.keep_last is not None,
+            "checkpoint.keep_best: needs checkpoint.keep_last (without it every checkpoint is kept anyway)",
+        )
+        _require(self.keep_last is None or self.dir is not None, "checkpoint.keep_last: needs checkpoint.dir")
         if self.every is not None:
             _require(self.every >= 1, f"checkpoint.every: must be >= 1, got {self.every}")
         for name in ("every", "resume"):
@@ -506,6 +523,104 @@ class CheckpointConfig:
         self.dir = _expand(self.dir)
         if self.resume != "auto":
             self.resume = _expand(self.resume)
+
+
+@dataclass
+class RetrievalConfig:
+    lengths: list[int] = field(default_factory=list)
+    """Item lengths in tokens, the heatmap's columns (up to the longest sequence that trains); empty: no
+    retrieval evaluation."""
+
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Where the key sits in the filler, as a fraction of it (0: first, 1: right before the question)."""
+
+    task: Literal["passkey", "needle"] = "passkey"
+    """passkey: one number to recall; needle: a number named by a word, asked for by that word."""
+
+    key_digits: int = 5
+    """Digits of the number to recall (exact match of all of them scores; chance is 10^-key_digits)."""
+
+    items: int = 4
+    """Items per (length, depth) cell; accuracy is the fraction answered exactly."""
+
+    seed: int = 0
+    """Draws the keys and the filler; the same seed gives the same items at every evaluation."""
+
+    def __post_init__(self):
+        for length in self.lengths:
+            _require(length >= 2, f"eval.retrieval.lengths: each must be >= 2 tokens, got {length}")
+        _require(
+            len(set(self.lengths)) == len(self.lengths),
+            f"eval.retrieval.lengths: repeated lengths in {self.lengths}",
+        )
+        _require(len(self.depths) > 0, "eval.retrieval.depths: must hold at least one depth")
+        for depth in self.depths:
+            _require(0.0 <= depth <= 1.0, f"eval.retrieval.depths: each must be in [0, 1], got {depth}")
+        _require(
+            len(set(self.depths)) == len(self.depths),
+            f"eval.retrieval.depths: repeated depths in {self.depths}",
+        )
+        _require(
+            1 <= self.key_digits <= 18, f"eval.retrieval.key_digits: must be in 1..18, got {self.key_digits}"
+        )
+        _require(self.items >= 1, f"eval.retrieval.items: must be >= 1, got {self.items}")
+        _require(self.seed >= 0, f"eval.retrieval.seed: must be >= 0, got {self.seed}")
+
+
+@dataclass
+class EvalConfig:
+    path: str | None = None
+    """Held-out data: a file or directory read like `data.path` (the same `data.kind` and fields)."""
+
+    split: float | None = None
+    """Instead of `path`: this fraction of the training rows, drawn from `data.seed`, is held out for
+    evaluation and never trained on."""
+
+    every: int | None = None
+    """Steps between evaluations; null: after the last step only (there is always one after the last)."""
+
+    max_samples: int | None = None
+    """Evaluate the first N held-out rows only; null: all of them."""
+
+    seq_len: int | None = None
+    """`path` only: tokens per eval row; null: `data.seq_len`. Any length that trains also evaluates."""
+
+    batch_size: int | None = None
+    """Eval rows per rank per forward; null: `data.batch_size`."""
+
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    """Long-context retrieval (needle / passkey) at a grid of lengths x depths, at every evaluation."""
+
+    def __post_init__(self):
+        _require(self.path is None or self.split is None, "eval: set at most one of eval.path and eval.split")
+        _require(
+            self.split is None or 0.0 < self.split < 1.0, f"eval.split: must be in (0, 1), got {self.split}"
+        )
+        for name in ("every", "max_samples", "batch_size"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"eval.{name}: must be >= 1 or null, got {value}")
+        _require(
+            self.seq_len is None or self.seq_len >= 2,
+            f"eval.seq_len: must be >= 2 or null, got {self.seq_len}",
+        )
+        _require(
+            self.seq_len is None or self.path is not None,
+            "eval.seq_len: only with eval.path (eval.split rows are training rows of data.seq_len)",
+        )
+        _require(
+            self.every is None or self.enabled,
+            "eval.every: nothing to evaluate; set eval.path, eval.split or eval.retrieval.lengths",
+        )
+        self.path = _expand(self.path)
+
+    @property
+    def has_loss(self) -> bool:
+        """Whether there is a held-out set to compute eval/loss on."""
+        return self.path is not None or self.split is not None
+
+    @property
+    def enabled(self) -> bool:
+        return self.has_loss or bool(self.retrieval.lengths)
 
 
 @dataclass
@@ -534,6 +649,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints, resume and export."""
 
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation loss and long-context retrieval during training."""
+
     def __post_init__(self):
         chunks = -(-self.data.seq_len // self.chunking.chunk_size)  # rows are padded / packed to seq_len
         check_budget(
@@ -546,3 +664,23 @@ class Config:
             self.checkpoint.export != "lora" or self.lora.enabled,
             "checkpoint.export: 'lora' needs lora.enabled true (use 'hf' to export the full model)",
         )
+        _check_eval(self)
+
+
+def _check_eval(cfg: Config) -> None:
+    """The rules between the eval section and the others."""
+    _require(
+        cfg.eval.path is None or cfg.data.kind != "synthetic",
+        "eval.path: data.kind 'synthetic' reads no file; use eval.split to hold out synthetic rows",
+    )
+    keep_best = cfg.checkpoint.keep_best
+    _require(
+        not keep_best or cfg.eval.has_loss,
+        "checkpoint.keep_best: needs an eval loss (set eval.path or eval.split)",
+    )
+    every, eval_every = cfg.checkpoint.every, cfg.eval.every
+    _require(
+        not keep_best or every is None or (eval_every is not None and every % eval_every == 0),
+        f"checkpoint.keep_best: checkpoint.every ({every}) must be a multiple of eval.every ({eval_every}), "
+        "so that every checkpoint has an eval loss",
+    )

@@ -53,7 +53,7 @@ def _default(f: dataclasses.Field) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):
-        return ", ".join(map(str, value))
+        return ", ".join(map(str, value)) or "[]"
     return str(value)
 
 
@@ -66,15 +66,27 @@ def table() -> str:
     """The Markdown table: one row per leaf field, `| key | default | meaning |`."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for name, cls in sections():
-        docs, hints = field_docs(cls), get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name not in docs:  # a field without a docstring is a bug the drift test reports
-                raise ValueError(f"{cls.__name__}.{f.name}: no docstring under the field in engine/config.py")
-            meaning = docs[f.name].replace("|", "\\|")
-            if get_origin(hints[f.name]) is Literal:  # the choices, from the annotation the loader checks
-                meaning += " One of: " + ", ".join(map(str, get_args(hints[f.name]))) + "."
-            rows.append(f"| `{name}.{f.name}` | {_default(f)} | {meaning} |")
+        rows += _rows(name, cls)
     return "\n".join(rows)
+
+
+def _rows(prefix: str, cls: type) -> list[str]:
+    """The rows of section `cls` at dotted `prefix`; a nested section (eval.retrieval) gets a row of its
+    own, then one per field."""
+    docs, hints, rows = field_docs(cls), get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        if f.name not in docs:  # a field without a docstring is a bug the drift test reports
+            raise ValueError(f"{cls.__name__}.{f.name}: no docstring under the field in engine/config.py")
+        meaning = docs[f.name].replace("|", "\\|")
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.append(f"| `{prefix}.{f.name}` | | {meaning} |")
+            rows += _rows(f"{prefix}.{f.name}", tp)
+            continue
+        if get_origin(tp) is Literal:  # the choices, from the annotation the loader checks
+            meaning += " One of: " + ", ".join(map(str, get_args(tp))) + "."
+        rows.append(f"| `{prefix}.{f.name}` | {_default(f)} | {meaning} |")
+    return rows
 
 
 def page_table(text: str) -> str:

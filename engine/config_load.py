@@ -309,7 +309,7 @@ def _check_paths(cfg: Config) -> None:
         _require(value is None or exists(Path(value)), f"{key}: {value!r} not found (expected {what})")
     from engine.data.readers import is_hub_id  # a hub dataset id is resolved when the data is read
 
-    data_paths = [("data.path", cfg.data.path)] + [
+    data_paths = [("data.path", cfg.data.path), ("eval.path", cfg.eval.path)] + [
         (f"data.mixture[{i}].path", m.path) for i, m in enumerate(cfg.data.mixture or [])
     ]
     for key, value in data_paths:

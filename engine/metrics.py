@@ -32,7 +32,13 @@ from engine.memory import peak_rss_bytes
 from engine.run_lock import LOCK_FILE
 from engine.safe_paths import entry, refuse_links
 
-OWN_NAMES = (report.METRICS_FILE, report.METRICS_FILE + ".tmp", report.PLOT_FILE, LOCK_FILE)
+OWN_NAMES = (
+    report.METRICS_FILE,
+    report.METRICS_FILE + ".tmp",
+    report.PLOT_FILE,
+    report.RETRIEVAL_FILE,
+    LOCK_FILE,
+)
 
 SCALARS = (
     "loss",
@@ -89,6 +95,9 @@ class Metrics:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
             self.bar.update(1)
+        if self.writer is not None:  # eval points whatever logging.every says: they are rare
+            for key, value in eval_scalars(values).items():
+                self.writer.add_scalar(key, value, step)
         if step % self.cfg.every:
             return
         if self.writer is not None:
@@ -150,6 +159,28 @@ class Metrics:
             print(f"warning: could not draw {report.PLOT_FILE}: {type(e).__name__}: {e}", flush=True)
             return
         print(f"plot of the run: {path}", flush=True)
+        try:
+            heatmap = report.draw_retrieval(
+                self.cfg.dir, entry(Path(self.cfg.dir), report.RETRIEVAL_FILE, "logging.dir")
+            )
+        except Exception as e:
+            print(f"warning: could not draw {report.RETRIEVAL_FILE}: {type(e).__name__}: {e}", flush=True)
+            return
+        if heatmap is not None:
+            print(f"retrieval heatmap: {heatmap}", flush=True)
+
+
+def eval_scalars(values: dict[str, Any]) -> dict[str, float]:
+    """The TensorBoard scalars of a record's eval/* entries: loss, ppl, mean retrieval accuracy and one
+    per retrieval cell (eval/retrieval/L<length>_d<depth>)."""
+    out = {}
+    for key in ("eval/loss", "eval/ppl", "eval/retrieval_acc"):
+        value = values.get(key)
+        if value is not None and math.isfinite(value):
+            out[key] = value
+    for cell in values.get("eval/retrieval") or []:
+        out[f"eval/retrieval/L{cell['length']}_d{cell['depth']:g}"] = cell["accuracy"]
+    return out
 
 
 def check_dir(log_dir: str) -> None:

@@ -1,9 +1,11 @@
 """A picture of a run: loss, tokens/s and peak memory against step, read from its metrics.jsonl.
 
-    python -m engine.report RUN_DIR                    # redraws RUN_DIR/metrics.png
+    python -m engine.report RUN_DIR                    # redraws RUN_DIR/metrics.png (+ retrieval.png)
     python -m engine.report RUN_A RUN_B --out ab.png   # several runs, one line each in every panel
 
-The trainer draws RUN_DIR/metrics.png itself when a run ends (engine/metrics.py). The figure is built on a
+eval/loss, where the run evaluated, is drawn on the loss panel; the last retrieval evaluation (eval.retrieval)
+as a depth x length accuracy heatmap in RUN_DIR/retrieval.png. The trainer draws both itself when a run
+ends (engine/metrics.py). The figure is built on a
 bare matplotlib ``Figure`` with the Agg canvas rather than pyplot, so drawing selects no backend and leaves
 no global figure state behind in the training process.
 """
@@ -19,6 +21,8 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
+RETRIEVAL_FILE = "retrieval.png"
+EVAL_LOSS = "eval/loss"  # drawn on the loss panel, as points at the evaluated steps
 # (record key, axis label, scale applied to the value)
 PANELS = (
     ("loss", "loss", 1.0),
@@ -65,13 +69,73 @@ def figure(runs: dict[str, list[dict[str, Any]]]):
     for ax, (key, label, scale) in zip(axes, PANELS, strict=True):
         for name, records in runs.items():
             steps, values = series(records, key, scale)
-            ax.plot(steps, values, label=name, marker="." if len(steps) < 50 else None)
+            line = ax.plot(steps, values, label=name, marker="." if len(steps) < 50 else None)
+            if key == "loss":
+                _plot_eval_loss(ax, name, records, line[0].get_color())
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     if len(runs) > 1:
         axes[0].legend(fontsize="small")
     return fig
+
+
+def _plot_eval_loss(ax, name: str, records: list[dict[str, Any]], color) -> None:
+    evaluated = [r for r in records if EVAL_LOSS in r]
+    if evaluated:
+        steps, values = series(evaluated, EVAL_LOSS)
+        ax.plot(steps, values, label=f"{name} {EVAL_LOSS}", color=color, linestyle="--", marker="o")
+        ax.legend(fontsize="small")
+
+
+def last_retrieval(records: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]] | None:
+    """(step, cells) of the last record with retrieval accuracies, or None."""
+    for r in reversed(records):
+        if r.get("eval/retrieval"):
+            return int(r["step"]), r["eval/retrieval"]
+    return None
+
+
+def retrieval_figure(step: int, cells: list[dict[str, Any]]):
+    """Accuracy heatmap: depth (rows, 0 at the top) x length (columns), each cell annotated."""
+    from matplotlib.figure import Figure
+
+    lengths = sorted({c["length"] for c in cells})
+    depths = sorted({c["depth"] for c in cells})
+    grid = [[math.nan] * len(lengths) for _ in depths]
+    for c in cells:
+        grid[depths.index(c["depth"])][lengths.index(c["length"])] = c["accuracy"]
+    fig = Figure(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.55 * len(depths)), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, acc in enumerate(row):
+            ax.text(j, i, "-" if math.isnan(acc) else f"{acc:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("length (tokens)")
+    ax.set_ylabel("depth")
+    ax.set_title(f"retrieval accuracy, step {step}", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    return fig
+
+
+def draw_retrieval(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """Write the heatmap of the run's last retrieval evaluation (default RUN_DIR/retrieval.png); None when
+    the run has none."""
+    found = last_retrieval(read_records(run_dir))
+    if found is None:
+        return None
+    return _save(retrieval_figure(*found), Path(out) if out is not None else Path(run_dir) / RETRIEVAL_FILE)
+
+
+def _save(fig, out: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)  # attaches itself to the figure: savefig then renders without pyplot
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
 
 
 def draw(run_dirs: list[str | Path], out: str | Path) -> Path:
@@ -107,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(args.run_dirs[0]) / PLOT_FILE
     try:
         print(draw(args.run_dirs, out))
+        if len(args.run_dirs) == 1:  # and the retrieval heatmap beside it, when the run has one
+            heatmap = draw_retrieval(args.run_dirs[0])
+            if heatmap is not None:
+                print(heatmap)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,12 +28,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint, distributed, run_dirs
+from engine import checkpoint, distributed, retention, run_dirs
 from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
 from engine.data import DataStream, build_dataset, load_tokenizer
 from engine.data.summary import summary as data_summary
+from engine.evaluate import format_eval, prepare_eval
 from engine.export import export
 from engine.host_memory import check_host_memory
 from engine.metrics import Metrics, peak_memory_bytes
@@ -68,6 +69,7 @@ class Prepared:
     ds_config: dict
     world_size: int
     claim: run_dirs.Claim | None = None  # the output directories' locks (rank 0), released by close()
+    evaluator: Any = None  # engine/evaluate.py's Evaluator when the eval section asks for anything
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Run:
     claim: run_dirs.Claim | None = None  # the output directories' locks (rank 0), released by close()
     stopping: bool = False  # a preemption stops this run (set by run_loop; close() keeps the handlers)
     no_loss_steps: list[int] = field(default_factory=list)  # this process's steps without a loss token
+    evaluator: Any = None  # engine/evaluate.py's Evaluator, or None
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -104,6 +107,7 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
     check_host_memory(cfg, world_size, torch.cuda.is_available())  # sizes that cannot fit: before anything
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     dataset = build_dataset(cfg.data, tokenizer, model_vocab_size(cfg.model))  # checks ids < vocab_size
+    dataset, evaluator = prepare_eval(cfg, tokenizer, dataset, model_vocab_size(cfg.model))  # eval section
     resume = checkpoint.find_resume(cfg.checkpoint)
     if resume is not None:  # every file safe to load, same ranks: on every rank, before any collective
         checkpoint.verify(*resume, world_size)
@@ -115,6 +119,7 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
         ds_config=ds_config,
         world_size=world_size,
         claim=claim,
+        evaluator=evaluator,
     )
 
 
@@ -159,6 +164,7 @@ def setup(cfg: Config) -> Run:
         zero3_ctx=zero3_ctx,
         signals=previous,
         claim=prep.claim,
+        evaluator=prep.evaluator,
     )
 
 
@@ -184,6 +190,7 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
         record = train_step(
             run, poison=run.step in faults.nan_steps, no_loss=run.step in faults.no_loss_steps
         )
+        evaluate_step(run, record)
         run.metrics.log(run.step, record)
         losses.append(record["loss"])
         _count_no_loss(run, record)
@@ -285,6 +292,14 @@ def _count_no_loss(run: Run, record: dict[str, Any]) -> None:
         )
 
 
+def evaluate_step(run: Run, record: dict[str, Any]) -> None:
+    """eval/* into this step's record when the eval section asks for it now (eval.every, the last step)."""
+    if run.evaluator is None or not run.evaluator.due(run.step, record["total_steps"]):
+        return
+    record.update(run.evaluator(run.engine, run.step))
+    run.metrics.print(format_eval(run.step, record))
+
+
 def _count_nonfinite(run: Run, record: dict[str, Any]) -> None:
     limit = run.cfg.optim.max_nonfinite_steps
     if not record["skipped"]:
@@ -348,6 +363,18 @@ def save(run: Run, faults: Faults = Faults()) -> None:
     path = checkpoint.save(run.engine, run.cfg.checkpoint.dir, run.step, state, faults.write, crash)
     run.saved_step = run.step
     run.metrics.print(f"checkpoint saved: {path}")
+    retain(run)
+
+
+def retain(run: Run) -> None:
+    """After a committed save, on rank 0: record the step's eval loss, apply checkpoint.keep_last / keep_best."""
+    if dist.get_rank() != 0:
+        return
+    ckpt, tag = run.cfg.checkpoint, checkpoint.tag_for(run.step)
+    if run.evaluator is not None and run.step in run.evaluator.losses:
+        retention.record_score(ckpt.dir, tag, run.evaluator.losses[run.step])
+    for removed in retention.prune(ckpt.dir, ckpt.keep_last, ckpt.keep_best, saved=tag):
+        run.metrics.print(f"checkpoint removed (checkpoint.keep_last={ckpt.keep_last}): {removed}")
 
 
 def _simulated_crash(step: int) -> None:

@@ -1,0 +1,213 @@
+"""Evaluation during training and of any checkpoint or exported model: eval/loss and retrieval.
+
+    python -m engine.evaluate --config X [--checkpoint DIR | --model DIR] [--section.key=value ...]
+
+eval/loss is HF's `.loss` over the whole held-out set: the cross-entropy summed over every target token of
+every row, divided by their number (token-weighted, not an average of per-batch means). Each rank scores
+its shard (rows r, r + W, ...) chunk-wise without a graph (engine/chunk_eval.py), and the sums are reduced
+over ranks. Under ZeRO-3 every chunk's forward gathers parameters, so all ranks run the same number of
+batches of the same length: a rank whose shard is used up scores a row with no targets instead.
+
+The held-out set is eval.path (read like data.path) or eval.split, a fraction of the training rows drawn
+from data.seed and taken out of the training set before the data stream sees it. Retrieval (needle /
+passkey) lives in engine/retrieval.py; this module runs it beside the loss at every evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
+
+from engine.chunk_eval import ScoreOptions, score
+from engine.config import Config, EvalConfig
+
+SPLIT_SEED = 0x5EC0E7  # mixed with data.seed: the held-out rows are not the first rows of an epoch's draw
+
+
+# ------------------------------------------------------------------------------------------- held-out data
+
+
+def split_rows(num_rows: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows) of a dataset of `num_rows`: round(fraction x rows), at least one,
+    drawn from `seed`; both sorted. The same arguments always give the same split."""
+    held = max(1, round(fraction * num_rows))
+    if held >= num_rows:
+        raise ValueError(
+            f"eval.split: {fraction} of {num_rows} training rows holds out {held}, leaving none to train on"
+        )
+    order = np.random.default_rng((seed, SPLIT_SEED)).permutation(num_rows)
+    return sorted(int(i) for i in order[held:]), sorted(int(i) for i in order[:held])
+
+
+def held_out(
+    cfg: Config, tokenizer, dataset: Dataset, vocab_size: int | None
+) -> tuple[Dataset, Dataset | None]:
+    """(training set, eval set): the training set minus eval.split's rows, or unchanged with eval.path
+    (then read like data.path, rows of eval.seq_len) or without an eval loss."""
+    ev = cfg.eval
+    if ev.split is not None:
+        train, held = split_rows(len(dataset), ev.split, cfg.data.seed)
+        return Subset(dataset, train), Subset(dataset, held)
+    if ev.path is None:
+        return dataset, None
+    from engine.data import build_dataset
+
+    # One source, read with data's kind, format and fields (a training mixture's weights do not apply).
+    data = dataclasses.replace(cfg.data, path=ev.path, mixture=None, seq_len=ev.seq_len or cfg.data.seq_len)
+    try:
+        return dataset, build_dataset(data, tokenizer, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"eval.path: {e}") from None
+
+
+def prepare_eval(
+    cfg: Config, tokenizer, dataset: Dataset, vocab_size: int | None
+) -> tuple[Dataset, Evaluator | None]:
+    """(training set, the loop's Evaluator or None): the held-out rows and the retrieval items, built
+    before any process group exists (a bad eval.path or a retrieval length too short is a user error)."""
+    if not cfg.eval.enabled:
+        return dataset, None
+    train, eval_set = held_out(cfg, tokenizer, dataset, vocab_size)
+    items = None
+    if cfg.eval.retrieval.lengths:
+        from engine.retrieval import build_items, filler_text
+
+        want = 4 * max(cfg.eval.retrieval.lengths)
+        text = filler_text(eval_set, tokenizer, want) if eval_set is not None else None
+        if text is None:
+            text = filler_text(train, tokenizer, want)
+        items = build_items(cfg.eval.retrieval, tokenizer, text)
+    return train, Evaluator(cfg, eval_set, items)
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+
+def shard_batches(rows: Sequence[int], rank: int, world: int, batch_size: int) -> Iterator[list[int]]:
+    """This rank's batches of `rows` (rows r, r + W, ...), as many on every rank: a rank whose shard is
+    used up gets empty lists (the caller then scores a row without targets, see the module docstring)."""
+    mine = list(rows[rank::world])
+    per_rank = -(-len(rows) // world)
+    for b in range(-(-per_rank // batch_size)):
+        yield mine[b * batch_size : (b + 1) * batch_size]
+
+
+def reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum over ranks (float64); the values themselves without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device_of(model) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def _batch(dataset: Dataset, rows: list[int], fallback: int, device: torch.device) -> dict[str, torch.Tensor]:
+    from engine.data import IGNORE_INDEX, collate
+
+    if rows:
+        batch = collate([dataset[i] for i in rows])
+    else:  # this rank's shard is used up: the same shapes, no targets
+        batch = collate([dataset[fallback]])
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout off for the evaluation; the model's mode is put back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def eval_loss(model, dataset: Dataset, rows: Sequence[int], batch_size: int, options: ScoreOptions) -> dict:
+    """{'eval/loss', 'eval/ppl', 'eval/tokens'} over `rows` of `dataset`, all ranks together."""
+    rank, world = _rank_world()
+    device = _device_of(model)
+    loss_sum, tokens = 0.0, 0
+    with eval_mode(model):
+        for batch_rows in shard_batches(rows, rank, world, batch_size):
+            b = _batch(dataset, batch_rows, rows[0], device)
+            s = score(
+                model,
+                b["input_ids"],
+                labels=b["labels"],
+                attention_mask=b["attention_mask"],
+                position_ids=b.get("position_ids"),
+                options=options,
+            )
+            loss_sum, tokens = loss_sum + s.loss_sum, tokens + s.num_tokens
+    loss_sum, tokens = reduce_sum([loss_sum, float(tokens)], device)
+    loss = loss_sum / tokens if tokens else math.nan
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 700.0)), "eval/tokens": int(tokens)}
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+class Evaluator:
+    """What the training loop evaluates: the held-out loss and the retrieval grid, at eval.every and after
+    the last step. `losses` maps each evaluated step to its eval/loss (for checkpoint.keep_best)."""
+
+    def __init__(self, cfg: Config, eval_set: Dataset | None, retrieval_items: Any = None):
+        self.cfg, self.eval_set, self.items = cfg, eval_set, retrieval_items
+        ev: EvalConfig = cfg.eval
+        self.rows: list[int] = []
+        if eval_set is not None:
+            self.rows = list(range(len(eval_set)))[: ev.max_samples]
+            if not self.rows:
+                raise ValueError("eval: the held-out set has no rows")
+        self.batch_size = ev.batch_size or cfg.data.batch_size
+        self.options = ScoreOptions.from_config(cfg.chunking)
+        self.losses: dict[int, float] = {}
+
+    def due(self, step: int, last_step: int) -> bool:
+        every = self.cfg.eval.every
+        return step == last_step or (every is not None and step % every == 0)
+
+    def __call__(self, model, step: int) -> dict[str, Any]:
+        t0, record = time.perf_counter(), {}
+        if self.eval_set is not None:
+            record.update(eval_loss(model, self.eval_set, self.rows, self.batch_size, self.options))
+            self.losses[step] = record["eval/loss"]
+        if self.items is not None:
+            from engine.retrieval import evaluate_items
+
+            record.update(evaluate_items(model, self.items, self.batch_size, self.options))
+        record["eval/time_s"] = time.perf_counter() - t0
+        return record
+
+
+def format_eval(step: int, record: dict[str, Any]) -> str:
+    parts = [f"eval step {step}"]
+    if "eval/loss" in record:
+        parts.append(
+            f"loss {record['eval/loss']:.4f} (ppl {record['eval/ppl']:.2f}, {record['eval/tokens']} tokens)"
+        )
+    if "eval/retrieval_acc" in record:
+        parts.append(f"retrieval {record['eval/retrieval_acc']:.3f}")
+    parts.append(f"{record['eval/time_s']:.1f} s")
+    return " | ".join(parts)

@@ -1,0 +1,198 @@
+"""Evaluation in the training loop (engine/evaluate.py): eval/loss is HF's loss over the held-out set, on 1
+and 2 ranks; checkpoint retention; the held-out split is never trained on."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train_e2e import CONFIG, ENV, REPO, TRAIN, free_port, outputs
+
+from engine.config_load import load_config
+from engine.data import ByteTokenizer, SyntheticDataset, collate
+from engine.evaluate import shard_batches, split_rows
+
+# 2 steps in float64, the eval set held out of 44 synthetic rows (11 of them, uneven over 2 ranks with
+# batch 2), retrieval on a tiny grid; the HF export at the end is the evaluated model.
+RUN = [
+    "--model.dtype=float64",
+    "--data.seq_len=256",
+    "--data.num_samples=44",
+    "--chunking.chunk_size=64",
+    "--optim.steps=2",
+    "--optim.warmup_steps=0",
+    "--eval.split=0.25",
+    "--eval.batch_size=2",
+    "--eval.retrieval.lengths=[96,160]",
+    "--eval.retrieval.depths=[0.0,1.0]",
+    "--eval.retrieval.items=3",
+    "--eval.retrieval.key_digits=2",
+    "--checkpoint.export=hf",
+    "--logging.progress_bar=false",
+]
+
+
+def records(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "log" / "metrics.jsonl").read_text().splitlines()]
+
+
+def hf_eval_loss(model_dir: Path) -> tuple[float, int]:
+    """HF's loss over the held-out rows in one process, float64: summed CE over all targets / their count."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    cfg = load_config(str(CONFIG), RUN)
+    data = SyntheticDataset("kv_recall", 256, 44, cfg.data.seed, ByteTokenizer())
+    _, held = split_rows(44, 0.25, cfg.data.seed)
+    batch = collate([data[i] for i in held])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = torch.full_like(batch["labels"], -100)
+    targets[:, :-1] = batch["labels"][:, 1:]
+    n = int((targets != -100).sum())
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100).item(), n
+
+
+def check_run(root: Path, every_step: bool = False) -> None:
+    recs = records(root)
+    assert [r["step"] for r in recs] == [1, 2]
+    assert ("eval/loss" in recs[0]) == every_step  # eval.every unset: after the last step only
+    last = recs[-1]
+    ref, n = hf_eval_loss(root / "ckpt" / "export")
+    assert last["eval/tokens"] == n == 11 * 4
+    assert last["eval/loss"] == pytest.approx(ref, rel=1e-12, abs=1e-12)
+    assert last["eval/ppl"] == pytest.approx(math.exp(ref), rel=1e-12)
+    cells = last["eval/retrieval"]
+    assert [(c["length"], c["depth"]) for c in cells] == [(96, 0.0), (96, 1.0), (160, 0.0), (160, 1.0)]
+    assert all(c["items"] == 3 and 0.0 <= c["accuracy"] <= 1.0 for c in cells)
+    assert (root / "log" / "retrieval.png").is_file() and (root / "log" / "metrics.png").is_file()
+
+
+def test_eval_loss_is_hf_loss_one_process(tmp_path):
+    """Also: eval and a checkpoint at every step, keep_last 1 + keep_best: the newest and the best stay."""
+    keep = [
+        "--eval.every=1",
+        "--checkpoint.every=1",
+        "--checkpoint.keep_last=1",
+        "--checkpoint.keep_best=true",
+    ]
+    args = [sys.executable, str(TRAIN), "--config", str(CONFIG), *outputs(tmp_path), *RUN, *keep]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "eval step 2 | loss" in r.stdout
+    check_run(tmp_path, every_step=True)
+    first, last = (r["eval/loss"] for r in records(tmp_path))
+    scores = json.loads((tmp_path / "ckpt" / "eval_losses.json").read_text())
+    assert scores["global_step2"] == last
+    kept = {p.name for p in (tmp_path / "ckpt").glob("global_step*")}
+    assert kept == ({"global_step1", "global_step2"} if first < last else {"global_step2"})
+
+
+@pytest.mark.distributed
+def test_eval_loss_is_hf_loss_two_ranks(tmp_path):
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN)]
+    cmd += ["--config", str(CONFIG), *outputs(tmp_path), *RUN]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    check_run(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------- units
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    train, held = split_rows(100, 0.1, seed=3)
+    assert len(held) == 10 and sorted(train + held) == list(range(100))
+    assert (train, held) == split_rows(100, 0.1, seed=3)
+    assert held != split_rows(100, 0.1, seed=4)[1]
+    assert split_rows(5, 0.01, 0)[1] != []  # at least one row
+    with pytest.raises(ValueError, match="leaving none to train on"):
+        split_rows(2, 0.9, 0)
+
+
+def test_shards_have_as_many_batches_on_every_rank():
+    rows = list(range(11))
+    shards = [list(shard_batches(rows, r, 2, 2)) for r in range(2)]
+    assert [len(s) for s in shards] == [3, 3]
+    assert sorted(i for s in shards for b in s for i in b) == rows
+    three = [list(shard_batches([7], r, 3, 4)) for r in range(3)]
+    assert three == [[[7]], [[]], [[]]]  # ranks without rows still run one (target-less) batch
+
+
+def test_eval_config_rules():
+    def error(*overrides):
+        with pytest.raises(ValueError) as e:
+            load_config(str(CONFIG), list(overrides))
+        return str(e.value)
+
+    assert "at most one of eval.path and eval.split" in error("--eval.split=0.1", "--eval.path=x")
+    assert "eval.split: must be in (0, 1)" in error("--eval.split=1.0")
+    assert "eval.every: nothing to evaluate" in error("--eval.every=5")
+    assert "eval.path: data.kind 'synthetic'" in error(f"--eval.path={CONFIG}")
+    assert "eval.seq_len: only with eval.path" in error("--eval.split=0.1", "--eval.seq_len=64")
+    assert "eval.retrieval.depths: each must be in [0, 1]" in error("--eval.retrieval.depths=[1.5]")
+    assert "unknown key 'eval.retrival'" in error("--eval.retrival.lengths=[64]")
+    assert "checkpoint.keep_best: needs checkpoint.keep_last" in error("--checkpoint.keep_best=true")
+    assert "needs an eval loss" in error("--checkpoint.keep_last=2", "--checkpoint.keep_best=true")
+    assert "must be a multiple of eval.every" in error(
+        "--checkpoint.keep_last=2", "--checkpoint.keep_best=true", "--eval.split=0.1", "--eval.every=3"
+    )
+    ok = load_config(str(CONFIG), ["--eval.split=0.1", "--eval.every=10", "--checkpoint.keep_last=1",
+                                   "--checkpoint.keep_best=true"])  # fmt: skip
+    assert ok.eval.has_loss and ok.checkpoint.keep_best
+
+
+# --------------------------------------------------------------------------------------------- retention
+
+
+def fake_checkpoints(root: Path, steps: list[int], latest: int) -> None:
+    for step in steps:
+        (root / f"global_step{step}").mkdir(parents=True)
+        (root / f"global_step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (root / "latest").write_text(f"global_step{latest}")
+
+
+def test_retention_keeps_the_newest_and_the_best(tmp_path):
+    from engine.retention import prune, record_score, to_delete
+
+    tags = [f"global_step{s}" for s in (10, 20, 30, 40)]
+    assert to_delete(tags, 2, False, {}) == ["global_step10", "global_step20"]
+    scores = {"global_step20": 1.5, "global_step30": 2.0, "global_step40": 1.9, "global_step10": math.nan}
+    assert to_delete(tags, 1, True, scores) == ["global_step10", "global_step30"]
+    assert to_delete(tags, 1, True, {}) == tags[:3]  # nothing scored: keep_last alone
+
+    fake_checkpoints(tmp_path, [10, 20, 30], latest=30)
+    (tmp_path / "tmp.global_step40").mkdir()  # a save in progress
+    (tmp_path / "global_step5").mkdir()  # incomplete (no model states): not a checkpoint, left alone
+    record_score(tmp_path, "global_step10", 0.5)
+    record_score(tmp_path, "global_step20", 0.9)
+    assert prune(tmp_path, 1, True, saved="global_step30") == ["global_step20"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [
+        "eval_losses.json",
+        "global_step10",
+        "global_step30",
+        "global_step5",
+        "latest",
+        "tmp.global_step40",
+    ]
+    assert json.loads((tmp_path / "eval_losses.json").read_text()) == {"global_step10": 0.5}
+    assert prune(tmp_path, None, False, saved="global_step30") == []  # keep_last null: keep all
+
+
+def test_retention_never_deletes_the_checkpoint_just_saved(tmp_path):
+    """A run resumed from an older checkpoint saves a step below others already there."""
+    from engine.retention import prune
+
+    fake_checkpoints(tmp_path, [10, 20, 30], latest=30)
+    (tmp_path / "global_step15").mkdir()
+    (tmp_path / "global_step15" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert prune(tmp_path, 1, False, saved="global_step15") == ["global_step10", "global_step20"]
+    assert sorted(p.name for p in tmp_path.glob("global_step*")) == ["global_step15", "global_step30"]
