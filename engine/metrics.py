@@ -97,7 +97,8 @@ class Metrics:
             self.bar.update(1)
         if self.writer is not None:  # eval points whatever logging.every says: they are rare
             for key, value in eval_scalars(values).items():
-                self.writer.add_scalar(key, value, step)
+                if self.writer is not None:  # None once a write failed (_give_up)
+                    self._guarded(self.writer.add_scalar, key, value, step)
         if step % self.cfg.every:
             return
         if self.writer is not None:
