@@ -105,7 +105,7 @@ def prepare(cfg: Config) -> Prepared:
 def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
     world_size = distributed.announced_world_size()
     check_host_memory(cfg, world_size, torch.cuda.is_available())  # sizes that cannot fit: before anything
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.trust_remote_code)
     dataset = build_dataset(cfg.data, tokenizer, model_vocab_size(cfg.model))  # checks ids < vocab_size
     dataset, evaluator = prepare_eval(cfg, tokenizer, dataset, model_vocab_size(cfg.model))  # eval section
     resume = checkpoint.find_resume(cfg.checkpoint)

@@ -244,3 +244,29 @@ def test_template_that_renders_no_answer_is_refused(tok):
     )
     with pytest.raises(ValueError, match="r: the chat template renders no text for the assistant turn"):
         render_chat(tok, CONVERSATIONS[0], "r", False, silent)
+
+
+def test_sft_pad_id_is_part_of_the_vocabulary_check(tok, tmp_path):
+    """A pad token added above the model's vocabulary (every sample's ids below it): the padded rows would
+    index past the embedding (a device-side assert on GPU); refused naming the pad id."""
+    from engine.data import check_vocab
+    from engine.data.sft import SftDataset
+
+    padded = PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend_tokenizer, eos_token="<|end|>", chat_template=PLAIN
+    )
+    padded.add_special_tokens({"pad_token": "<xpad>"})
+    vocab = len(tok)
+    assert padded.pad_token_id == vocab
+    samples = [render_chat(padded, c, f"r{i}", False) for i, c in enumerate(CONVERSATIONS)]
+    assert max(max(s.ids) for s in samples) < vocab
+    ds = SftDataset(samples, 256, padded.pad_token_id, packing=False, source="chat.jsonl")
+    with pytest.raises(
+        ValueError, match=rf"chat.jsonl: token id {vocab} \(the pad id: .*\) is outside the model vocab"
+    ):
+        check_vocab(ds, vocab)
+    check_vocab(ds, vocab + 1)
+    full = SftDataset(
+        samples[:1], len(samples[0].ids), padded.pad_token_id, packing=False, source="chat.jsonl"
+    )
+    check_vocab(full, vocab)  # no row padded: the pad id never reaches the model

@@ -68,6 +68,8 @@ def check_vocab(dataset: Dataset, vocab_size: int) -> None:
     where = ""
     if isinstance(dataset, _TokenStore):
         where = f" (first in document {dataset.locate_token(top)})"
+    elif getattr(dataset, "pad_id", None) == top:
+        where = " (the pad id: the tokenizer's pad token, or its eos where it has none)"
     raise ValueError(
         f"{source}: token id {top}{where} is outside the model vocabulary (vocab_size={vocab_size}); "
         "does the tokenizer belong to this model?"

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         # it finds at import: it goes to stderr, stdout keeps the samples and the summary.
         with contextlib.redirect_stdout(sys.stderr):
             cfg = load_config(args.config, overrides)
-            tokenizer = load_tokenizer(cfg.data.tokenizer)
+            tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.trust_remote_code)
             dataset = build_dataset(cfg.data, tokenizer, model_vocab_size(cfg.model))
     except (ValueError, OSError) as e:  # the launcher's contract (launch/train.py): one line, exit 2
         print(f"error: {e}", file=sys.stderr)

@@ -104,7 +104,11 @@ class SftDataset(Dataset):
         return row
 
     def max_token_id(self) -> int:
-        return max(max(s.ids) for s in self.samples)
+        # The pad id counts: padded positions still go through the embedding lookup, and an out-of-range
+        # index there is a device-side assert on GPU, not a clean error.
+        top = max(max(s.ids) for s in self.samples)
+        padded = any(sum(len(self.samples[i].ids) for i in row) < self.seq_len for row in self.rows)
+        return max(top, self.pad_id) if padded else top
 
 
 def build_sft_dataset(

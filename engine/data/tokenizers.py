@@ -83,11 +83,13 @@ class ByteTokenizer:
         return "".join(parts)
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Tokenizer:
     """``"byte"`` -> ``ByteTokenizer``; otherwise ``spec`` must be a local directory holding an HF tokenizer.
 
     Only local files are used (``local_files_only=True``): training nodes usually have no network, and a
-    silent download of a different tokenizer revision would corrupt the data.
+    silent download of a different tokenizer revision would corrupt the data. ``trust_remote_code``
+    (model.trust_remote_code) is always passed: left unset, transformers asks on stdin whether to run a
+    tokenizer directory's own code.
     """
     if spec == "byte":
         return ByteTokenizer()
@@ -96,7 +98,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
         raise ValueError(f"tokenizer {spec!r} is neither 'byte' nor an existing local directory")
     from transformers import AutoTokenizer  # imported lazily: slow, and not needed for "byte"
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(path), local_files_only=True, trust_remote_code=trust_remote_code
+    )
     # The configured model_max_length (often 2K..8K) is meaningless for long-context training and only
     # makes ``encode`` log a misleading "sequence is too long" warning; sequence length is seq_len's job.
     tokenizer.model_max_length = int(1e30)
