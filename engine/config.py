@@ -164,6 +164,15 @@ class DataConfig:
     document, so documents never attend to each other (chat / prompt_completion: whole samples share a
     row); false: one document per row, right-padded."""
 
+    pad_to: Literal["longest", "seq_len"] = "longest"
+    """Rows with padding (packing false, or SFT rows not filled): longest pads a batch only to its longest row
+    (fewer chunks run; the same gradient); seq_len pads every batch to `seq_len`. With chunking.budget a
+    batch keeps at least budget x chunk_size tokens."""
+
+    group_by_length: bool = False
+    """Batch rows of similar lengths together (sorted within windows of 64 steps' rows, the windows still
+    shuffled), so that pad_to longest saves more; every epoch still covers every row."""
+
     messages_field: str | None = None
     """chat: the record field holding the conversation; null: `messages` (chat_format messages) or
     `conversations` (sharegpt)."""

@@ -123,6 +123,16 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
     )
 
 
+def _batching(cfg: Config) -> dict[str, Any]:
+    """DataStream's padding and grouping: a batch shorter than seq_len still holds chunking.budget chunks."""
+    budget = cfg.chunking.budget
+    return {
+        "pad_to_longest": cfg.data.pad_to == "longest",
+        "min_length": 0 if budget is None else budget * cfg.chunking.chunk_size,
+        "group_by_length": cfg.data.group_by_length,
+    }
+
+
 def setup(cfg: Config) -> Run:
     prep = prepare(cfg)
     distributed.init_distributed()
@@ -137,7 +147,7 @@ def setup(cfg: Config) -> Run:
     model = apply_lora(model, cfg.lora)
     engine = distributed.initialize(model, prep.ds_config)
 
-    stream = DataStream(prep.dataset, cfg.data.batch_size, rank, world, seed=cfg.data.seed)
+    stream = DataStream(prep.dataset, cfg.data.batch_size, rank, world, seed=cfg.data.seed, **_batching(cfg))
     step, streak = 0, 0
     if prep.resume is not None:
         state = checkpoint.load(engine, *prep.resume)

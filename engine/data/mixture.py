@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from engine.data.stream import _row_lengths
 from engine.data.tokenizers import Sample, _wrap_index
 
 
@@ -46,6 +47,14 @@ class MixtureDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         index = _wrap_index(index, len(self), "rows")
         return self.components[int(self.which[index])][int(self.row[index])]
+
+    def row_lengths(self) -> np.ndarray:
+        """Real tokens of every row, from the components' own ``row_lengths`` (or their attention masks)."""
+        out = np.empty(self.which.size, dtype=np.int64)
+        for c, part in enumerate(self.components):
+            at = self.which == c
+            out[at] = _row_lengths(part)[self.row[at]]
+        return out
 
     def drawn(self) -> list[int]:
         """Rows drawn from each component."""

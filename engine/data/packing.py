@@ -123,6 +123,10 @@ class PaddedDataset(_TokenStore):
         attention_mask[:length] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
+    def row_lengths(self) -> torch.Tensor:
+        """Real tokens of every row (the rest is padding)."""
+        return self.row_end - self.row_start
+
     def max_token_id(self) -> int:
         # The pad id counts: masked positions still go through the embedding lookup, and an
         # out-of-range index there is a device-side assert on GPU, not a clean error.

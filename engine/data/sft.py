@@ -103,6 +103,10 @@ class SftDataset(Dataset):
             )
         return row
 
+    def row_lengths(self) -> list[int]:
+        """Real tokens of every row (the rest is padding)."""
+        return [sum(len(self.samples[i].ids) for i in row) for row in self.rows]
+
     def max_token_id(self) -> int:
         # The pad id counts: padded positions still go through the embedding lookup, and an out-of-range
         # index there is a device-side assert on GPU, not a clean error.
