@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from engine.data.tokenizers import Sample
 
@@ -16,6 +16,8 @@ LENGTH_GROUP_BATCHES = 64  # group_by_length: rows sorted within windows of this
 
 def _row_lengths(dataset: Dataset) -> np.ndarray:
     """Real (attended) tokens of every row: the dataset's own ``row_lengths()`` where it has one."""
+    if isinstance(dataset, Subset):
+        return _row_lengths(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
     own = getattr(dataset, "row_lengths", None)
     if own is not None:
         return np.asarray(own(), dtype=np.int64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import statistics
 
+from torch.utils.data import Subset
+
 from engine.data.mixture import MixtureDataset
 from engine.data.packing import PackedDataset, PaddedDataset
 from engine.data.sft import SftDataset
@@ -12,6 +14,9 @@ from engine.data.sft import SftDataset
 
 def summary(dataset) -> list[str]:
     """Human-readable lines; a mixture gives its draw, then each dataset's lines indented."""
+    if isinstance(dataset, Subset):  # eval.split: the training rows of a dataset
+        held = len(dataset.dataset) - len(dataset)
+        return summary(dataset.dataset) + [f"training rows: {len(dataset)} ({held} held out for evaluation)"]
     if isinstance(dataset, MixtureDataset):
         lines = [f"mixture: {len(dataset)} rows"]
         for name, p, n, part in zip(dataset.names, dataset.weights, dataset.drawn(), dataset.components):
