@@ -275,7 +275,7 @@ def chunkwise_backward(
                 loss_sum += ce.detach()
             objective = ce * scale
             if router:  # per rank, not times the world size: HF's aux is each rank's own (engine/moe.py)
-                objective = objective + router.chunk_share()
+                objective = objective + router.chunk_share() * (1.0 if sp is None else sp.router_factor)
             objective = cache.with_state_relays(objective * weight_of.get(c, 0.0))  # recurrent states' relay
             backend.backward(objective, is_last=i == len(order) - 1)
     rng.restore("end")  # the caller's RNG stream continues as after one forward

@@ -158,11 +158,12 @@ class SequenceStep:
     """What one chunk-wise step does differently when the P ranks of `group` share its sequence.
 
     Gradient scale. Each rank backprops its own tokens' CE (and router share); the step's gradient is the
-    sum over the group's ranks. A plain model sums the group's .grad at the end of the step
-    (`finish`). DeepSpeed, given the sequence-parallel `mpu` (`deepspeed.runtime.sequence_parallel.
-    parallel_state_sp`), reduces over the data x sequence ranks and divides by the data-parallel size only,
-    i.e. sums over the sequence ranks and averages over data-parallel groups: the objective's scale is then
-    dp / N with N the global count of target tokens (each group's rows counted once)."""
+    sum over the group's ranks. A plain model sums the group's .grad at the end of the step (`finish`).
+    DeepSpeed, given the sequence-parallel `mpu` (`deepspeed.runtime.sequence_parallel.parallel_state_sp`),
+    sums over the data x sequence ranks and divides by a count that depends on the ZeRO stage (DeepSpeed
+    0.19.8): ZeRO 0-2 and ZeRO-3's all-reduce path divide by the data-parallel size (world / P), ZeRO-3's
+    reduce-scatter path (the default) by the whole world. The objective's scale is that divisor over N, the
+    global count of target tokens (each group's rows counted once)."""
 
     def __init__(self, group: SequenceGroup, backend, cfg, chunk_size: int, recurrent: bool):
         self.group, self.cfg = group, cfg
@@ -186,6 +187,10 @@ class SequenceStep:
                 "sequence-parallel mpu to deepspeed.initialize"
             )
         self.kinds = layer_kinds(cfg)
+        self.divisor = None if self.plain else _deepspeed_divisor(backend.engine, p)
+        # The router share is each data-parallel group's own (engine/moe.py), summed over its P ranks: undo
+        # whatever DeepSpeed divides by beyond the data-parallel size.
+        self.router_factor = 1.0 if self.plain else self.divisor / (dist.get_world_size() // p)
 
     @classmethod
     def of(cls, backend, group, cfg, chunk_size: int, recurrent: bool) -> SequenceStep | None:
@@ -210,7 +215,7 @@ class SequenceStep:
         return agreed if self.plain else agreed // self.group.size
 
     def grad_scale(self, world_size: int, num_tokens: int) -> float:
-        return (world_size if self.plain else world_size // self.group.size) / max(num_tokens, 1)
+        return (world_size if self.plain else self.divisor) / max(num_tokens, 1)
 
     def check_draw(self, selected: list[int], k: int) -> None:
         """SpaCO: every rank of the group must visit the same chunks (one seed); a difference is a deadlock
@@ -320,6 +325,20 @@ def ulysses_attention(config):
         yield ATTENTION
     finally:
         config._attn_implementation = previous
+
+
+def _deepspeed_divisor(engine, p: int) -> int:
+    """What DeepSpeed divides the gradient sum over data x sequence ranks by (see SequenceStep)."""
+    world = dist.get_world_size()
+    if engine.zero_optimization_stage() != 3:
+        return world // p
+    if not engine.zero_reduce_scatter():
+        raise ValueError(
+            f"parallel.sequence={p} with ZeRO-3 and zero_optimization.reduce_scatter false: DeepSpeed then "
+            "averages small gradient buckets over data-parallel ranks and large ones over data x sequence "
+            "ranks; keep reduce_scatter true (the default)"
+        )
+    return world
 
 
 def _deepspeed_comm() -> None:

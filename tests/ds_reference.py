@@ -30,19 +30,22 @@ def build(model: str = "llama"):
     return tiny_model("LlamaConfig", torch.float32, seed=0)
 
 
-def moe_reference(model, ids, labels, mask):
+def moe_reference(model, ids, labels, mask, rows_per_rank: int = 1):
     """Data-parallel convention for the router loss: CE over the global batch (as one process) plus coef x
     the mean over ranks of the aux loss HF computes on each rank's own batch (each row of `ids`, unpadded),
-    which is what data-parallel training with HF's per-rank `.loss` averages to."""
+    which is what data-parallel training with HF's per-rank `.loss` averages to. `rows_per_rank` > 1: each
+    data-parallel group (a sequence-parallel group) holds that many rows, padded as the batch is."""
     model.zero_grad(set_to_none=True)
     logits = model(input_ids=ids, attention_mask=mask).logits
     targets = torch.full_like(labels, -100)
     targets[:, :-1] = labels[:, 1:]
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-    for r in range(ids.shape[0]):
-        n = int(mask[r].sum())
-        aux = model(input_ids=ids[r : r + 1, :n], attention_mask=mask[r : r + 1, :n]).aux_loss
-        loss = loss + model.router_aux_loss_coef * aux / ids.shape[0]
+    groups = ids.shape[0] // rows_per_rank
+    for r in range(0, ids.shape[0], rows_per_rank):
+        rows = slice(r, r + rows_per_rank)
+        n = int(mask[rows].sum(-1).max())
+        aux = model(input_ids=ids[rows, :n], attention_mask=mask[rows, :n]).aux_loss
+        loss = loss + model.router_aux_loss_coef * aux / groups
     loss.backward()
     grads = grads_of(model)
     model.zero_grad(set_to_none=True)

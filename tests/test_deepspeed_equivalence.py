@@ -43,6 +43,12 @@ CASES = {
     # (tests/ds_reference.py's moe_reference); and a hybrid (Mamba-2 + attention) through its state cache.
     "zero2-moe-aux": ["--zero", "2", "--model", "moe"],
     "zero2-hybrid": ["--zero", "2", "--model", "nemotron_h"],
+    # Sequence parallelism: both ranks share both rows (P = 2, one data-parallel group), each chunk split
+    # over them (engine/sequence_parallel.py); DeepSpeed reduces over data x sequence ranks.
+    "zero2-sp2": ["--zero", "2", "--sp", "2"],
+    "zero3-sp2": ["--zero", "3", "--sp", "2"],
+    "zero3-sp2-lora-packed": ["--zero", "3", "--sp", "2", "--lora", "--packed"],
+    "zero3-sp2-moe-aux": ["--zero", "3", "--sp", "2", "--model", "moe"],
     "zero3-packed-spaco-loss-chunks": [
         "--zero",
         "3",
@@ -78,11 +84,13 @@ def initial(lora: bool, model: str = "llama"):
     return lora_wrap(build(model)) if lora else build(model)
 
 
-def reference_step(lora: bool, optim: str, packed: bool = False, model_name: str = "llama"):
+def reference_step(lora: bool, optim: str, packed: bool = False, model_name: str = "llama", sp: int = 1):
     model = initial(lora, model_name)
     ids, labels, mask = global_batch()
     reference = packed_reference if packed else moe_reference if model_name == "moe" else reference_grads
-    loss, grads = reference(model, ids, labels, mask)
+    # sequence parallelism: one group of 2 ranks holds both rows, so the router loss is the 2-row batch's
+    kw = {"rows_per_rank": ids.shape[0] // (2 // sp)} if model_name == "moe" else {}
+    loss, grads = reference(model, ids, labels, mask, **kw)
     params = dict(model.named_parameters())
     for n, g in grads.items():
         params[n].grad = g
@@ -101,7 +109,8 @@ def test_one_step_matches_single_process(tmp_path, name):
     lora, optim = "--lora" in args, "adamw" if "adamw" in args else "sgd"
     got = launch(args, tmp_path / "out.pt")
     model_name = args[args.index("--model") + 1] if "--model" in args else "llama"
-    ref_loss, ref = reference_step(lora, optim, packed="--packed" in args, model_name=model_name)
+    sp = int(args[args.index("--sp") + 1]) if "--sp" in args else 1
+    ref_loss, ref = reference_step(lora, optim, packed="--packed" in args, model_name=model_name, sp=sp)
     assert got["loss"] == pytest.approx(ref_loss, rel=1e-5)
     _, labels, _ = global_batch()
     cut = (
@@ -115,3 +124,10 @@ def test_one_step_matches_single_process(tmp_path, name):
     # SGD's update is the gradient (fp32 rounding: ~1e-7). Adam's first step is g / (|g| + eps), which
     # amplifies rounding on the few elements whose gradient is near eps: compare the update as a whole.
     assert rel_error(got_update, ref_update) <= (1e-5 if optim == "sgd" else 1e-3)
+    if sp > 1:  # the chunks really were split: each rank held half of the K/V heads
+        cfg = build(model_name).config
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        padded = -(-global_batch()[0].shape[1] // sp) * sp
+        # K, V and their float32 gradients, both rows, every layer, this rank's K/V heads
+        kv_heads = cfg.num_key_value_heads // sp
+        assert got["kv_bytes"] == cfg.num_hidden_layers * 2 * kv_heads * padded * head_dim * 2 * (4 + 4)

@@ -29,6 +29,7 @@ p.add_argument("--packed", action="store_true")  # documents packed per row (pos
 p.add_argument("--loss-chunks", default="sampled")
 p.add_argument("--model", default="llama")  # llama | moe (Mixtral + router aux loss) | a tiny_hybrid family
 p.add_argument("--memory", action="store_true")  # checkpoint_layers + fused_loss (2 tokens per slice)
+p.add_argument("--sp", type=int, default=1)  # ranks per sequence (DeepSpeed's sequence-parallel mpu)
 p.add_argument("--out", required=True)
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
@@ -54,11 +55,21 @@ ds_config = {
 }
 params = [p for p in model.parameters() if p.requires_grad]
 opt = make_optimizer(args.optim, params)
-engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-ids, labels, mask = (t[rank : rank + 1] for t in global_batch())
-n = int(mask[0].sum())  # uneven lengths: each rank sees only its own unpadded length
-ids, labels, mask = ids[:, :n], labels[:, :n], mask[:, :n]
-pos = packed_positions()[rank : rank + 1, :n] if args.packed else None
+mpu = None
+if args.sp > 1:
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+    mpu.initialize_sequence_parallel(args.sp)
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=mpu)
+# The ranks of a sequence group share their rows; data-parallel groups split the global batch.
+dp, dp_rank = world // args.sp, rank // args.sp
+rows = slice(dp_rank, None, dp)
+ids, labels, mask = (t[rows] for t in global_batch())
+pos = packed_positions()[rows] if args.packed else None
+if ids.shape[0] == 1:
+    n = int(mask[0].sum())  # uneven lengths: each rank sees only its own unpadded length
+    ids, labels, mask = ids[:, :n], labels[:, :n], mask[:, :n]
+    pos = None if pos is None else pos[:, :n]
 kw = {"sample_prob": 1.0, "loss_chunks": args.loss_chunks} if args.mode == "spaco" else {}
 stats = chunkwise_backward(
     engine,
@@ -75,7 +86,10 @@ for name, p in engine.module.named_parameters():
     with deepspeed.zero.GatheredParameters([p], enabled=args.zero == 3):
         state[name] = p.detach().clone().float()
 if rank == 0:
-    torch.save({"params": state, "loss": stats.loss, "tokens": stats.num_tokens}, args.out)
+    torch.save(
+        {"params": state, "loss": stats.loss, "tokens": stats.num_tokens, "kv_bytes": stats.kv_bytes},
+        args.out,
+    )
 # Leave together and tear the process group down before exit: ZeRO-3's offload threads otherwise race the
 # interpreter's shutdown ("terminate called without an active exception", seen once in CI).
 torch.distributed.barrier()
