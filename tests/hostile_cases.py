@@ -207,6 +207,169 @@ def _(root):
     return user_error(*quick_main(root, "--data.num_samples=1000000000000"), "data.num_samples", "GiB")
 
 
+# ------------------------------------------------ silently wrong: checkpointing, chat records, YAML values
+
+SFT = REPO / "tests" / "data" / "sft"
+CHAT_RUN = ("--data.kind=chat", f"--data.tokenizer={SFT / 'tokenizer'}", "--model.hf_config.vocab_size=400")
+
+
+def chat_data(root: Path, *records: list[dict]) -> str:
+    path = root / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": r}) + "\n" for r in records))
+    return f"--data.path={path}"
+
+
+@case("HF gradient checkpointing enabled on the model: chunk-wise gradient exact")
+def _(root):
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+
+    from engine.chunkwise import chunkwise_backward
+
+    model = tiny_model("LlamaConfig").train()
+    ids, labels, mask = tiny_batch()
+    _, ref = reference_grads(model, ids, labels, mask)
+    model.gradient_checkpointing_enable()
+    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8)
+    err = rel_error(grads_of(model), ref)
+    return err < 1e-10 and model.model.layers[0].gradient_checkpointing, f"relative gradient error {err:.1e}"
+
+
+@case("YAML duplicate key (lr twice)")
+def _(root):
+    cfg = root / "dup.yaml"
+    cfg.write_text(CONFIG.read_text().replace("  lr: 3.0e-3\n", "  lr: 3.0e-3\n  lr: 1.0e-4\n", 1))
+    return user_error(*quick_main(root, config=str(cfg)), "duplicate key 'optim.lr' at lines")
+
+
+@case("YAML second optim: section")
+def _(root):
+    cfg = root / "dup.yaml"
+    cfg.write_text(CONFIG.read_text() + "\noptim:\n  steps: 5\n")
+    return user_error(*quick_main(root, config=str(cfg)), "duplicate key 'optim' at lines")
+
+
+for _key in ("optim.weight_decay", "optim.eps"):
+
+    @case(f"{_key}: .inf")
+    def _(root, key=_key):
+        return user_error(*quick_main(root, f"--{key}=.inf"), f"{key}: must be a finite number")
+
+
+@case("model.hf_config.rope_scaling (a key transformers still accepts)")
+def _(root):
+    r = subprocess.run(
+        [sys.executable, "-m", "engine.config_load", "--config", str(CONFIG), "--no-check-paths",
+         "--model.hf_config.rope_scaling={rope_type: linear, factor: 2.0}"],
+        capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300,
+    )  # fmt: skip
+    return r.returncode == 0 and "rope_scaling" in r.stdout, f"exit {r.returncode}: {last_error(r.stderr)}"
+
+
+@case("chat: tool_calls the template does not render")
+def _(root):
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    turns = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "ok", "tool_calls": [call]},
+    ]
+    return user_error(
+        *quick_main(root, *CHAT_RUN, chat_data(root, turns)), "messages[1].tool_calls[0]", "does not render"
+    )
+
+
+@case("chat: content as a list of parts the template cannot render")
+def _(root):
+    turns = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    return user_error(
+        *quick_main(root, *CHAT_RUN, chat_data(root, turns)), "chat.jsonl, line 1", "chat template"
+    )
+
+
+@case("chat: first answer token merged with the space (mask vs HF's)")
+def _(root):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from engine.data.chat_render import render_chat
+
+    head = "{% for m in messages %}{{ m.role + ': ' }}"
+    tail = "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    plain = head + "{{ m.content + '<|end|>' }}" + tail
+    marked = (
+        head + "{% if m.role == 'assistant' %}{% generation %}{{ m.content + '<|end|>' }}{% endgeneration %}"
+        "{% else %}{{ m.content + '<|end|>' }}{% endif %}" + tail
+    )
+    turns = [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "the sky is blue"}]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(["assistant: the sky is blue"] * 50, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>")
+    hf = tok.apply_chat_template(
+        turns, chat_template=marked, return_dict=True, return_assistant_tokens_mask=True
+    )
+    got = render_chat(tok, turns, "r", False, plain)
+    first = got.answer_start
+    same = got.ids == list(hf["input_ids"]) and got.loss == [bool(m) for m in hf["assistant_masks"]]
+    return same and tok.decode(
+        [got.ids[first]]
+    ) == " the", f"first answer token {tok.decode([got.ids[first]])!r}"
+
+
+@case("chat: endless chat template (30 s bound)")
+def _(root):
+    endless = root / "endless.jinja"
+    endless.write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    t0 = time.time()
+    code, out = quick_main(root, *CHAT_RUN, chat_data(root, [{"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello"}]), f"--data.chat_template={endless}")  # fmt: skip
+    ok, detail = user_error(code, out, "chat.jsonl, line 1", "took longer than 30 s")
+    return ok and time.time() - t0 < 120, detail
+
+
+@case("a step without any loss token (trains on, loss 0, counted)")
+def _(root):
+    code, out = train(root, "--optim.steps=3", faults=("--no-loss-steps=2",))
+    rec = [json.loads(x) for x in (root / "log" / "metrics.jsonl").read_text().splitlines()]
+    ok = code == 0 and rec[1]["loss"] == 0.0 and not rec[1]["skipped"] and "held no loss token" in out
+    return ok, f"exit {code}: losses {[r['loss'] for r in rec]}"
+
+
+@case("tokenizer with its own code, 'y' on stdin")
+def _(root):
+    tok, marker = root / "tok", root / "code-ran"
+    shutil.copytree(SFT / "tokenizer", tok)
+    (tok / "custom_tok.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                       "from transformers import PreTrainedTokenizerFast as CustomTok\n")  # fmt: skip
+    cfg = json.loads((tok / "tokenizer_config.json").read_text())
+    cfg.update(auto_map={"AutoTokenizer": [None, "custom_tok.CustomTok"]}, tokenizer_class="CustomTok")
+    (tok / "tokenizer_config.json").write_text(json.dumps(cfg))
+    args = [sys.executable, str(TRAIN), "--config", str(CONFIG), *FAST, *outputs(root), *CHAT_RUN]
+    r = subprocess.run([*args, f"--data.tokenizer={tok}", f"--data.path={SFT / 'chat.jsonl'}"], input="y\n",
+                       capture_output=True, text=True, cwd=root, env=ENV, timeout=300)  # fmt: skip
+    ok, detail = user_error(r.returncode, r.stdout + r.stderr, "trust_remote_code")
+    return ok and not marker.exists(), detail + (" (its code ran)" if marker.exists() else "")
+
+
+@case("SFT pad id outside the model's vocabulary")
+def _(root):
+    tok = root / "tok"
+    shutil.copytree(SFT / "tokenizer", tok)
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(tok))
+    t.add_special_tokens({"pad_token": "<xpad>"})  # id 400: just past a 400-row embedding
+    t.save_pretrained(str(tok))
+    args = (*CHAT_RUN, f"--data.tokenizer={tok}", f"--data.path={SFT / 'chat.jsonl'}", "--data.packing=false")
+    return user_error(*quick_main(root, *args), "token id 400 (the pad id", "outside the model vocabulary")
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 
 _BASE: dict[str, Path] = {}

@@ -40,7 +40,9 @@ def test_remote_code_is_refused_without_a_prompt(tmp_path, monkeypatch):
         return "y"
 
     monkeypatch.setattr(builtins, "input", user_says_yes)
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    with pytest.raises(
+        ValueError, match="data.tokenizer: .* holds code of its own .* model.trust_remote_code: true"
+    ):
         load_tokenizer(str(d))
     assert not asked and not marker.exists()  # nobody was asked, none of the directory's code ran
     tok = load_tokenizer(str(d), trust_remote_code=True)  # the run config's model.trust_remote_code: true

@@ -88,7 +88,14 @@ def render_chat(
             return _marked(tokenizer, messages, template, where, last_only)
         return _by_prefixes(tokenizer, messages, render, full, where, last_only)
 
-    return _within(seconds, build, where)
+    parts = [i for i, m in enumerate(messages) if isinstance(m.get("content"), list)]
+    hint = (
+        f" (messages[{parts[0]}].content is a list of parts: give it as a string, or use a template that "
+        "renders parts, data.chat_template)"
+        if parts
+        else ""
+    )
+    return _within(seconds, build, where, hint)
 
 
 def _template_text(tokenizer, template: str | None) -> str:
@@ -190,7 +197,7 @@ class _RenderTimeout(BaseException):  # not an Exception: no `except Exception` 
     pass
 
 
-def _within(seconds: float, fn, where: str):
+def _within(seconds: float, fn, where: str, hint: str = ""):
     """fn() bounded in time; a template's own error or an overrun is a ValueError naming the record.
 
     Jinja runs Python code, so a watchdog thread can raise an exception in this thread at its next bytecode
@@ -225,4 +232,4 @@ def _within(seconds: float, fn, where: str):
             raise
         raise ValueError(f"{where}: {e}") from None
     except Exception as e:  # the template's own failure (raise_exception, undefined names, recursion)
-        raise ValueError(f"{where}: the chat template failed: {type(e).__name__}: {e}") from None
+        raise ValueError(f"{where}: the chat template failed: {type(e).__name__}: {e}{hint}") from None

@@ -98,9 +98,17 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Tokenizer:
         raise ValueError(f"tokenizer {spec!r} is neither 'byte' nor an existing local directory")
     from transformers import AutoTokenizer  # imported lazily: slow, and not needed for "byte"
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(path), local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ValueError(
+            f"data.tokenizer: {spec!r} holds code of its own (auto_map in tokenizer_config.json), which runs "
+            "only with model.trust_remote_code: true"
+        ) from None
     # The configured model_max_length (often 2K..8K) is meaningless for long-context training and only
     # makes ``encode`` log a misleading "sequence is too long" warning; sequence length is seq_len's job.
     tokenizer.model_max_length = int(1e30)
