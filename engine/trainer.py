@@ -32,7 +32,8 @@ from engine import checkpoint, distributed, retention, run_dirs
 from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
-from engine.data import DataStream, build_dataset, load_tokenizer
+from engine.data import DataStream, load_tokenizer
+from engine.data.host_cache import build_dataset_once_per_host
 from engine.data.summary import summary as data_summary
 from engine.evaluate import format_eval, prepare_eval
 from engine.export import export
@@ -106,7 +107,10 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
     world_size = distributed.announced_world_size()
     check_host_memory(cfg, world_size, torch.cuda.is_available())  # sizes that cannot fit: before anything
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.trust_remote_code)
-    dataset = build_dataset(cfg.data, tokenizer, model_vocab_size(cfg.model))  # checks ids < vocab_size
+    # checks ids < vocab_size; tokenized by one rank per host, loaded by the others
+    dataset = build_dataset_once_per_host(
+        cfg.data, tokenizer, model_vocab_size(cfg.model), cfg.model.trust_remote_code
+    )
     dataset, evaluator = prepare_eval(cfg, tokenizer, dataset, model_vocab_size(cfg.model))  # eval section
     resume = checkpoint.find_resume(cfg.checkpoint)
     if resume is not None:  # every file safe to load, same ranks: on every rank, before any collective
