@@ -15,11 +15,15 @@ passkey) lives in engine/retrieval.py; this module runs it beside the loss at ev
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import json
 import math
+import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -211,3 +215,70 @@ def format_eval(step: int, record: dict[str, Any]) -> str:
         parts.append(f"retrieval {record['eval/retrieval_acc']:.3f}")
     parts.append(f"{record['eval/time_s']:.1f} s")
     return " | ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.evaluate",
+        description="Evaluate a checkpoint or an exported model as the run config's eval section says "
+        "(eval/loss, retrieval). Other arguments are overrides: --section.key=value.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", required=True, help="the run's YAML config")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--checkpoint", help="a checkpoint.dir (its latest) or one global_stepN in it")
+    group.add_argument("--model", help="an exported model: HF model directory or LoRA adapter")
+    parser.add_argument("--out", help="directory for evaluation.json and retrieval.png (default: print only)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        record = evaluate_command(args.config, overrides, args.checkpoint, args.model)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_eval(0, record).replace("eval step 0", "eval"))
+    for cell in record.get("eval/retrieval", []):
+        print(f"  length {cell['length']:>7}  depth {cell['depth']:<5g}  accuracy {cell['accuracy']:.3f}")
+    if args.out:
+        _write_outputs(Path(args.out), record)
+    return 0
+
+
+def evaluate_command(
+    config: str, overrides: list[str], checkpoint: str | None, model_dir: str | None
+) -> dict:
+    """The record `python -m engine.evaluate` prints: the loop's evaluation, in one process."""
+    from engine.config_load import load_config
+    from engine.data import build_dataset, load_tokenizer
+    from engine.load_trained import model_for_eval
+    from engine.model import model_vocab_size
+
+    cfg = load_config(config, overrides)
+    if not cfg.eval.enabled:
+        raise ValueError("eval: nothing to evaluate; set eval.path, eval.split or eval.retrieval.lengths")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    vocab = model_vocab_size(cfg.model)
+    _, evaluator = prepare_eval(cfg, tokenizer, build_dataset(cfg.data, tokenizer, vocab), vocab)
+    model = model_for_eval(cfg, checkpoint, model_dir)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluator(model, step=0)
+
+
+def _write_outputs(out: Path, record: dict) -> None:
+    from engine import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(record, indent=1, allow_nan=True) + "\n")
+    print(out / "evaluation.json")
+    if record.get("eval/retrieval"):
+        print(
+            report.save_figure(
+                report.retrieval_figure(0, record["eval/retrieval"]), out / report.RETRIEVAL_FILE
+            )
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

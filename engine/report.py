@@ -126,10 +126,13 @@ def draw_retrieval(run_dir: str | Path, out: str | Path | None = None) -> Path |
     found = last_retrieval(read_records(run_dir))
     if found is None:
         return None
-    return _save(retrieval_figure(*found), Path(out) if out is not None else Path(run_dir) / RETRIEVAL_FILE)
+    return save_figure(
+        retrieval_figure(*found), Path(out) if out is not None else Path(run_dir) / RETRIEVAL_FILE
+    )
 
 
-def _save(fig, out: Path) -> Path:
+def save_figure(fig, out: str | Path) -> Path:
+    out = Path(out)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)  # attaches itself to the figure: savefig then renders without pyplot

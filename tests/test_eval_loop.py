@@ -16,6 +16,7 @@ from test_train_e2e import CONFIG, ENV, REPO, TRAIN, free_port, outputs
 
 from engine.config_load import load_config
 from engine.data import ByteTokenizer, SyntheticDataset, collate
+from engine.evaluate import main as evaluate_main
 from engine.evaluate import shard_batches, split_rows
 
 # 2 steps in float64, the eval set held out of 44 synthetic rows (11 of them, uneven over 2 ranks with
@@ -92,6 +93,16 @@ def test_eval_loss_is_hf_loss_one_process(tmp_path):
     assert scores["global_step2"] == last
     kept = {p.name for p in (tmp_path / "ckpt").glob("global_step*")}
     assert kept == ({"global_step1", "global_step2"} if first < last else {"global_step2"})
+
+    # The same evaluation as a command, of the checkpoint and of the export: the logged numbers again.
+    logged = records(tmp_path)[-1]
+    for source in (["--checkpoint", str(tmp_path / "ckpt")], ["--model", str(tmp_path / "ckpt" / "export")]):
+        out = tmp_path / f"cli{source[0]}"
+        assert evaluate_main(["--config", str(CONFIG), *source, "--out", str(out), *RUN]) == 0
+        got = json.loads((out / "evaluation.json").read_text())
+        assert got["eval/loss"] == pytest.approx(logged["eval/loss"], rel=1e-12)
+        assert got["eval/retrieval"] == logged["eval/retrieval"]
+        assert (out / "retrieval.png").is_file()
 
 
 @pytest.mark.distributed
