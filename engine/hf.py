@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from engine.chunk_eval import ScoreOptions, score
 from engine.chunkwise import ChunkStats, chunkwise_backward
+from engine.evaluate import eval_mode
 from engine.schedule import ChunkSchedule
 from engine.trainer import spaco_generator
 
@@ -102,3 +104,32 @@ class ChunkwiseTrainer(Trainer):
             model.step()
         self.last_stats = stats
         return torch.tensor(stats.loss, device=self.args.device)
+
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Evaluation's loss chunk-wise without a graph (engine/chunk_eval.py): the batch's HF `.loss`, in
+        the memory of pass 1 of a training step, so every length that trains also evaluates. Logits for
+        `compute_metrics` (prediction_loss_only false) are the whole sequence's anyway: the Trainer's own
+        forward returns them."""
+        if not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        options = ScoreOptions(
+            self.schedule.chunk_size, fused_loss=self.fused_loss, offload_kv=self.offload_kv
+        )
+        with eval_mode(model):
+            s = score(
+                model,
+                inputs["input_ids"],
+                labels=inputs.get("labels"),
+                attention_mask=inputs.get("attention_mask"),
+                position_ids=inputs.get("position_ids"),
+                options=options,
+            )
+        loss = s.loss_sum / s.num_tokens if s.num_tokens else float("nan")
+        return torch.tensor(loss, device=self.args.device), None, None
