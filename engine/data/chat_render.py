@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -197,31 +198,53 @@ class _RenderTimeout(BaseException):  # not an Exception: no `except Exception` 
     pass
 
 
+class _Watchdog:
+    """One daemon thread for every bounded render: a thread arms a deadline, and the watchdog raises
+    _RenderTimeout in it at its next bytecode if the deadline passes before it disarms (Jinja runs Python
+    code, so the exception lands; nothing process-wide changes). Firing and disarming take the same lock, so
+    once `disarm` returns no exception can follow."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadlines: dict[int, float] = {}  # thread id -> time.monotonic() deadline
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float) -> None:
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="chat-template-watchdog", daemon=True)
+                self._thread.start()
+            self._deadlines[threading.get_ident()] = time.monotonic() + seconds
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadlines.pop(threading.get_ident(), None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for ident in [i for i, d in self._deadlines.items() if d <= now]:
+                    del self._deadlines[ident]
+                    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                        ctypes.c_ulong(ident), ctypes.py_object(_RenderTimeout)
+                    )
+                self._cond.wait(min(self._deadlines.values(), default=now + 3600) - now)
+
+
+_WATCHDOG = _Watchdog()
+
+
 def _within(seconds: float, fn, where: str, hint: str = ""):
-    """fn() bounded in time; a template's own error or an overrun is a ValueError naming the record.
-
-    Jinja runs Python code, so a watchdog thread can raise an exception in this thread at its next bytecode
-    (nothing process-wide changes). The watchdog raises only while `fn` runs: `done` is set under the lock
-    before this function leaves its try block, so the exception always lands inside it."""
-    lock, done, target = threading.Lock(), [False], threading.get_ident()
-
-    def fire() -> None:
-        with lock:
-            if not done[0]:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(target), ctypes.py_object(_RenderTimeout)
-                )
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
+    """fn() bounded in time (_Watchdog); a template's own error or an overrun is a ValueError naming the
+    record."""
     try:
         try:
-            timer.start()
+            _WATCHDOG.arm(seconds)
             return fn()
         finally:
-            with lock:
-                done[0] = True
-            timer.cancel()
+            _WATCHDOG.disarm()
     except _RenderTimeout:
         raise ValueError(
             f"{where}: rendering the chat template took longer than {seconds:g} s; the template loops "
