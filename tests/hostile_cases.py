@@ -370,6 +370,37 @@ def _(root):
     return user_error(*quick_main(root, *args), "token id 400 (the pad id", "outside the model vocabulary")
 
 
+@case("a data file tokenized once per host, not once per rank (2 processes)")
+def _(root):
+    rank = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from engine.config import DataConfig\n"
+        "from engine.data import build_dataset, load_tokenizer\n"
+        "from engine.data.host_cache import dataset_key, once_per_host\n"
+        "root = Path(sys.argv[1])\n"
+        "cfg = DataConfig(kind='jsonl', path=sys.argv[2], seq_len=128)\n"
+        "def build():\n"
+        "    open(root / 'builds', 'a').write('built\\n')\n"
+        "    time.sleep(2)\n"
+        "    return build_dataset(cfg, load_tokenizer('byte'), 259)\n"
+        "ds = once_per_host(dataset_key(cfg, 259, False), build, root / 'cache')\n"
+        "print('ROWS', len(ds), int(ds[len(ds) - 1]['input_ids'].sum()))\n"
+    )
+    (root / "one-line.jsonl").write_text(json.dumps({"text": "x" * 5_000_000}) + "\n")  # 5 MB on one line
+    cmd = [sys.executable, "-c", rank, str(root), str(root / "one-line.jsonl")]
+    env = {**ENV, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    rows = [o[0].strip().split("ROWS")[-1] for o in outs]
+    builds = (root / "builds").read_text().count("built")
+    ok = all(p.returncode == 0 for p in procs) and builds == 1 and rows[0] == rows[1]
+    return ok, f"builds {builds}, rows {rows}" + ("" if ok else f" {outs[0][1][-300:]}")
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 
 _BASE: dict[str, Path] = {}
