@@ -118,7 +118,7 @@ def chunkwise_backward(
     if docs is not None:
         targets = docs.cut_targets(targets)
     recurrent = has_states(_config(module))  # linear-attention / SSM layers: states at chunk boundaries
-    sp = SequenceStep.of(backend, sequence_group, _config(module), schedule.chunk_size, recurrent)
+    sp = SequenceStep.of(backend, sequence_group, _config(module), schedule.chunk_size)
     seq_len, num_tokens = backend.agree(input_ids.shape[1], int((targets != IGNORE).sum()))
     if sp is not None:
         seq_len, num_tokens = sp.padded_length(seq_len), sp.row_tokens(num_tokens)

@@ -470,6 +470,20 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    sequence: int = 1
+    """Ranks that share one sequence (Ulysses sequence parallelism inside each chunk, K/V stored as head
+    shards: K/V memory per rank 1/P); the world size must be a multiple of it, data parallelism is world / P.
+    It must divide chunking.chunk_size and the model's attention heads (docs/sequence-parallel.md)."""
+
+    def __post_init__(self):
+        _require(
+            type(self.sequence) is int and self.sequence >= 1,
+            f"parallel.sequence: must be an int >= 1, got {self.sequence!r}",
+        )
+
+
+@dataclass
 class LoggingConfig:
     dir: str = "runs/default"
     """metrics.jsonl, metrics.png (drawn when the run ends) and the TensorBoard events go here."""
@@ -652,6 +666,9 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """ZeRO and offload."""
 
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How ranks share the work beyond data parallelism."""
+
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics."""
 
@@ -674,6 +691,17 @@ class Config:
             "checkpoint.export: 'lora' needs lora.enabled true (use 'hf' to export the full model)",
         )
         _check_eval(self)
+        _check_parallel(self)
+
+
+def _check_parallel(cfg: Config) -> None:
+    """The rules between the parallel section and the others (the world size is checked at start-up)."""
+    p = cfg.parallel.sequence
+    _require(
+        cfg.chunking.chunk_size % p == 0,
+        f"parallel.sequence: {p} must divide chunking.chunk_size ({cfg.chunking.chunk_size}): each rank holds "
+        "chunk_size / P tokens of every chunk",
+    )
 
 
 def _check_eval(cfg: Config) -> None:

@@ -47,6 +47,7 @@ SCALARS = (
     "tokens_per_s",
     "step_time_s",
     "peak_memory_bytes",
+    "kv_bytes",
     "num_chunks",
     "chunks_backpropagated",
     "compensation",

@@ -31,6 +31,11 @@ def model_vocab_size(model_cfg: ModelConfig) -> int:
     return _hf_config(model_cfg).vocab_size
 
 
+def model_config(model_cfg: ModelConfig):
+    """The model's transformers config, without building the model (for start-up checks)."""
+    return _hf_config(model_cfg)
+
+
 def _hf_config(model_cfg: ModelConfig):
     if model_cfg.hf_config is not None:
         kwargs = dict(model_cfg.hf_config)

@@ -38,6 +38,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from engine.attention import _masked, lower_right_causal
 from engine.kv_cache import ChunkKVLayer
 from engine.packing import Documents, chunk_mask, layer_kinds
+from engine.state_cache import has_states
 
 ATTENTION = "seco_ulysses"  # the attention models select while a sequence-parallel step runs
 SHARD_KWARG = "seco_chunk_shard"  # the model-forward keyword that carries the chunk's shard to attention
@@ -102,29 +103,25 @@ class SequenceGroup:
             for g, part in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(part.view_as(g))
 
-    def check_model(self, cfg) -> None:
-        """Refuse, by name and reason, the shapes the head switch cannot split evenly."""
-        p = self.size
-        heads, kv = (
-            cfg.num_attention_heads,
-            getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+
+def check_model(cfg, p: int) -> None:
+    """Refuse, by name and reason, the models a sequence group of `p` ranks cannot split (text config)."""
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    if heads % p:
+        raise ValueError(
+            f"{cfg.model_type}: parallel.sequence={p} must divide the attention heads ({heads}): each rank "
+            "attends H/P heads"
         )
-        if heads % p:
-            raise ValueError(
-                f"{cfg.model_type}: parallel.sequence={p} must divide the attention heads ({heads}): each "
-                "rank attends H/P heads"
-            )
-        if kv % p and p % kv:
-            raise ValueError(
-                f"{cfg.model_type}: parallel.sequence={p} and the K/V heads ({kv}) must divide one another "
-                "(K/V heads are split over ranks, or replicated when fewer than P)"
-            )
-        kinds = set(layer_kinds(cfg)) - {"full_attention", "sliding_attention"}
-        if kinds:
-            raise ValueError(
-                f"{cfg.model_type}: parallel.sequence={p} supports full and sliding-window attention layers, "
-                f"not {sorted(kinds)} (recurrent mixers are not sharded yet)"
-            )
+    if kv % p and p % kv:
+        raise ValueError(
+            f"{cfg.model_type}: parallel.sequence={p} and the K/V heads ({kv}) must divide one another (K/V "
+            "heads are split over ranks, or replicated when fewer than P)"
+        )
+    if has_states(cfg) or set(layer_kinds(cfg)) - {"full_attention", "sliding_attention"}:
+        raise ValueError(
+            f"{cfg.model_type}: parallel.sequence={p} supports full and sliding-window attention layers only; "
+            "recurrent (linear-attention / SSM) and other layer kinds are not sharded over a sequence group"
+        )
 
 
 @dataclass
@@ -165,16 +162,11 @@ class SequenceStep:
     reduce-scatter path (the default) by the whole world. The objective's scale is that divisor over N, the
     global count of target tokens (each group's rows counted once)."""
 
-    def __init__(self, group: SequenceGroup, backend, cfg, chunk_size: int, recurrent: bool):
+    def __init__(self, group: SequenceGroup, backend, cfg, chunk_size: int):
         self.group, self.cfg = group, cfg
         self.plain = not backend.must_backward  # LocalBackend: nobody else reduces the group's gradients
         p = group.size
-        group.check_model(cfg)
-        if recurrent:
-            raise ValueError(
-                f"{cfg.model_type}: parallel.sequence={p}: recurrent (linear-attention / SSM) layers are not "
-                "sharded over a sequence group yet"
-            )
+        check_model(cfg, p)
         if chunk_size % p:
             raise ValueError(
                 f"chunking.chunk_size={chunk_size} must be a multiple of parallel.sequence={p}: each rank "
@@ -193,7 +185,7 @@ class SequenceStep:
         self.router_factor = 1.0 if self.plain else self.divisor / (dist.get_world_size() // p)
 
     @classmethod
-    def of(cls, backend, group, cfg, chunk_size: int, recurrent: bool) -> SequenceStep | None:
+    def of(cls, backend, group, cfg, chunk_size: int) -> SequenceStep | None:
         """The step's sequence group: `group` if given, else the DeepSpeed engine's own; None when P = 1."""
         if (
             group is None
@@ -203,7 +195,7 @@ class SequenceStep:
             group = SequenceGroup(backend.engine.seq_parallel_group)
         if group is None or group.size == 1:
             return None
-        return cls(group, backend, cfg, chunk_size, recurrent)
+        return cls(group, backend, cfg, chunk_size)
 
     def padded_length(self, seq_len: int) -> int:
         """Right padding (masked, never a target) makes P divide the last chunk too."""
@@ -325,6 +317,17 @@ def ulysses_attention(config):
         yield ATTENTION
     finally:
         config._attn_implementation = previous
+
+
+def sequence_mpu(p: int):
+    """DeepSpeed's own sequence-parallel groups (consecutive ranks form a group; data x sequence ranks share
+    ZeRO's partitions and gradient reduction) for `deepspeed.initialize(mpu=...)`; None when P = 1."""
+    if p == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+    parallel_state_sp.initialize_sequence_parallel(p)
+    return parallel_state_sp
 
 
 def _deepspeed_divisor(engine, p: int) -> int:

@@ -39,7 +39,9 @@ from engine.evaluate import format_eval, prepare_eval
 from engine.export import export
 from engine.host_memory import check_host_memory
 from engine.metrics import Metrics, peak_memory_bytes
-from engine.model import apply_lora, build_model, model_vocab_size
+from engine.model import apply_lora, build_model, model_config, model_vocab_size
+from engine.sequence_parallel import check_model as check_sequence_model
+from engine.sequence_parallel import sequence_mpu
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm: scancel / requeue, and --signal=USR1@secs
 
@@ -112,10 +114,12 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
         cfg.data, tokenizer, model_vocab_size(cfg.model), cfg.model.trust_remote_code
     )
     dataset, evaluator = prepare_eval(cfg, tokenizer, dataset, model_vocab_size(cfg.model))  # eval section
+    _check_sequence_parallel(cfg, world_size)
     resume = checkpoint.find_resume(cfg.checkpoint)
     if resume is not None:  # every file safe to load, same ranks: on every rank, before any collective
         checkpoint.verify(*resume, world_size)
-    ds_config = distributed.run_ds_config(cfg, world_size)
+    # DeepSpeed's batch arithmetic counts data-parallel ranks: the P ranks of a sequence group share a batch
+    ds_config = distributed.run_ds_config(cfg, world_size // cfg.parallel.sequence)
     return Prepared(
         tokenizer=tokenizer,
         dataset=dataset,
@@ -125,6 +129,22 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
         claim=claim,
         evaluator=evaluator,
     )
+
+
+def _check_sequence_parallel(cfg: Config, world_size: int) -> None:
+    """parallel.sequence against the world and the model, before any process group exists."""
+    p = cfg.parallel.sequence
+    if p == 1:
+        return
+    if world_size % p:
+        raise ValueError(f"parallel.sequence: {p} must divide the world size ({world_size} ranks)")
+    attn = cfg.model.attn_implementation
+    if attn not in ("sdpa", "eager"):
+        raise ValueError(
+            f"parallel.sequence: {p} runs its own attention; model.attn_implementation must be sdpa"
+        )
+    hf = model_config(cfg.model)
+    check_sequence_model(hf.get_text_config() if hasattr(hf, "get_text_config") else hf, p)
 
 
 def _batching(cfg: Config) -> dict[str, Any]:
@@ -149,9 +169,13 @@ def setup(cfg: Config) -> Run:
     zero3_ctx = distributed.zero3_context(prep.ds_config)
     model = build_model(cfg.model, seed=cfg.optim.seed)
     model = apply_lora(model, cfg.lora)
-    engine = distributed.initialize(model, prep.ds_config)
+    p = cfg.parallel.sequence
+    engine = distributed.initialize(model, prep.ds_config, mpu=sequence_mpu(p))
 
-    stream = DataStream(prep.dataset, cfg.data.batch_size, rank, world, seed=cfg.data.seed, **_batching(cfg))
+    # The P ranks of a sequence group read the same rows (data-parallel rank = rank // P).
+    stream = DataStream(
+        prep.dataset, cfg.data.batch_size, rank // p, world // p, seed=cfg.data.seed, **_batching(cfg)
+    )
     step, streak = 0, 0
     if prep.resume is not None:
         state = checkpoint.load(engine, *prep.resume)
@@ -282,9 +306,14 @@ def train_step(run: Run, poison: bool = False, no_loss: bool = False) -> dict[st
         "loss_tokens": stats.num_tokens,
         "lr": lr,
         "grad_norm": None if grad_norm is None else float(grad_norm),
-        "tokens_per_s": stats.seq_len * cfg.data.batch_size * dist.get_world_size() / elapsed,
+        "tokens_per_s": stats.seq_len
+        * cfg.data.batch_size
+        * dist.get_world_size()
+        // cfg.parallel.sequence
+        / elapsed,
         "step_time_s": elapsed,
         "peak_memory_bytes": peak_memory_bytes(),
+        "kv_bytes": stats.kv_bytes,  # this rank's K/V checkpoints + K/V gradients (1/P with parallel.sequence)
         "num_chunks": stats.num_chunks,
         "chunks_backpropagated": len(stats.selected),
         "compensation": stats.compensation,

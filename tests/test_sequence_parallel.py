@@ -87,3 +87,28 @@ def test_refused_by_name(results, name):
 def test_spaco_draw_is_a_subset(results):
     selected = results["spaco"][0]["selected"]
     assert selected == results["spaco"][1]["selected"] and 0 < len(selected) < 5
+
+
+# ------------------------------------------------------------------------------------------- the config
+
+
+def test_parallel_sequence_config_errors():
+    from engine.config import DEFAULT_CONFIG_PATH, ConfigError
+    from engine.config_load import load_config
+    from engine.trainer import _check_sequence_parallel
+
+    def error_of(*overrides):
+        with pytest.raises(ConfigError) as info:
+            load_config(str(DEFAULT_CONFIG_PATH), list(overrides))
+        return str(info.value)
+
+    assert "parallel.sequence: must be an int >= 1" in error_of("--parallel.sequence=0")
+    assert "must divide chunking.chunk_size (100)" in error_of(
+        "--parallel.sequence=8", "--chunking.chunk_size=100"
+    )
+    cfg = load_config(str(DEFAULT_CONFIG_PATH), ["--parallel.sequence=4"])
+    with pytest.raises(ValueError, match="must divide the world size"):
+        _check_sequence_parallel(cfg, 6)
+    with pytest.raises(ValueError, match=r"must divide the attention heads \(4\)"):
+        _check_sequence_parallel(load_config(str(DEFAULT_CONFIG_PATH), ["--parallel.sequence=8"]), 8)
+    _check_sequence_parallel(cfg, 8)  # 4 query heads, 2 K/V heads replicated on 4 ranks: accepted

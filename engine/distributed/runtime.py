@@ -133,13 +133,14 @@ def unlink_shm_comm_buffers() -> None:
         os.unlink(name)
 
 
-def initialize(model: torch.nn.Module, ds_config: dict) -> Any:
+def initialize(model: torch.nn.Module, ds_config: dict, mpu=None) -> Any:
     """deepspeed.initialize on the trainable parameters; returns the DeepSpeedEngine. It copies them into
-    its optimizer's fp32 partitions: nothing may change the weights' values or trainability after this."""
+    its optimizer's fp32 partitions: nothing may change the weights' values or trainability after this.
+    `mpu`: DeepSpeed's sequence-parallel groups (engine/sequence_parallel.py's sequence_mpu) or None."""
     import deepspeed
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config, mpu=mpu)
     return engine
 
 
