@@ -270,3 +270,25 @@ def test_sft_pad_id_is_part_of_the_vocabulary_check(tok, tmp_path):
         samples[:1], len(samples[0].ids), padded.pad_token_id, packing=False, source="chat.jsonl"
     )
     check_vocab(full, vocab)  # no row padded: the pad id never reaches the model
+
+
+def test_last_turn_in_several_generation_blocks_is_kept_whole(tok):
+    """A template marking an assistant turn's content and its tool calls as two generation blocks: `last`
+    keeps both (the turn starts where the conversation before it ends), not just the last block."""
+    two_blocks = MARKED.replace(
+        "{% generation %}" + BODY + "{{ '<|end|>' }}{% endgeneration %}",
+        "{% generation %}{{ m.content or '' }}{% endgeneration %} | "
+        "{% generation %}{%- for c in m.tool_calls or [] %}<call>{{ c.function.name }}</call>{%- endfor %}"
+        "{{ '<|end|>' }}{% endgeneration %}",
+    )
+    assert two_blocks != MARKED
+    conv = [
+        {**USER, "content": "Weather and time?"},
+        {**ASSISTANT, "content": "the weather first.", "tool_calls": [CALL]},
+    ]
+    got = render_chat(tok, check_chat({"messages": conv}, "r", "messages"), "r", True, two_blocks)
+    _, every = hf_mask(tok, conv, two_blocks)
+    assert got.loss == every  # one assistant turn: last == all, both blocks
+    labelled = tok.decode([t for t, m in zip(got.ids, got.loss) if m])
+    assert "the weather first." in labelled and "get_weather" in labelled
+    assert got.answer_start == every.index(True)

@@ -84,9 +84,9 @@ def render_chat(
 
     def build() -> Rendered:
         full = render(messages)
-        _check_rendered(messages, full, where)
+        _check_rendered(messages, full, render, where)
         if GENERATION_MARKER.search(text):
-            return _marked(tokenizer, messages, template, where, last_only)
+            return _marked(tokenizer, messages, render, full, template, where, last_only)
         return _by_prefixes(tokenizer, messages, render, full, where, last_only)
 
     parts = [i for i, m in enumerate(messages) if isinstance(m.get("content"), list)]
@@ -112,22 +112,34 @@ def _template_text(tokenizer, template: str | None) -> str:
     return tokenizer.get_chat_template(template)
 
 
-def _marked(tokenizer, messages, template, where, last_only) -> Rendered:
-    """HF's own assistant mask from the template's {% generation %} blocks."""
+def _marked(tokenizer, messages, render, full: str, template, where: str, last_only: bool) -> Rendered:
+    """HF's own assistant mask from the template's {% generation %} blocks. The last assistant turn starts
+    where the conversation before it, rendered with the generation prompt, ends (when that is a prefix of
+    the whole, else at the last run of marked tokens): `last_only` keeps the marked tokens from there on,
+    and left truncation keeps them whole."""
     out = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        messages,
+        chat_template=template,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        tokenizer_kwargs={"return_offsets_mapping": True},
     )
     ids, mask = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
     if not any(mask):
         raise ValueError(
             f"{where}: the chat template's {{% generation %}} blocks hold no token of the record"
         )
-    last = max(t for t, m in enumerate(mask) if m)
-    first = last
+    first = max(t for t, m in enumerate(mask) if m)
     while first > 0 and mask[first - 1]:
         first -= 1
-    if last_only:  # the last run of assistant tokens: the last turn's generation block
-        mask = [first <= t <= last for t in range(len(mask))]
+    turn = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    start = render(messages[:turn], prompt=True) if turn > 0 else None
+    if start is not None and full.startswith(start):
+        ends = [e for _, e in out["offset_mapping"]]
+        first = next((t for t, m in enumerate(mask) if m and ends[t] > len(start)), first)
+    if last_only:
+        mask = [m and t >= first for t, m in enumerate(mask)]
     return Rendered(ids, mask, first, where)
 
 
@@ -174,16 +186,26 @@ def _prefix_error(where: str, i: int, turns: list[int], last_only: bool) -> str:
     return f"{what}; use a template with {{% generation %}} markers (data.chat_template)"
 
 
-def _check_rendered(messages: list[dict], full: str, where: str) -> None:
-    """Refuse what the template left out: tool calls and content parts are not rendered by every template."""
+def _check_rendered(messages: list[dict], full: str, render, where: str) -> None:
+    """Refuse what the template left out: tool calls and content parts are not rendered by every template.
+    A message's tool calls count as rendered when the conversation without them renders differently and
+    each function's name is in the output."""
     for i, m in enumerate(messages):
-        for j, call in enumerate(m.get("tool_calls") or []):
-            name = call["function"]["name"]
-            if name not in full:
-                raise ValueError(
-                    f"{where}: messages[{i}].tool_calls[{j}]: the chat template does not render tool calls "
-                    f"(function {name!r} is not in its output); use a template that does (data.chat_template)"
-                )
+        calls = m.get("tool_calls") or []
+        if calls:
+            without = [*messages[:i], {k: v for k, v in m.items() if k != "tool_calls"}, *messages[i + 1 :]]
+            try:
+                ignored = render(without) == full
+            except Exception:  # the template needs them to render the message at all: they are rendered
+                ignored = False
+            for j, call in enumerate(calls):
+                name = call["function"]["name"]
+                if ignored or name not in full:
+                    raise ValueError(
+                        f"{where}: messages[{i}].tool_calls[{j}]: the chat template does not render tool "
+                        f"calls (function {name!r} is not in its output); use a template that does "
+                        "(data.chat_template)"
+                    )
         if isinstance(m.get("content"), list):
             for j, part in enumerate(m["content"]):
                 if part["text"].strip() not in full:
