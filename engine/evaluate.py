@@ -63,12 +63,12 @@ def held_out(
         return Subset(dataset, train), Subset(dataset, held)
     if ev.path is None:
         return dataset, None
-    from engine.data import build_dataset
+    from engine.data.host_cache import build_dataset_once_per_host
 
     # One source, read with data's kind, format and fields (a training mixture's weights do not apply).
     data = dataclasses.replace(cfg.data, path=ev.path, mixture=None, seq_len=ev.seq_len or cfg.data.seq_len)
     try:
-        return dataset, build_dataset(data, tokenizer, vocab_size)
+        return dataset, build_dataset_once_per_host(data, tokenizer, vocab_size, cfg.model.trust_remote_code)
     except ValueError as e:
         raise ValueError(f"eval.path: {e}") from None
 
@@ -258,7 +258,7 @@ def evaluate_command(
     cfg = load_config(config, overrides)
     if not cfg.eval.enabled:
         raise ValueError("eval: nothing to evaluate; set eval.path, eval.split or eval.retrieval.lengths")
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.trust_remote_code)
     vocab = model_vocab_size(cfg.model)
     _, evaluator = prepare_eval(cfg, tokenizer, build_dataset(cfg.data, tokenizer, vocab), vocab)
     model = model_for_eval(cfg, checkpoint, model_dir)

@@ -207,3 +207,43 @@ def test_retention_never_deletes_the_checkpoint_just_saved(tmp_path):
     (tmp_path / "global_step15" / "mp_rank_00_model_states.pt").write_bytes(b"x")
     assert prune(tmp_path, 1, False, saved="global_step15") == ["global_step10", "global_step20"]
     assert sorted(p.name for p in tmp_path.glob("global_step*")) == ["global_step15", "global_step30"]
+
+
+def test_eval_path_loss_is_hf_loss_token_weighted(tmp_path):
+    """eval.path (jsonl, one document per padded row, documents of very different lengths): the loss is
+    the summed CE over every target of every row / their number, not a mean of batch means."""
+    from engine.data import load_tokenizer
+    from engine.evaluate import eval_loss, prepare_eval
+    from engine.model import build_model
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    docs = [" ".join(words[: 1 + (i * 7) % 10] * (1 + i % 3)) for i in range(7)]
+    for name in ("train", "eval"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = load_config(
+        str(CONFIG),
+        [f"--data.path={tmp_path}/train.jsonl", f"--eval.path={tmp_path}/eval.jsonl", "--data.kind=jsonl",
+         "--data.packing=false", "--data.seq_len=64", "--eval.seq_len=48", "--model.dtype=float64",
+         "--chunking.chunk_size=16", "--eval.batch_size=3", f"--logging.dir={tmp_path}/log"],
+    )  # fmt: skip
+    tokenizer = load_tokenizer("byte")
+    _, evaluator = prepare_eval(cfg, tokenizer, None, 259)
+    rows = evaluator.eval_set
+    n = len(rows)  # documents longer than a row continue in the next one
+    assert n >= 7 and rows[0]["input_ids"].numel() == 48
+    model = build_model(cfg.model, seed=0).eval()
+    got = eval_loss(model, rows, list(range(n)), 3, evaluator.options)
+    batch = collate([rows[i] for i in range(n)])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = torch.full_like(batch["labels"], -100)
+    targets[:, :-1] = batch["labels"][:, 1:]
+    ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100).item()
+    assert got["eval/tokens"] == int((targets != -100).sum())
+    assert got["eval/loss"] == pytest.approx(ref, rel=1e-12)
+    # Negative control: the mean of the three batches' means is another number.
+    means = []
+    for b in [list(range(i, min(i + 3, n))) for i in range(0, n, 3)]:
+        t = targets[b]
+        means.append(F.cross_entropy(logits[b].flatten(0, 1), t.flatten(), ignore_index=-100).item())
+    assert abs(sum(means) / len(means) - ref) > 1e-3
