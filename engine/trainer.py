@@ -33,6 +33,7 @@ from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
 from engine.data import DataStream, load_tokenizer
+from engine.data.chat_render import use_template
 from engine.data.host_cache import build_dataset_once_per_host
 from engine.data.summary import summary as data_summary
 from engine.evaluate import format_eval, prepare_eval
@@ -109,6 +110,7 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
     world_size = distributed.announced_world_size()
     check_host_memory(cfg, world_size, torch.cuda.is_available())  # sizes that cannot fit: before anything
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.trust_remote_code)
+    use_template(tokenizer, cfg.data.chat_template)  # the export's tokenizer renders as training did
     # checks ids < vocab_size; tokenized by one rank per host, loaded by the others
     dataset = build_dataset_once_per_host(
         cfg.data, tokenizer, model_vocab_size(cfg.model), cfg.model.trust_remote_code

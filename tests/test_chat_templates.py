@@ -292,3 +292,20 @@ def test_last_turn_in_several_generation_blocks_is_kept_whole(tok):
     labelled = tok.decode([t for t, m in zip(got.ids, got.loss) if m])
     assert "the weather first." in labelled and "get_weather" in labelled
     assert got.answer_start == every.index(True)
+
+
+def test_data_chat_template_becomes_the_tokenizers_own(tok, tmp_path):
+    """The trainer hands the template to the tokenizer it exports with the model: inference renders as
+    training did."""
+    from engine.data.chat_render import use_template
+
+    tok.save_pretrained(tmp_path / "tok")
+    from engine.data import load_tokenizer
+
+    loaded = load_tokenizer(str(tmp_path / "tok"))
+    use_template(loaded, None)
+    assert loaded.chat_template == PLAIN
+    (tmp_path / "marked.jinja").write_text(MARKED)
+    use_template(loaded, str(tmp_path / "marked.jinja"))
+    loaded.save_pretrained(tmp_path / "export")
+    assert load_tokenizer(str(tmp_path / "export")).chat_template == MARKED

@@ -15,9 +15,9 @@ break the prefix method for earlier turns. `assistant_loss: last` (the last turn
 `per_turn` (one sample per assistant turn, the conversation up to it, each turn rendered as the last) work
 with them; `all` is refused saying so.
 
-What a record holds is rendered as it is or refused by name, never dropped: tool calls whose function name
-does not appear in the rendering, and text parts that do not, are errors naming the message (the template
-ignores them). A template that fails or runs longer than `RENDER_SECONDS` on one record is an error naming
+What a record holds is rendered as it is or refused by name, never dropped: tool calls the template ignores
+(the conversation renders the same without them, or a function's name is not in the output) and text parts
+whose text is not in the output are errors naming the message. A template that fails or runs longer than `RENDER_SECONDS` on one record is an error naming
 the record; the bound interrupts Jinja's Python code from a watchdog thread.
 """
 
@@ -53,6 +53,14 @@ def resolve_template(spec: str | None) -> str | None:
         ) from None
 
 
+def use_template(tokenizer, spec: str | None) -> None:
+    """Make `data.chat_template` the tokenizer's own, so that what is saved with the model (the export)
+    renders conversations as training did."""
+    template = resolve_template(spec)
+    if template is not None:
+        tokenizer.chat_template = template
+
+
 def render_conversation(
     tokenizer, messages: list[dict], where: str, assistant_loss: str, template: str | None = None, **kw
 ) -> list[Rendered]:
@@ -77,9 +85,9 @@ def render_chat(
     """One sample: the conversation's tokens, the loss on its assistant turns (`last_only`: the last)."""
     text = _template_text(tokenizer, template)
 
-    def render(msgs: list[dict], prompt: bool = False, **extra) -> Any:
+    def render(msgs: list[dict], prompt: bool = False) -> Any:
         return tokenizer.apply_chat_template(
-            msgs, chat_template=template, tokenize=False, add_generation_prompt=prompt, **extra
+            msgs, chat_template=template, tokenize=False, add_generation_prompt=prompt
         )
 
     def build() -> Rendered:
