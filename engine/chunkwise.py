@@ -29,7 +29,7 @@ from engine.loss import FusedLoss
 from engine.moe import RouterLoss
 from engine.packing import IGNORE, check_position_ids, chunk_mask, documents_of
 from engine.schedule import MODES, SAMPLERS, ChunkSchedule, draw_chunks
-from engine.sequence_parallel import HeadShardedKVLayer, SequenceStep, ulysses_attention
+from engine.sequence_parallel import HeadShardedKVLayer, SequenceStep
 from engine.state_cache import RECURRENT_LAYER_TYPES, check_family, has_states
 from engine.step_state import Fp32GradAccumulation, RngReplay
 
@@ -236,7 +236,7 @@ def chunkwise_backward(
     # dropout): replay them all rather than guess which modules are stochastic.
     rng = RngReplay(input_ids.device, active=module.training)
     loss_sum = torch.zeros((), dtype=torch.float64, device=input_ids.device)
-    attention = chunk_attention if sp is None else ulysses_attention
+    attention = chunk_attention if sp is None else sp.forward_context
     with torch.no_grad(), attention(_config(module)):
         for c in range(k):
             rng.save(c)

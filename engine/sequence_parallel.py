@@ -28,6 +28,8 @@ returns None, so the model builds none.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +41,8 @@ from engine.attention import _masked, lower_right_causal
 from engine.kv_cache import ChunkKVLayer
 from engine.packing import Documents, chunk_mask, layer_kinds
 from engine.state_cache import has_states
+
+logger = logging.getLogger(__name__)
 
 ATTENTION = "seco_ulysses"  # the attention models select while a sequence-parallel step runs
 SHARD_KWARG = "seco_chunk_shard"  # the model-forward keyword that carries the chunk's shard to attention
@@ -117,11 +121,98 @@ def check_model(cfg, p: int) -> None:
             f"{cfg.model_type}: parallel.sequence={p} and the K/V heads ({kv}) must divide one another (K/V "
             "heads are split over ranks, or replicated when fewer than P)"
         )
-    if has_states(cfg) or set(layer_kinds(cfg)) - {"full_attention", "sliding_attention"}:
+    recurrent = has_states(cfg)
+    if recurrent and cfg.model_type not in GATHERED_FAMILIES:
         raise ValueError(
-            f"{cfg.model_type}: parallel.sequence={p} supports full and sliding-window attention layers only; "
-            "recurrent (linear-attention / SSM) and other layer kinds are not sharded over a sequence group"
+            f"{cfg.model_type}: parallel.sequence={p}: its recurrent (linear-attention / SSM) mixers are not "
+            f"run over a sequence group; the families whose mixers run on the gathered chunk are "
+            f"{GATHERED_FAMILIES}"
         )
+    allowed = {"full_attention", "sliding_attention"} | (
+        {"linear_attention", "mlp", "moe"} if recurrent else set()
+    )
+    other = set(layer_kinds(cfg)) - allowed
+    if other:
+        raise ValueError(
+            f"{cfg.model_type}: parallel.sequence={p} does not support layers of kind {sorted(other)}"
+        )
+
+
+# Hybrid families whose recurrent mixers run on the whole chunk on every rank (`gathered_mixers`): the mixer
+# is the decoder layer's child of one of MIXER_NAMES in the layers transformers' cache mapping calls
+# linear_attention. Tested exact (tests/test_sequence_parallel.py); other hybrids are refused by name.
+GATHERED_FAMILIES = ("qwen3_next", "qwen3_5_text", "nemotron_h")
+MIXER_NAMES = ("linear_attn", "mixer")
+
+
+class _GatherSequence(torch.autograd.Function):
+    """[b, m, ...] sequence shards -> [b, P * m, ...] the whole chunk on every rank. Backward: every rank's
+    gradient of the whole chunk summed, this rank's shard kept (a reduce-scatter, as an all-reduce + slice:
+    gloo has no reduce-scatter). DeepSpeed's sequence-parallel pieces are all-to-alls only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: SequenceGroup):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(group.size)]
+        dist.all_gather(parts, x.contiguous(), group=group.group)
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        group = ctx.group
+        grad = group.all_sum(grad.contiguous())
+        m = grad.shape[1] // group.size
+        return grad[:, group.rank * m : (group.rank + 1) * m], None
+
+
+@contextlib.contextmanager
+def gathered_mixers(model, cfg, group: SequenceGroup):
+    """For one step, run each recurrent mixer on the whole chunk on every rank and keep this rank's tokens of
+    its output: exact (the mixer sees what it sees without sequence parallelism), with the mixer's compute
+    and boundary states replicated on the P ranks, not split. Each rank's boundary-state gradients are its
+    own tokens' share (the relay is linear), summed in the parameters like every other share."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    types, _ = get_layer_types_and_kwargs(cfg)
+    mixers = []
+    for layer, kind in zip(base.model.layers, types):
+        if kind == "linear_attention":
+            mixers += [getattr(layer, n) for n in MIXER_NAMES if hasattr(layer, n)][:1]
+    if len(mixers) != types.count("linear_attention"):
+        raise ValueError(f"{cfg.model_type}: a recurrent layer without a mixer named one of {MIXER_NAMES}")
+
+    def before(_module, args, kwargs):
+        if args:
+            return (_GatherSequence.apply(args[0], group), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _GatherSequence.apply(kwargs["hidden_states"], group)}
+
+    def after(_module, _args, _kwargs, out):
+        first = out[0] if isinstance(out, tuple) else out
+        m = first.shape[1] // group.size
+        mine = first[:, group.rank * m : (group.rank + 1) * m]
+        return (mine, *out[1:]) if isinstance(out, tuple) else mine
+
+    handles = [m.register_forward_pre_hook(before, with_kwargs=True) for m in mixers]
+    handles += [m.register_forward_hook(after, with_kwargs=True) for m in mixers]
+    if mixers:
+        _say_gathered(cfg.model_type, group.size)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@functools.cache
+def _say_gathered(model_type: str, p: int) -> None:
+    """Once per process and family."""
+    logger.warning(
+        "parallel.sequence=%d: %s's recurrent mixers run on the whole chunk on every rank (exact; their compute "
+        "and boundary states are replicated, not split over the group)",
+        p,
+        model_type,
+    )
 
 
 @dataclass
@@ -163,7 +254,7 @@ class SequenceStep:
     global count of target tokens (each group's rows counted once)."""
 
     def __init__(self, group: SequenceGroup, backend, cfg, chunk_size: int):
-        self.group, self.cfg = group, cfg
+        self.group, self.cfg, self.module = group, cfg, backend.module
         self.plain = not backend.must_backward  # LocalBackend: nobody else reduces the group's gradients
         p = group.size
         check_model(cfg, p)
@@ -196,6 +287,12 @@ class SequenceStep:
         if group is None or group.size == 1:
             return None
         return cls(group, backend, cfg, chunk_size)
+
+    @contextlib.contextmanager
+    def forward_context(self, config):
+        """Around both passes' forwards: the head-switching attention, and recurrent mixers on the whole chunk."""
+        with ulysses_attention(config), gathered_mixers(self.module, self.cfg, self.group):
+            yield
 
     def padded_length(self, seq_len: int) -> int:
         """Right padding (masked, never a target) makes P divide the last chunk too."""

@@ -13,7 +13,8 @@ MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True
 QWEN2_SLIDING = dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)
 PACKED_DOCS = [[10, 15, 12], [20, 17]]
 
-# name -> (config class, config overrides, LoRA, packed rows, schedule, fused loss, full-backprop reference)
+# name -> (config class or tiny_hybrid family, config overrides, LoRA, packed rows, schedule, fused loss,
+#          full-backprop reference[, more chunkwise_backward arguments])
 CASES = {
     "llama": ("LlamaConfig", {}, False, False, dict(chunk_size=8), False, True),
     "llama_kv1": ("LlamaConfig", {"num_key_value_heads": 1}, False, False, dict(chunk_size=8), False, True),
@@ -31,6 +32,29 @@ CASES = {
     "packed": ("LlamaConfig", {}, False, True, dict(chunk_size=8), False, False),
     "qwen2_sliding": ("Qwen2Config", QWEN2_SLIDING, False, False, dict(chunk_size=8), False, True),
     "moe": ("MixtralConfig", MOE, False, False, dict(chunk_size=8), False, False),
+    "checkpoint_layers": (
+        "LlamaConfig",
+        {},
+        False,
+        False,
+        dict(chunk_size=8),
+        True,
+        True,
+        {"checkpoint_layers": True},
+    ),
+    "offload_kv": ("LlamaConfig", {}, False, False, dict(chunk_size=8), False, True, {"offload_kv": True}),
+    # hybrids: recurrent mixers on the gathered chunk, attention layers head-sharded
+    "qwen3_next": ("qwen3_next", {}, False, False, dict(chunk_size=8), False, False),
+    "qwen3_5_spaco": (
+        "qwen3_5_text",
+        {},
+        False,
+        False,
+        dict(chunk_size=8, mode="spaco", sample_prob=0.5),
+        False,
+        False,
+    ),
+    "nemotron_h": ("nemotron_h", {}, False, False, dict(chunk_size=8), False, False),
 }
 
 # Refused by name before any chunk runs: name -> (case, words the error must contain)
@@ -51,7 +75,7 @@ REFUSALS = {
         ("LlamaConfig", {}, False, False, dict(chunk_size=7), False, False),
         "multiple of parallel.sequence",
     ),
-    "hybrid": (("qwen3_next", {}, False, False, dict(chunk_size=8), False, False), "recurrent"),
+    "hybrid": (("falcon_h1", {}, False, False, dict(chunk_size=8), False, False), "recurrent"),
 }
 
 
@@ -106,6 +130,7 @@ def run_case(case, group=None) -> dict:
         loss_slice=2,
         generator=torch.Generator().manual_seed(7),  # SpaCO: every rank (and the reference) draws alike
         sequence_group=group,
+        **(case[7] if len(case) > 7 else {}),
     )
     return {
         "grads": grads_of(model),

@@ -1,7 +1,8 @@
 """Sequence parallelism (engine/sequence_parallel.py): 2 ranks on gloo share each sequence (P = 2); one step's
 gradients equal one process's, float64. The reference is full-sequence backprop where the case allows it
-(plain causal, sliding window, LoRA), else the one-process chunk-wise step, which tests/test_chunkwise.py,
-test_spaco.py and test_moe.py prove equal to full backprop (packed rows, a fixed SpaCO draw, the router loss).
+(plain causal, sliding window, LoRA, checkpointed layers, offloaded K/V), else the one-process chunk-wise
+step, which tests/test_chunkwise.py, test_spaco.py, test_moe.py and test_hybrid.py prove equal to full
+backprop (packed rows, a SpaCO draw, the router loss, hybrid models).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 from sp_cases import CASES, REFUSALS, batch, build, run_case
 from tiny import reference_grads, rel_error
+from tiny_hybrid import HYBRIDS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,12 +62,19 @@ def reference(case) -> dict:
     return {"grads": grads, "loss": loss}
 
 
+def tolerance(case) -> float:
+    """float64: 1e-10; hybrids 1e-6, since HF's torch kernels of their mixers compute in float32 even in float64
+    models (tests/test_hybrid.py's tol(); measured 8e-9 .. 4e-8 here)."""
+    return 1e-6 if case[0] in HYBRIDS else 1e-10
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_gradients_equal_one_process(results, name):
     ref = reference(CASES[name])
+    tol = tolerance(CASES[name])
     for got in results[name]:
-        assert rel_error(got["grads"], ref["grads"]) <= 1e-10, name
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-10)
+        assert rel_error(got["grads"], ref["grads"]) <= tol, name
+        assert got["loss"] == pytest.approx(ref["loss"], rel=tol)
     # both ranks hold the whole gradient, not their shard's
     assert rel_error(results[name][0]["grads"], results[name][1]["grads"]) == 0.0
 
