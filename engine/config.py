@@ -48,7 +48,8 @@ def _expand(path: str | None) -> str | None:
 @dataclass
 class ModelConfig:
     name_or_path: str | None = None
-    """Local HF model directory (exactly one of this and `hf_config`)."""
+    """A local HF model directory, or a hub id (owner/name) loaded through the local HF cache, downloaded
+    unless HF_HUB_OFFLINE is set (exactly one of this and `hf_config`)."""
 
     hf_config: dict[str, Any] | None = None
     """`AutoConfig.for_model` kwargs for a random init (`model_type` required)."""
@@ -95,14 +96,21 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the LoRA input, in [0, 1)."""
 
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Names of the linear layers that get adapters."""
+    target_modules: list[str] | Literal["all-linear"] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    """Names of the linear layers that get adapters, or all-linear (PEFT's shorthand: every linear layer but
+    the output head)."""
 
     def __post_init__(self):
         _require(self.r >= 1, f"lora.r: must be >= 1, got {self.r}")
         _require(self.alpha >= 1, f"lora.alpha: must be >= 1, got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {self.dropout}")
-        _require(len(self.target_modules) > 0, "lora.target_modules: must name at least one module")
+        _require(
+            self.target_modules == "all-linear"
+            or (isinstance(self.target_modules, list) and len(self.target_modules) > 0),
+            f"lora.target_modules: must name at least one module, or be 'all-linear'; got {self.target_modules!r}",
+        )
 
 
 @dataclass
@@ -154,7 +162,7 @@ class DataConfig:
     """jsonl / parquet column holding the text."""
 
     tokenizer: str = "byte"
-    """`byte` (259 ids, no download) or a local tokenizer directory."""
+    """`byte` (259 ids, no download), a local tokenizer directory, or a hub id (as model.name_or_path)."""
 
     seq_len: int = 2048
     """Tokens per sequence."""

@@ -86,11 +86,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         arms = [a for a in args if a is not type(None)]
         if len(arms) == 1:  # Optional[X]: X's own error is the precise one
             return _coerce(value, arms[0], key)
+        errors = []
         for arm in arms:
             try:
                 return _coerce(value, arm, key)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                errors.append((arm, e))
+        for arm, e in errors:  # a list where a list is allowed: its own error names the bad item
+            if isinstance(value, list) and get_origin(arm) is list:
+                raise e
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_got(value)}")
     if origin is Literal:
         # Compare types too: True == 1 in Python, but `zero_stage: true` is a mistake, not stage 1.
@@ -282,10 +286,11 @@ def load_config(path: str | None, overrides: list[str], check_paths: bool = True
 
 def config_from_dict(raw: dict, check_paths: bool = True) -> Config:
     """Build and fully validate a Config from plain data (a parsed YAML file, or config_to_dict output)."""
-    cfg = _build(Config, copy.deepcopy(raw), "")
+    cfg = _build(Config, _follow_ds_config(copy.deepcopy(raw), check_paths), "")
     _check_hf_config(cfg.model, cfg.data)
-    if check_paths:
+    if check_paths:  # what this machine must have: files, and the attention kernel's package
         _check_paths(cfg)
+        _check_attention(cfg.model)
     # Check the user's ds_config now rather than at deepspeed.initialize (the world size comes later).
     if check_paths or cfg.deepspeed.config_file is None:
         from engine.distributed import check_ds_config  # imports DeepSpeed: only once the file parsed
@@ -294,13 +299,67 @@ def config_from_dict(raw: dict, check_paths: bool = True) -> Config:
     return cfg
 
 
+# ------------------------------------------------------------------------------ the user's ds_config
+
+# Run config keys that the user's ds_config may set instead: (section, key, ds_config key, to our value).
+# A key the YAML leaves out takes the ds_config's value ("auto" and absent: the YAML default stays), so a
+# ds_config with zero_optimization.stage 1 is not contradicted by the default deepspeed.zero_stage 2.
+_FROM_DS_CONFIG = [
+    ("deepspeed", "zero_stage", "zero_optimization.stage", lambda v: v),
+    ("deepspeed", "offload_optimizer", "zero_optimization.offload_optimizer.device", lambda v: v != "none"),
+    ("deepspeed", "offload_param", "zero_optimization.offload_param.device", lambda v: v != "none"),
+    ("data", "batch_size", "train_micro_batch_size_per_gpu", lambda v: v),
+    ("optim", "grad_clip", "gradient_clipping", lambda v: v or None),  # 0: no clipping
+    ("optim", "lr", "optimizer.params.lr", lambda v: v),
+    ("optim", "betas", "optimizer.params.betas", lambda v: v),
+    ("optim", "eps", "optimizer.params.eps", lambda v: v),
+    ("optim", "weight_decay", "optimizer.params.weight_decay", lambda v: v),
+]
+
+
+def _follow_ds_config(raw: dict, check_paths: bool) -> dict:
+    """`raw` with the keys it leaves out filled from the user's ds_config (see _FROM_DS_CONFIG)."""
+    ds_raw = raw.get("deepspeed")
+    if not isinstance(ds_raw, dict) or (ds_raw.get("config") is None and ds_raw.get("config_file") is None):
+        return raw
+    if ds_raw.get("config") is None and not check_paths:
+        return raw  # a placeholder ds_config path on this machine: nothing to read
+    from engine.config import DeepSpeedConfig
+    from engine.distributed.ds_config import _user_ds_config
+
+    source = {k: ds_raw[k] for k in ("config", "config_file") if ds_raw.get(k) is not None}
+    user = _user_ds_config(_build(DeepSpeedConfig, source, "deepspeed"))
+    for section, key, ds_key, convert in _FROM_DS_CONFIG:
+        value: Any = user
+        for part in ds_key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        ours = raw.get(section)
+        if value is None or value == "auto" or (isinstance(ours, dict) and key in ours):
+            continue
+        _require(ours is None or isinstance(ours, dict), f"{section}: expected a mapping, got {_got(ours)}")
+        raw[section] = {**(ours or {}), key: convert(value)}
+    return raw
+
+
 # ------------------------------------------------------------------------------- checks needing the world
 
 
 def _check_paths(cfg: Config) -> None:
+    from engine.hub import check_hub_id, is_hub_id
+
+    # A hub id (owner/name) where a model or tokenizer directory is expected: its cached snapshot gets the
+    # file checks; not cached, it must be downloadable (not HF_HUB_OFFLINE).
+    model_dir, tokenizer_dir = (
+        cfg.model.name_or_path,
+        None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer,
+    )
+    if model_dir is not None and is_hub_id(model_dir):
+        model_dir = check_hub_id(model_dir, "model.name_or_path")
+    if tokenizer_dir is not None and is_hub_id(tokenizer_dir):
+        tokenizer_dir = check_hub_id(tokenizer_dir, "data.tokenizer")
     checks = [
-        ("model.name_or_path", cfg.model.name_or_path, Path.is_dir, "a local HF model directory"),
-        ("data.tokenizer", None if cfg.data.tokenizer == "byte" else cfg.data.tokenizer, Path.is_dir, "'byte' or a tokenizer directory"),
+        ("model.name_or_path", model_dir, Path.is_dir, "a local HF model directory or a hub id"),
+        ("data.tokenizer", tokenizer_dir, Path.is_dir, "'byte', a tokenizer directory or a hub id"),
         ("checkpoint.resume", None if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume, Path.exists, "'auto' or a checkpoint path"),
         ("deepspeed.config_file", cfg.deepspeed.config_file, Path.is_file, "a ds_config JSON file"),
         ("data.chat_template", _template_file(cfg.data.chat_template), Path.is_file, "a Jinja template file or the template text"),
@@ -321,10 +380,10 @@ def _check_paths(cfg: Config) -> None:
     # Files the libraries reading them would report without naming them (or only after the process group).
     from engine.file_checks import check_json_files, check_model_dir
 
-    if cfg.model.name_or_path is not None:
-        check_model_dir(Path(cfg.model.name_or_path), "model.name_or_path: file")
-    if cfg.data.tokenizer != "byte":
-        check_json_files(Path(cfg.data.tokenizer), "data.tokenizer: file")
+    if model_dir is not None:
+        check_model_dir(Path(model_dir), "model.name_or_path: file")
+    if tokenizer_dir is not None:
+        check_json_files(Path(tokenizer_dir), "data.tokenizer: file")
 
 
 def _template_file(spec: str | None) -> str | None:
@@ -345,6 +404,18 @@ def _check_writable_dir(key: str, path: Path) -> None:
         os.access(existing, os.W_OK | os.X_OK),
         f"{key}: {str(path)!r} is not writable"
         + ("" if existing == path else f" ({str(existing)!r} is not)"),
+    )
+
+
+def _check_attention(model: ModelConfig) -> None:
+    """flash_attention_2 needs the flash-attn package; without it transformers fails on rank 0 at load."""
+    import importlib.util
+
+    _require(
+        model.attn_implementation != "flash_attention_2"
+        or importlib.util.find_spec("flash_attn") is not None,
+        "model.attn_implementation: 'flash_attention_2' needs the flash-attn package, which is not installed "
+        "(pip install flash-attn --no-build-isolation, on a CUDA machine); or use 'sdpa'",
     )
 
 

@@ -2,7 +2,7 @@
 
 Features are functions applied to the model in this order (engine/trainer.py calls them):
 
-    1. build_model   weights (local directory or random init), dtype, attention kernel; under ZeRO-3 the
+    1. build_model   weights (local directory, hub id through the HF cache, or random init), dtype, attention kernel; under ZeRO-3 the
                      model is built inside HfDeepSpeedConfig (engine/distributed's zero3_context)
                      so every rank holds only its partition
     2. apply_lora    LoRA adapters (PEFT): only they are trainable
@@ -41,8 +41,18 @@ def _hf_config(model_cfg: ModelConfig):
         kwargs = dict(model_cfg.hf_config)
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     return AutoConfig.from_pretrained(
-        model_cfg.name_or_path, local_files_only=True, trust_remote_code=model_cfg.trust_remote_code
+        model_cfg.name_or_path,
+        local_files_only=_local_only(model_cfg),
+        trust_remote_code=model_cfg.trust_remote_code,
     )
+
+
+def _local_only(model_cfg: ModelConfig) -> bool:
+    """A directory is read as it is (never another revision fetched); a hub id goes through the HF cache,
+    downloading only where HF_HUB_OFFLINE is unset (engine/hub.py; checked at config load)."""
+    from engine.hub import is_hub_id
+
+    return not is_hub_id(str(model_cfg.name_or_path))
 
 
 def build_model(model_cfg: ModelConfig, seed: int) -> PreTrainedModel:
@@ -55,7 +65,7 @@ def build_model(model_cfg: ModelConfig, seed: int) -> PreTrainedModel:
     else:
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.name_or_path,
-            local_files_only=True,  # training nodes rarely have network; never fetch another revision
+            local_files_only=_local_only(model_cfg),
             trust_remote_code=model_cfg.trust_remote_code,
             **kwargs,
         )
@@ -77,7 +87,9 @@ def apply_lora(model: PreTrainedModel, lora_cfg: LoraConfig) -> torch.nn.Module:
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=list(lora_cfg.target_modules),
+        target_modules=lora_cfg.target_modules
+        if lora_cfg.target_modules == "all-linear"
+        else list(lora_cfg.target_modules),
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_cfg)

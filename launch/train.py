@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None, faults=None) -> int:
 
         run = trainer.setup(cfg)
     except (ValueError, OSError) as e:  # ConfigError is a ValueError; missing files are OSErrors
-        print(f"error: {e}", file=sys.stderr)
+        # Every rank of a node reads the same config and files, so hits the same error: said once per node.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     rank = trainer.dist.get_rank()
     supervise.register(rank, trainer.dist.get_world_size())  # launch/preemptible.py forwards signals to it

@@ -224,7 +224,7 @@ BAD_FILES = [
     (
         "data.bin",
         b"x",
-        r"cannot tell the format of .*data.bin.*set data.format to one of jsonl, json, parquet",
+        r"data.bin.: cannot tell its format from the extension; set data.format to one of jsonl, json, parquet",
     ),
 ]
 

@@ -186,7 +186,8 @@ def test_user_error_through_deepspeed_launcher(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "error: jsonl data: file" in r.stdout + r.stderr
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "error: jsonl data file" in errors[0]  # once, not once per rank
     assert not (tmp_path / "out").exists()
 
 

@@ -21,13 +21,13 @@ stale).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.file_checks import check_utf8
+from engine.hub import HUB_ID
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "csv", "text", "arrow")
 _BUILDER = {
@@ -48,8 +48,6 @@ _EXTENSIONS = {
     ".md": "text",
     ".arrow": "arrow",
 }
-# `name` or `owner/name` as the hub spells them; a path that exists is always read as a path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 @dataclass
@@ -106,7 +104,7 @@ def open_sources(path: str, fmt: str, cache_dir: str, what: str = "data.path") -
 
 def is_hub_id(path: str) -> bool:
     """Whether a path that does not exist is to be read as a hub dataset id rather than reported missing."""
-    return bool(_HUB_ID.match(path)) and Path(path).suffix.lower() not in _EXTENSIONS
+    return bool(HUB_ID.match(path)) and Path(path).suffix.lower() not in _EXTENSIONS
 
 
 def _file_format(file: Path, fmt: str, what: str) -> tuple[str, str]:
@@ -116,7 +114,7 @@ def _file_format(file: Path, fmt: str, what: str) -> tuple[str, str]:
     found = _EXTENSIONS.get(file.suffix.lower())
     if found is None:
         raise ValueError(
-            f"{what}: cannot tell the format of {str(file)!r} from its extension; set data.format to one of "
+            f"{what} file {str(file)!r}: cannot tell its format from the extension; set data.format to one of "
             f"{', '.join(FORMATS[1:])} (extensions: {', '.join(_EXTENSIONS)})"
         )
     return found, f"expected {found} from the extension {file.suffix}; set data.format if it is another"
@@ -145,10 +143,10 @@ def _read_file(file: Path, fmt: str, expected: str, cache_dir: str, what: str) -
     name = str(file)
     if file.stat().st_size == 0:
         # Checked up front: datasets' json builder fails on an empty file with a bare StopIteration.
-        raise ValueError(f"{what}: file {name!r} is empty ({expected})")
+        raise ValueError(f"{what} file {name!r} is empty ({expected})")
     if fmt in ("jsonl", "json", "csv", "text"):  # datasets' own decode error names neither file nor place
         try:
-            check_utf8(file, f"{what}: file")
+            check_utf8(file, f"{what} file")
         except ValueError as e:
             raise ValueError(f"{e} ({expected})") from None
     if (
@@ -159,9 +157,11 @@ def _read_file(file: Path, fmt: str, expected: str, cache_dir: str, what: str) -
         try:
             rows = pq.ParquetFile(file).metadata.num_rows
         except Exception as e:  # pyarrow's ArrowInvalid and others; the message does not name the file
-            raise ValueError(f"{what}: {name!r} is not a readable parquet file ({expected}): {e}") from None
+            raise ValueError(
+                f"{what} file {name!r} is not a readable parquet file ({expected}): {e}"
+            ) from None
         if rows == 0:
-            raise ValueError(f"{what}: file {name!r} has no records")
+            raise ValueError(f"{what} file {name!r} has no records")
     extra = {"sample_by": "document"} if fmt == "text" else {}
     try:
         if fmt == "arrow":
@@ -171,10 +171,10 @@ def _read_file(file: Path, fmt: str, expected: str, cache_dir: str, what: str) -
     except Exception as e:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, ...)
         cause = e.__cause__ or e
         raise ValueError(
-            f"{what}: could not read {name!r} as {fmt} ({expected}): {type(cause).__name__}: {cause}"
+            f"could not read {what} file {name!r} as {fmt} ({expected}): {type(cause).__name__}: {cause}"
         ) from None
     if len(ds) == 0:
-        raise ValueError(f"{what}: file {name!r} has no records")
+        raise ValueError(f"{what} file {name!r} has no records")
     return Source(name, fmt, ds)
 
 

@@ -84,23 +84,26 @@ class ByteTokenizer:
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Tokenizer:
-    """``"byte"`` -> ``ByteTokenizer``; otherwise ``spec`` must be a local directory holding an HF tokenizer.
+    """``"byte"`` -> ``ByteTokenizer``; otherwise ``spec`` is a local directory holding an HF tokenizer, or a
+    hub id loaded through the local HF cache (engine/hub.py; downloaded unless HF_HUB_OFFLINE is set).
 
-    Only local files are used (``local_files_only=True``): training nodes usually have no network, and a
-    silent download of a different tokenizer revision would corrupt the data. ``trust_remote_code``
+    A directory is read with ``local_files_only=True``: nothing of another revision is fetched. ``trust_remote_code``
     (model.trust_remote_code) is always passed: left unset, transformers asks on stdin whether to run a
     tokenizer directory's own code.
     """
     if spec == "byte":
         return ByteTokenizer()
+    from engine.hub import is_hub_id
+
     path = Path(spec)
-    if not path.is_dir():
-        raise ValueError(f"tokenizer {spec!r} is neither 'byte' nor an existing local directory")
+    hub = is_hub_id(spec)
+    if not path.is_dir() and not hub:
+        raise ValueError(f"tokenizer {spec!r} is neither 'byte', an existing local directory nor a hub id")
     from transformers import AutoTokenizer  # imported lazily: slow, and not needed for "byte"
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=trust_remote_code
+            spec if hub else str(path), local_files_only=not hub, trust_remote_code=trust_remote_code
         )
     except ValueError as e:
         if "trust_remote_code" not in str(e):

@@ -34,6 +34,13 @@ from engine.plan import (
 )  # fmt: skip
 
 
+def _lora_targets(targets) -> tuple[str, ...]:
+    """PEFT's all-linear: every linear layer of the decoder blocks the planner models."""
+    from engine.plan.shape import LINEARS
+
+    return LINEARS if targets == "all-linear" else tuple(targets)
+
+
 def setup_from_config(cfg, device: str = "cuda", world_size: int = 1) -> dict:
     """The keywords of engine.plan.plan that a run config (engine.config.Config) sets."""
     ch = cfg.chunking
@@ -41,7 +48,7 @@ def setup_from_config(cfg, device: str = "cuda", world_size: int = 1) -> dict:
         chunk_size=ch.chunk_size, dtype=cfg.model.dtype, batch=cfg.data.batch_size,
         zero_stage=cfg.deepspeed.zero_stage, world_size=world_size,
         offload_optimizer=cfg.deepspeed.offload_optimizer, offload_param=cfg.deepspeed.offload_param,
-        lora_rank=cfg.lora.r if cfg.lora.enabled else 0, lora_targets=tuple(cfg.lora.target_modules),
+        lora_rank=cfg.lora.r if cfg.lora.enabled else 0, lora_targets=_lora_targets(cfg.lora.target_modules),
         attn=cfg.model.attn_implementation,
         offload_kv=ch.offload_kv, device=device,
         # the memory options (getattr: a config module without those keys still plans)
