@@ -13,7 +13,8 @@ How:
   Ctrl-C, `kill -TERM -PGID`) reaches the supervisor only.
 - Each rank registers its pid in a status directory (STATUS_DIR_ENV, set for the command) once its
   preemption handler is installed, and at the end writes its exit code there (`register`, `report`).
-- TERM / USR1 to the supervisor go to the registered ranks as they are, INT as TERM. Before any rank has
+- TERM / USR1 to the supervisor go to the registered ranks as they are, the first INT as TERM (a second
+  INT goes to them as INT: they abort at once, engine/run_guard.py). Before any rank has
   registered there is nothing to save, and the signal goes to the command's whole session.
 - When the command ends while ranks still run (the launcher was killed, or exited after a signal of its
   own), the ranks are sent TERM (or the signal that killed the launcher) and awaited. The supervisor is a
@@ -32,11 +33,15 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 STATUS_DIR_ENV = "SECO_STATUS_DIR"
+_FIRST_INT = (
+    "Ctrl-C: the ranks finish their step, save a checkpoint and stop; a second Ctrl-C aborts them at once"
+)
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
@@ -76,14 +81,17 @@ def supervise(cmd: list[str], poll_s: float = 0.1) -> int:
     try:
         child = subprocess.Popen(cmd, env={**os.environ, STATUS_DIR_ENV: str(status)}, start_new_session=True)
         child_code: int | None = None
-        asked = False
+        asked = interrupted = False
         while True:
             child_code = _reap(child.pid, child_code)
             ranks = _alive_ranks(status)
             while pending:
                 sig = pending.pop(0)
                 if ranks:
-                    _send(ranks, signal.SIGTERM if sig == signal.SIGINT else sig)
+                    _send(ranks, signal.SIGTERM if sig == signal.SIGINT and not interrupted else sig)
+                    if sig == signal.SIGINT and not interrupted:
+                        interrupted = True
+                        print(_FIRST_INT, file=sys.stderr, flush=True)
                 elif child_code is None:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.killpg(child.pid, sig)

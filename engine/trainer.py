@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint, distributed, retention, run_dirs
+from engine import checkpoint, distributed, retention, run_dirs, run_guard
 from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
@@ -89,6 +89,7 @@ class Run:
     zero3_ctx: Any = None  # transformers only weakly references it: must live as long as the engine
     signals: dict = field(default_factory=dict)  # previous handlers, restored by close()
     claim: run_dirs.Claim | None = None  # the output directories' locks (rank 0), released by close()
+    watch: run_guard.LauncherWatch | None = None  # the launcher chain (engine/run_guard.py)
     stopping: bool = False  # a preemption stops this run (set by run_loop; close() keeps the handlers)
     no_loss_steps: list[int] = field(default_factory=list)  # this process's steps without a loss token
     evaluator: Any = None  # engine/evaluate.py's Evaluator, or None
@@ -160,8 +161,9 @@ def _batching(cfg: Config) -> dict[str, Any]:
 
 
 def setup(cfg: Config) -> Run:
-    prep = prepare(cfg)
-    distributed.init_distributed()
+    rdzv = distributed.join_rendezvous()  # before preparing: a taken MASTER_PORT ends the start here
+    prep = rdzv.agreed(lambda: prepare(cfg), undo=lambda p: p.claim.abandon())  # one fails: all end
+    distributed.init_distributed(rdzv)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != prep.world_size:
         raise ValueError(f"the launcher announced {prep.world_size} ranks but {world} joined")
@@ -192,6 +194,8 @@ def setup(cfg: Config) -> Run:
     # From here a signal means "save and stop"; before, it simply ends the process (nothing to save yet).
     _PREEMPT.clear()
     previous = {s: signal.signal(s, _request_stop) for s in PREEMPT_SIGNALS}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, run_guard.interrupt_handler(_PREEMPT, rank == 0))
+    watch = run_guard.LauncherWatch(_launcher_lost)  # a rank whose launcher is gone saves and stops
     return Run(
         cfg=cfg,
         engine=engine,
@@ -205,6 +209,7 @@ def setup(cfg: Config) -> Run:
         signals=previous,
         claim=prep.claim,
         evaluator=prep.evaluator,
+        watch=watch,
     )
 
 
@@ -252,7 +257,9 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
         )
     export_dir = None
     if preempted:
-        signame = signal.Signals(_PREEMPT["signum"]).name if _PREEMPT else "a signal to another rank"
+        signame = _PREEMPT.get("reason") or (
+            signal.Signals(_PREEMPT["signum"]).name if _PREEMPT else "a signal to another rank"
+        )
         where = cfg.checkpoint.dir or "nowhere (no checkpoint.dir)"
         run.metrics.print(
             f"preempted by {signame}: checkpoint of step {run.step} saved in {where}; exiting "
@@ -437,7 +444,7 @@ def _full_disk_from(step: int, write):
 
 # ------------------------------------------------------------------------------------------- preemption
 
-_PREEMPT: dict[str, int] = {}  # set by the signal handler; read once per step
+_PREEMPT: dict[str, Any] = {}  # set by the signal handlers / the launcher watch; read once per step
 
 
 def _request_stop(signum, frame) -> None:
@@ -445,7 +452,13 @@ def _request_stop(signum, frame) -> None:
     _PREEMPT["signum"] = signum
 
 
+def _launcher_lost(reason: str) -> None:
+    _PREEMPT.update(signum=signal.SIGTERM, reason=f"the end of the job: {reason}")
+
+
 def close(run: Run) -> None:
+    if run.watch is not None:
+        run.watch.stop()
     run.metrics.close()
     # A preempted process is on its way out with its checkpoint saved, and launchers repeat the signal:
     # DeepSpeed's inner launcher, once it has a TERM of its own, terminates the ranks one after the other,

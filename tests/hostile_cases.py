@@ -583,14 +583,339 @@ def _(root):
     ).read_text() == f"global_step{steps}", f"exits {codes}"
 
 
+# ------------------------------------------------------------------ one writer per run, nothing outside it
+
+_HOLDER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from engine import run_lock
+run_lock.acquire({d!r}, "checkpoint.dir")
+print("held", flush=True)
+time.sleep(900)
+"""
+
+
+def _hold_lock(directory: Path) -> subprocess.Popen:
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER.format(repo=str(REPO), d=str(directory))], stdout=subprocess.PIPE
+    )
+    assert p.stdout.readline().strip() == b"held"
+    return p
+
+
+@case("second run on a locked checkpoint.dir (1 rank)")
+def _(root):
+    holder = _hold_lock(root / "ckpt")
+    try:
+        return user_error(*quick_main(root), "checkpoint.dir", f"in use by another run (pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@case("second run on a locked checkpoint.dir (2 ranks, deepspeed launcher)", slow=True)
+def _(root):
+    holder = _hold_lock(root / "ckpt")
+    try:
+        code, out = _deepspeed(root)
+    finally:
+        holder.kill()
+        holder.wait()
+    named = [line for line in out.splitlines() if line.startswith("error: ") and f"(pid {holder.pid}" in line]
+    return code == 2 and len(
+        named
+    ) == 2, f"exit {code}, {len(named)} ranks name the holder: {last_error(out)}"
+
+
+@case("lock of a SIGKILLed run is taken over with a message")
+def _(root):
+    holder = _hold_lock(root / "ckpt")
+    holder.kill()
+    holder.wait()
+    code, out = train(root, "--optim.steps=1")
+    return code == 0 and "taking over" in out and f"pid {holder.pid}" in out, f"exit {code}"
+
+
+@case("a save leaves a user's tmp.* in checkpoint.dir alone")
+def _(root):
+    (root / "ckpt" / "tmp.Xq3aB9kLm2").mkdir(parents=True)
+    (root / "ckpt" / "tmp.Xq3aB9kLm2" / "notes").write_text("keep")
+    code, out = train(root, "--optim.steps=1")
+    kept = (root / "ckpt" / "tmp.Xq3aB9kLm2" / "notes").is_file()
+    return code == 0 and kept, f"exit {code}, user's directory kept: {kept}"
+
+
+for _name in ("tmp.latest", "zero_to_fp32.py", "tmp.global_step2", "tmp.export", "latest"):
+
+    @case(f"symlink planted at checkpoint.dir/{_name}")
+    def _(root, name=_name):
+        outside = root / "outside"
+        outside.mkdir()
+        (outside / "f").write_text("keep")
+        (root / "ckpt").mkdir()
+        target = outside if name in ("tmp.global_step2", "tmp.export") else outside / "f"
+        (root / "ckpt" / name).symlink_to(target)
+        code, out = quick_main(root, "--optim.steps=2", "--checkpoint.export=hf")
+        untouched = (
+            sorted(p.name for p in outside.iterdir()) == ["f"] and (outside / "f").read_text() == "keep"
+        )
+        ok, detail = user_error(code, out, name, "symbolic link")
+        return ok and untouched and not os.access(outside / "f", os.X_OK), detail
+
+
+for _tag in ("../../elsewhere/global_step2", "/abs/path/global_step2"):
+
+    @case(f"latest naming {_tag}")
+    def _(root, tag=_tag):
+        base_checkpoint(root)
+        (root / "ckpt" / "latest").write_text(tag)
+        return user_error(*quick_main(root, "--checkpoint.resume=auto"), "latest", "not a checkpoint of this")
+
+
+@case("non-UTF-8 latest")
+def _(root):
+    base_checkpoint(root)
+    (root / "ckpt" / "latest").write_bytes(b"global_step\xff")
+    return user_error(*quick_main(root, "--checkpoint.resume=auto"), "latest", "not UTF-8")
+
+
+@case("latest a symlink to a 1 GB file")
+def _(root):
+    base_checkpoint(root)
+    with open(root / "big", "wb") as f:
+        f.truncate(1 << 30)
+    (root / "ckpt" / "latest").unlink()
+    (root / "ckpt" / "latest").symlink_to(root / "big")
+    t0 = time.time()
+    ok, detail = user_error(*quick_main(root, "--checkpoint.resume=auto"), "latest", "symbolic link")
+    return ok and time.time() - t0 < 30, detail
+
+
+def _fifo_case(root: Path, fifo: Path, *args: str) -> tuple[bool, str]:
+    """The start must refuse the pipe, never block on it (if it does, a writer unblocks it after 60 s)."""
+    os.mkfifo(fifo)
+    result: list = []
+    import threading
+
+    t = threading.Thread(target=lambda: result.append(quick_main(root, *args)), daemon=True)
+    t.start()
+    t.join(60)
+    if t.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY))
+        t.join(60)
+        return False, f"blocked on the named pipe {fifo.name}"
+    return user_error(*result[0], fifo.name, "not a regular file")
+
+
+@case("named pipe as tokenizer.json")
+def _(root):
+    (root / "tok").mkdir()
+    return _fifo_case(root, root / "tok" / "tokenizer.json", f"--data.tokenizer={root}/tok")
+
+
+@case("named pipe as a checkpoint file (rng_rank0.pt)")
+def _(root):
+    tag = base_checkpoint(root)
+    (tag / "rng_rank0.pt").unlink()
+    return _fifo_case(root, tag / "rng_rank0.pt", "--optim.steps=4", "--checkpoint.resume=auto")
+
+
+@case("named pipe as latest")
+def _(root):
+    base_checkpoint(root)
+    (root / "ckpt" / "latest").unlink()
+    return _fifo_case(root, root / "ckpt" / "latest", "--optim.steps=4", "--checkpoint.resume=auto")
+
+
+@case("pickle payload in pytorch_model.bin")
+def _(root):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=259)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(root / "m", safe_serialization=False)
+    torch.save({"x": _Payload(root / "ran")}, root / "m" / "pytorch_model.bin")
+    code, out = quick_main(root, f"--model.name_or_path={root}/m", "--model.hf_config=null")
+    ok, detail = user_error(code, out, "pytorch_model.bin", "refused")
+    return ok and not (root / "ran").exists(), detail
+
+
+@case("full logging.dir disk keeps the step's checkpoint")
+def _(root):
+    code, out = train(root, "--optim.steps=3", "--checkpoint.every=1", faults=("--enospc-in-log=2",))
+    latest = (root / "ckpt" / "latest").read_text() if (root / "ckpt" / "latest").exists() else None
+    warned = out.count("warning: writing metrics under logging.dir")
+    return (
+        code == 0 and latest == "global_step3" and warned == 1,
+        f"exit {code}, latest {latest}, {warned} warning",
+    )
+
+
+# ------------------------------------------------------------------ every rank agrees before it waits
+
+
+def _deepspeed(root: Path, *args: str, port: int | None = None) -> tuple[int, str]:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(port or free_port()), str(TRAIN)]
+    cmd += ["--config", str(CONFIG), *FAST, *outputs(root), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root, env=ENV)
+    return r.returncode, r.stdout + r.stderr
+
+
+@case("one rank's data unreadable (srun-style, 2 ranks)", slow=True)
+def _(root):
+    (root / "empty.jsonl").write_text("")
+    port, procs, t0 = str(free_port()), [], time.time()
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        data = ["--data.kind=jsonl", f"--data.path={root}/empty.jsonl"] if rank == 1 else []
+        cmd = [sys.executable, str(TRAIN), "--config", str(CONFIG), *FAST, *outputs(root), *data]
+        procs.append(
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        )
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        return False, "a rank still waits after 300 s"
+    finally:
+        for p in procs:
+            p.kill()
+    codes = [p.returncode for p in procs]
+    return codes == [2, 2] and "rank 1" in last_error(
+        outs[0]
+    ), f"exits {codes} in {time.time() - t0:.0f} s: {last_error(outs[0])}"
+
+
+@case("MASTER_PORT in use (1 rank)")
+def _(root):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        cmd = [sys.executable, str(TRAIN), "--config", str(CONFIG), *FAST, *outputs(root)]
+        r = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=600, env={**env, "MASTER_PORT": str(port)}
+        )
+    out = r.stdout + r.stderr
+    return (
+        user_error(r.returncode, out, f"MASTER_PORT {port} is in use")
+        if "Traceback" not in out
+        else (False, "traceback")
+    )
+
+
+@case("MASTER_PORT in use (2 ranks, deepspeed launcher)", slow=True)
+def _(root):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out = _deepspeed(root, port=port)
+    return code == 2 and f"error: MASTER_PORT {port} is in use" in out, f"exit {code}: {last_error(out)}"
+
+
+# ------------------------------------------------------------------ ranks never outlive their job
+
+
+def _bare_deepspeed(root: Path, supervised: bool = False) -> subprocess.Popen:
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN)]
+    cmd += ["--config", str(CONFIG), *FAST, *outputs(root), "--optim.steps=300"]
+    if supervised:
+        cmd = [sys.executable, str(REPO / "launch" / "preemptible.py"), *cmd]
+    out = open(root / "out.log", "w")
+    return subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=REPO, start_new_session=True
+    )
+
+
+def _orphan_case(root: Path, target: str, sig: int, supervised: bool) -> tuple[bool, str]:
+    import psutil
+
+    proc = _bare_deepspeed(root, supervised)
+    log = root / "log" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        if proc.poll() is not None or time.time() > deadline:
+            return False, "run ended before step 2: " + (root / "out.log").read_text()[-300:]
+        time.sleep(0.05)
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    inner = [p for p in tree if "deepspeed.launcher.launch" in " ".join(p.cmdline())][0]
+    ranks = inner.children()
+    runner = inner.parent()
+    pid = {"supervisor": proc.pid, "deepspeed": runner.pid, "launcher": inner.pid}[target]
+    os.kill(pid, sig)
+    _, alive = psutil.wait_procs(ranks, timeout=300)
+    for p in alive:
+        p.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=60)
+    steps = len(log.read_text().splitlines())
+    latest = (root / "ckpt" / "latest").read_text() if (root / "ckpt" / "latest").exists() else None
+    out = (root / "out.log").read_text()
+    ok = not alive and latest == f"global_step{steps}" and steps < 300 and "preempted by" in out
+    return ok, f"ranks left training: {len(alive)}, stopped after step {steps}, latest {latest}"
+
+
+for _target, _sig, _sup in [("deepspeed", signal.SIGTERM, False), ("deepspeed", signal.SIGKILL, False),
+                            ("launcher", signal.SIGKILL, False), ("supervisor", signal.SIGKILL, True)]:  # fmt: skip
+
+    @case(f"{_sig.name} to the {'supervisor' if _sup and _target == 'supervisor' else 'bare ' + _target} (2 ranks): no orphan", slow=True)  # fmt: skip
+    def _(root, target=_target, sig=_sig, sup=_sup):
+        return _orphan_case(root, target, sig, sup)
+
+
+def _ctrl_c(root: Path, twice: bool) -> tuple[bool, str]:
+    cmd = [sys.executable, str(TRAIN), "--config", str(CONFIG), *FAST, *outputs(root), "--optim.steps=300"]
+    cmd += ["--data.seq_len=4096", "--chunking.chunk_size=256"]
+    out = root / "out.log"
+    proc = subprocess.Popen(cmd, stdout=open(out, "w"), stderr=subprocess.STDOUT, env=ENV)
+    log = root / "log" / "metrics.jsonl"
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        if proc.poll() is not None:
+            return False, "run ended early"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    if twice:
+        while "a second Ctrl-C aborts" not in out.read_text() and proc.poll() is None:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=300)
+    text = out.read_text()
+    if twice:
+        return code == 130 and "aborted by a second Ctrl-C" in text, f"exit {code}"
+    steps = len(log.read_text().splitlines())
+    latest = (root / "ckpt" / "latest").read_text()
+    ok = (
+        code == 0
+        and "a second Ctrl-C aborts" in text
+        and latest == f"global_step{steps}"
+        and "Traceback" not in text
+    )
+    return ok, f"exit {code}, stopped after step {steps}, latest {latest}"
+
+
+@case("Ctrl-C: saves and stops", slow=True)
+def _(root):
+    return _ctrl_c(root, twice=False)
+
+
+@case("Ctrl-C twice: aborts", slow=True)
+def _(root):
+    return _ctrl_c(root, twice=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="skip the multi-process launcher / signal cases")
-    p.add_argument("-k", default="", help="only cases whose name contains this")
+    p.add_argument("-k", default="", help="only cases whose name contains this (A|B: either)")
     args = p.parse_args()
     failed = 0
     for name, slow, fn in CASES:
-        if (args.quick and slow) or args.k.lower() not in name.lower():
+        if (args.quick and slow) or not any(k in name.lower() for k in args.k.lower().split("|")):
             continue
         root = Path(tempfile.mkdtemp(prefix="hostile-"))
         t0 = time.time()

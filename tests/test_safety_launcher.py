@@ -69,7 +69,13 @@ def check_preempted(root: Path, code: int, signame: str) -> int:
     assert 2 <= steps < 200, steps
     assert (root / "ckpt" / "latest").read_text() == f"global_step{steps}"
     assert (root / "ckpt" / f"global_step{steps}" / "rng_rank1.pt").is_file()
-    assert f"preempted by {signame}" in out or "preempted by a signal to another rank" in out
+    # A TERM to the runner also ends the job under the ranks: their launcher watch may see it first.
+    causes = (
+        f"preempted by {signame}",
+        "preempted by a signal to another rank",
+        "preempted by the end of the job",
+    )
+    assert any(c in out for c in causes)
     return steps
 
 
@@ -93,7 +99,9 @@ def test_a_repeated_signal_after_the_preemption_save_cannot_kill_the_rank():
     try:
         for s in trainer.PREEMPT_SIGNALS:
             signal.signal(s, trainer._request_stop)  # as setup() leaves them
-        run = SimpleNamespace(metrics=SimpleNamespace(close=lambda: None), stopping=True)
+        run = SimpleNamespace(
+            metrics=SimpleNamespace(close=lambda: None), stopping=True, watch=None, claim=None
+        )
         run.signals = {s: signal.SIG_DFL for s in trainer.PREEMPT_SIGNALS}  # what a fresh process had
         trainer.close(run)
         assert all(signal.getsignal(s) == trainer._request_stop for s in trainer.PREEMPT_SIGNALS)

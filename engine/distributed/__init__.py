@@ -2,6 +2,7 @@
 
 * ``ds_config``: the ds_config derived from a run config and the user's own (``derive_ds_config``), checked
   at config load (``check_ds_config``);
+* ``rendezvous``: the ranks meet before preparing and agree on everyone's readiness (``join_rendezvous``);
 * ``runtime``: joining the process group (``init_distributed``), the ZeRO-3 partitioned load
   (``zero3_context``), ``initialize``, the optimizer step or its skip (``optimizer_step``), ``shutdown``;
 * ``backend``: what chunk-wise backprop needs from a plain module or a DeepSpeed engine (``backend_for``).
@@ -17,6 +18,7 @@ from engine.distributed.runtime import (
     any_rank,
     init_distributed,
     initialize,
+    join_rendezvous,
     optimizer_step,
     run_ds_config,
     shutdown,
@@ -35,6 +37,7 @@ __all__ = [
     "derive_ds_config",
     "init_distributed",
     "initialize",
+    "join_rendezvous",
     "optimizer_step",
     "run_ds_config",
     "shutdown",

@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 
 from engine.config import Config
+from engine.distributed import rendezvous
 from engine.distributed.ds_config import derive_ds_config
+from engine.distributed.rendezvous import Rendezvous
 
 
 def announced_world_size() -> int:
@@ -61,9 +63,11 @@ def zero3_context(ds_config: dict):
     return HfDeepSpeedConfig(ds_config)
 
 
-def init_distributed() -> None:
+def init_distributed(rdzv: Rendezvous | None = None) -> None:
     """Join the process group: under deepspeed / torchrun / srun with RANK etc. set, under mpirun through
-    DeepSpeed's MPI discovery, and as a world of one when started as plain `python launch/train.py`."""
+    DeepSpeed's MPI discovery, and as a world of one when started as plain `python launch/train.py`.
+    With `rdzv` (the store every rank met in before preparing, engine/distributed/rendezvous.py) the group
+    is built on that store."""
     import deepspeed
 
     if dist.is_initialized():
@@ -84,10 +88,16 @@ def init_distributed() -> None:
     # A hung rank must end the job, not stall it for torch's default 30 minutes: DeepSpeed creates its
     # data-parallel groups later with torch's default timeout, so set that default too (DEEPSPEED_TIMEOUT,
     # minutes, is DeepSpeed's own knob for it).
-    from deepspeed.constants import default_pg_timeout as timeout
     from torch.distributed import distributed_c10d as c10d
 
-    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout = pg_timeout()
+    if rdzv is not None and rdzv.store is not None:
+        kwargs = {}
+        if torch.cuda.is_available() and rdzv.world > 1:  # as DeepSpeed does: binds NCCL to this GPU early
+            kwargs["device_id"] = torch.device("cuda", _local_rank())
+        dist.init_process_group(
+            backend, store=rdzv.store, rank=rdzv.rank, world_size=rdzv.world, timeout=timeout, **kwargs
+        )  # DeepSpeed's init below then only wraps the group
     deepspeed.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=mpi,
@@ -97,6 +107,18 @@ def init_distributed() -> None:
         verbose=False,
     )
     unlink_shm_comm_buffers()
+
+
+def join_rendezvous() -> Rendezvous:
+    """Meet the other ranks before preparing (engine/distributed/rendezvous.py)."""
+    return rendezvous.join(pg_timeout())
+
+
+def pg_timeout():
+    """DeepSpeed's process-group timeout (DEEPSPEED_TIMEOUT minutes, default 10)."""
+    from deepspeed.constants import default_pg_timeout
+
+    return default_pg_timeout
 
 
 def _local_rank() -> int:
