@@ -90,8 +90,8 @@ def test_one_ranks_failure_ends_every_rank(tmp_path):
             p.kill()
     codes = [p.returncode for p in procs]
     assert codes == [2, 2], outs
-    assert errors(outs[1])[-1].startswith("error: jsonl data file")
-    assert errors(outs[0])[-1].startswith("error: rank 1 ") and "jsonl data file" in errors(outs[0])[-1]
+    assert "empty.jsonl" in errors(outs[1])[-1]
+    assert errors(outs[0])[-1].startswith("error: rank 1 ") and "empty.jsonl" in errors(outs[0])[-1]
     assert (
         not (tmp_path / "ckpt").exists() and not (tmp_path / "log").exists()
     )  # a failed start writes nothing
