@@ -494,7 +494,8 @@ class ParallelConfig:
 @dataclass
 class LoggingConfig:
     dir: str = "runs/default"
-    """metrics.jsonl, metrics.png (drawn when the run ends) and the TensorBoard events go here."""
+    """metrics.jsonl, metrics.png (drawn when the run ends) and the TensorBoard events (in tensorboard/run-<UTC
+    start time>/, one subdirectory per run; a resumed run continues the latest) go here."""
 
     every: int = 1
     """Steps between log lines / TensorBoard points."""

@@ -1,5 +1,8 @@
 """What a run reports, from rank 0 only: TensorBoard scalars, a JSONL file, a PNG, a progress bar, log lines.
 
+TensorBoard events go to logging.dir/tensorboard/run-<UTC start time>/, a subdirectory per run (a resumed run
+continues the latest), so runs started in the same logging.dir show as separate curves.
+
 logging.dir/metrics.jsonl gets one JSON object per step (every step, whatever logging.every says): the
 record a script or test reads back. On resume, records past the resumed step (written by the interrupted
 run after its last checkpoint) are dropped so the file holds one clean curve; TensorBoard does the same via
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,9 @@ from engine.memory import peak_rss_bytes
 from engine.run_lock import LOCK_FILE
 from engine.safe_paths import entry, refuse_links
 
+TENSORBOARD_DIR = "tensorboard"  # logging.dir/tensorboard/run-<UTC start time>: one subdirectory per run
 OWN_NAMES = (
+    TENSORBOARD_DIR,
     report.METRICS_FILE,
     report.METRICS_FILE + ".tmp",
     report.PLOT_FILE,
@@ -78,7 +84,8 @@ class Metrics:
         if log_cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out), purge_step=start_step + 1 if start_step else None)
+            tb_dir = tensorboard_run_dir(out, resumed=start_step > 0)
+            self.writer = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if start_step else None)
         stream = sys.stderr if stream is None else stream
         if log_cfg.progress_bar and _is_terminal(stream):
             from tqdm import tqdm
@@ -183,6 +190,24 @@ def eval_scalars(values: dict[str, Any]) -> dict[str, float]:
     for cell in values.get("eval/retrieval") or []:
         out[f"eval/retrieval/L{cell['length']}_d{cell['depth']:g}"] = cell["accuracy"]
     return out
+
+
+def tensorboard_run_dir(out: Path, resumed: bool) -> Path:
+    """This run's TensorBoard directory: a new one for a fresh run (a run started again in the same
+    logging.dir is its own curve, not overlaid on the old events), the latest one for a resumed run (which
+    continues its curve; purge_step drops the points past the checkpoint)."""
+    root = entry(out, TENSORBOARD_DIR, "logging.dir")
+    runs = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()) if root.is_dir() else []
+    if resumed and runs:
+        return runs[-1]
+    name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    taken = {p.name for p in runs}
+    unique = (
+        name
+        if name not in taken
+        else next(f"{name}-{i:03d}" for i in range(1, 1000) if f"{name}-{i:03d}" not in taken)
+    )
+    return root / unique
 
 
 def check_dir(log_dir: str) -> None:

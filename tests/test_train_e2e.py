@@ -153,7 +153,9 @@ def test_deepspeed_launcher_run_learns(tmp_path):
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     assert last < first - 0.8, curve  # ~5.5 (uniform over 259 bytes) -> ~4
     assert "step 30/30" in r.stdout and "done: steps 1..30" in r.stdout
-    assert list((tmp_path / "log").glob("events.out.tfevents.*")), "TensorBoard event file"
+    assert list((tmp_path / "log" / "tensorboard").glob("run-*/events.out.tfevents.*")), (
+        "TensorBoard event file"
+    )
     assert latest(tmp_path) == "global_step30"
     ckpt = tmp_path / "ckpt" / "global_step30"
     assert (ckpt / "mp_rank_00_model_states.pt").is_file() and (ckpt / "rng_rank1.pt").is_file()
