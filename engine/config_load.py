@@ -207,6 +207,8 @@ def _yaml_load(text: str, where: str) -> Any:
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    except RecursionError:  # PyYAML composes recursively: `[[[[...` thousands deep
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
     finally:
         loader.dispose()
 

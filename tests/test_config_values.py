@@ -78,3 +78,8 @@ def test_backward_compatible_hf_config_keys_are_accepted():
     assert "unknown key 'model.hf_config.rope_scalling'" in error_of(
         str(CONFIG), [rope.replace("scaling", "scalling")]
     )
+
+
+def test_yaml_nested_thousands_deep_is_one_error(tmp_path):
+    path = write(tmp_path, "optim: " + "[" * 3000 + "]" * 3000 + "\n")
+    assert "c.yaml: invalid YAML: nested too deeply" in error_of(path)
