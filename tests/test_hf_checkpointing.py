@@ -149,3 +149,23 @@ def test_chunkwise_trainer_with_gradient_checkpointing_is_exact(tmp_path):
     with_gc = _trainer_grads(tmp_path, True)
     assert any(with_gc["flags"])  # the Trainer did enable it, and the step left it enabled
     assert rel_error(with_gc["grads"], ref) <= 1e-12
+
+
+def test_hf_gradient_checkpointing_under_a_spaco_draw_with_dropout():
+    """A SpaCO selection in train mode with dropout: the same gradient as without transformers'
+    checkpointing (the recompute replays the forward's dropout masks), the RNG continuing alike."""
+    from engine.schedule import ChunkSchedule
+
+    model = tiny_model("LlamaConfig", attention_dropout=0.2).train()
+    ids, labels, mask = tiny_batch()
+    schedule = ChunkSchedule(chunk_size=8, mode="spaco", sample_prob=0.5, selected=(0, 2, 4))
+    runs = []
+    for enabled in (False, True):
+        if enabled:
+            model.gradient_checkpointing_enable()
+        torch.manual_seed(7)
+        model.zero_grad(set_to_none=True)
+        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, schedule=schedule)
+        runs.append((grads_of(model), torch.rand(1)))
+    (plain, after_plain), (taken_over, after_taken_over) = runs
+    assert rel_error(taken_over, plain) <= 1e-12 and torch.equal(after_plain, after_taken_over)
