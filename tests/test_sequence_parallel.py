@@ -121,3 +121,34 @@ def test_parallel_sequence_config_errors():
     with pytest.raises(ValueError, match=r"must divide the attention heads \(4\)"):
         _check_sequence_parallel(load_config(str(DEFAULT_CONFIG_PATH), ["--parallel.sequence=8"]), 8)
     _check_sequence_parallel(cfg, 8)  # 4 query heads, 2 K/V heads replicated on 4 ranks: accepted
+
+
+# ------------------------------------------------------------------------------------------- the planner
+
+
+def test_planner_per_rank_kv_and_activations():
+    from engine.plan import longest_sequence, plan
+
+    kw = dict(
+        chunk_size=8192, dtype="bfloat16", zero_stage=3, world_size=8, checkpoint_layers=True, fused_loss=True
+    )
+    one = plan("llama3-8b", seq_len=1 << 20, **kw)
+    for p, heads in ((2, 4), (8, 1), (16, 1)):  # 8 K/V heads: 8 / P per rank, one (replicated) beyond 8
+        if p > 8:
+            kw16 = {**kw, "world_size": 16, "sequence": 16}
+            sp, ref = (
+                plan("llama3-8b", seq_len=1 << 20, **kw16),
+                plan("llama3-8b", seq_len=1 << 20, **{**kw16, "sequence": 1}),
+            )
+        else:
+            sp, ref = plan("llama3-8b", seq_len=1 << 20, **kw, sequence=p), one
+        assert sp.kv == ref.kv * heads // 8 and sp.kv_grads == ref.kv_grads * heads // 8
+        assert sp.weights == ref.weights and sp.optimizer == ref.optimizer  # ZeRO over all ranks either way
+        assert sp.activations < ref.activations
+    assert longest_sequence("llama3-8b", device_memory="80GB", sequence=8, **kw) > 6 * longest_sequence(
+        "llama3-8b", device_memory="80GB", **kw
+    )
+    with pytest.raises(ValueError, match="must divide chunk_size"):
+        plan("llama3-8b", seq_len=1 << 16, **{**kw, "chunk_size": 1000}, sequence=16)
+    with pytest.raises(ValueError, match="hybrid"):
+        plan("qwen3-next-80b-a3b", seq_len=1 << 16, **kw, sequence=2)

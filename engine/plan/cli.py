@@ -55,6 +55,7 @@ def setup_from_config(cfg, device: str = "cuda", world_size: int = 1) -> dict:
         checkpoint_layers=getattr(ch, "checkpoint_layers", False), fused_loss=getattr(ch, "fused_loss", False),
         loss_slice=getattr(ch, "loss_slice", 128), kv_grad_dtype=getattr(ch, "kv_grad_dtype", None),
         kv_device_budget=getattr(ch, "kv_device_budget", None),
+        sequence=cfg.parallel.sequence if hasattr(cfg, "parallel") else 1,
     )  # fmt: skip
 
 
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m engine.plan", allow_abbrev=False,
         description="Predict the peak device memory and step time of chunk-wise (SeCO/SpaCO) training of a run "
         "config, and the longest sequence that fits. Other arguments are the launcher's overrides "
-        "(--section.key=value). Sizes are per data-parallel rank; see engine/plan/memory.py for what is not modelled.",
+        "(--section.key=value). Sizes are per rank; see engine/plan/memory.py for what is not modelled.",
     )  # fmt: skip
     p.add_argument("--config", help="run config YAML (default: the launcher's, configs/tiny-cpu.yaml)")
     src = p.add_mutually_exclusive_group()
@@ -106,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", default="1GiB", help="CUDA context, cuBLAS/NCCL workspaces (default 1GiB)")
     p.add_argument("--margin", type=float, default=0.10, help="fraction kept for allocator fragmentation")
     p.add_argument(
-        "--world-size", type=int, default=1, help="data-parallel ranks (ZeRO partitions over them)"
+        "--world-size",
+        type=int,
+        default=1,
+        help="all ranks: data x parallel.sequence (ZeRO partitions over them)",
     )
     p.add_argument("--chunk-sizes", help="one table per chunk size (default: chunking.chunk_size)")
     p.add_argument("--seq-lens", default="4K,8K,16K,32K", help="lengths to show (K = 1024); + data.seq_len")
@@ -193,6 +197,9 @@ def _describe(name: str, shape: ModelShape, kw: dict, b0: Breakdown, cfg) -> lis
     zero = f"stage {kw['zero_stage']}, world size {kw['world_size']}" + (
         f", {' and '.join(off)} offloaded to host" if off else ""
     )
+    p = kw.get("sequence", 1)
+    if p > 1:
+        zero += f"; parallel.sequence {p}: {kw['world_size'] // p} data-parallel group(s) of {p} ranks sharing a sequence"
     extras = [k for k in ("checkpoint_layers", "fused_loss") if kw[k]]
     extras += [f"offload_kv {kw['offload_kv']}"] if kw["offload_kv"] else []
     extras += [f"K/V grads in {Setup(**kw).kv_grad_dtype}"]

@@ -34,6 +34,7 @@ layers' saved widths and MoE routing buffers are estimated from their shapes (no
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -79,14 +80,19 @@ class Breakdown:
         return self.grad_accum + self.kv + self.kv_grads + self.activations + self.transient
 
 
-def evaluate(shape: ModelShape, o: Setup, seq_len: int, device_budget: int | None = None) -> Breakdown:
-    """The Breakdown at seq_len; offload_kv "auto" keeps on the device what fits in device_budget."""
+def evaluate(
+    shape: ModelShape, o: Setup, seq_len: int, device_budget: int | None = None, static_shape=None
+) -> Breakdown:
+    """The Breakdown at seq_len; offload_kv "auto" keeps on the device what fits in device_budget.
+    `static_shape`: the shape whose parameters are counted, when `shape` is one rank's view of it."""
+    if o.sequence > 1:
+        return _sequence_parallel(shape, o, seq_len, device_budget)
     if o.offload_kv == "auto":
         if device_budget is None:
             raise ValueError("offload_kv 'auto' needs the device memory (device_memory=...)")
         on, off = (
-            evaluate(shape, o.replace(offload_kv=True), seq_len),
-            evaluate(shape, o.replace(offload_kv=False), seq_len),
+            evaluate(shape, o.replace(offload_kv=True), seq_len, static_shape=static_shape),
+            evaluate(shape, o.replace(offload_kv=False), seq_len, static_shape=static_shape),
         )
         room = (
             device_budget - on.total
@@ -99,7 +105,7 @@ def evaluate(shape: ModelShape, o: Setup, seq_len: int, device_budget: int | Non
         on.kv_host -= kept
         on.host -= kept
         return on
-    s = _static(shape, o)
+    s = _static(static_shape or shape, o)
     kv, kv_grads = kv_bytes(shape, o, seq_len)
     acts, parts = _activations(shape, o, seq_len)
     phases = _phases(shape, o, seq_len, acts, parts)
@@ -115,6 +121,34 @@ def evaluate(shape: ModelShape, o: Setup, seq_len: int, device_budget: int | Non
         seq_activations=acts - _activations(shape, o, 0)[0], kv_host=kv_host, host=s["host"] + kv_host,
         params=s["params"], trainable=s["trainable"],
     )  # fmt: skip
+
+
+def rank_shape(shape: ModelShape, p: int) -> ModelShape:
+    """What one rank of a sequence group of p holds of each attention layer's K/V: kv_heads / p heads, or
+    one (replicated) when there are fewer K/V heads than ranks."""
+    return dataclasses.replace(shape, kv_heads=max(1, shape.kv_heads // p))
+
+
+def _sequence_parallel(shape: ModelShape, o: Setup, seq_len: int, device_budget: int | None) -> Breakdown:
+    """One rank of a sequence group of P (engine/sequence_parallel.py). It holds C/P tokens of every chunk
+    with all heads through norms, MLPs, the loss and what attention saves (C/P tokens x H heads = C tokens x
+    H/P heads, in bytes), and the K/V (+ gradients) of its K/V heads over the whole sequence: the plan of a
+    rank with chunks of C/P tokens and `rank_shape`'s K/V heads, with the whole model's parameters (ZeRO
+    partitions over all world_size ranks). On top: o_proj's input, which the all-to-all back makes a tensor
+    of its own (without sequence parallelism it is the attention kernel's saved output). Not modelled: the
+    all-to-all buffers (one chunk's q, k, v or output in flight at a time) and hybrids (their mixers run
+    replicated on the gathered chunk)."""
+    if shape.linear_layers:
+        raise ValueError("sequence > 1: the planner does not model hybrid models' gathered mixers")
+    p, c = o.sequence, o.chunk_size // o.sequence
+    dt, ldt = DTYPE_BYTES[o.dtype], DTYPE_BYTES[o.lora_dtype]
+    kept = dt if o.lora_rank == 0 else (ldt if "o_proj" in o.lora_targets else 0)
+    layers = 1 if o.checkpoint_layers else shape.attn_layers  # checkpointed: only the recomputed layer's
+    extra = o.batch * c * shape.q_width * kept * layers
+    room = None if device_budget is None else device_budget - extra  # what offload_kv "auto" may fill
+    b = evaluate(rank_shape(shape, p), o.replace(sequence=1, chunk_size=c), seq_len, room, shape)
+    b.activations += extra
+    return b
 
 
 def longest(

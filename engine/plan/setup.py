@@ -52,6 +52,7 @@ class Setup:
     kv_device_budget: int | None = (
         None  # offload_kv "auto": at most this many bytes of K/V (+ grads) on the device
     )
+    sequence: int = 1  # parallel.sequence: ranks sharing one sequence (world_size counts all ranks)
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -69,7 +70,7 @@ class Setup:
             "kv_grad_dtype",
             wanted if self.dtype == "bfloat16" else "float64" if self.dtype == "float64" else "float32",
         )
-        for name in ("chunk_size", "batch", "world_size", "loss_slice"):
+        for name in ("chunk_size", "batch", "world_size", "loss_slice", "sequence"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -98,6 +99,15 @@ class Setup:
             raise ValueError(f"backend {self.backend!r} is not one of {BACKENDS}")
         if self.backend == "local" and (self.zero_stage or self.world_size != 1):
             raise ValueError("backend 'local' is one process without ZeRO: zero_stage 0, world_size 1")
+        if self.sequence > 1 and (self.chunk_size % self.sequence or self.world_size % self.sequence):
+            raise ValueError(
+                f"sequence {self.sequence} must divide chunk_size ({self.chunk_size}) and world_size "
+                f"({self.world_size})"
+            )
+        if self.sequence > 1 and self.attn != "sdpa":
+            raise ValueError(
+                f"sequence {self.sequence}: the engine runs its own attention there; attn 'sdpa'"
+            )
         if self.offload_kv not in (True, False, "auto"):
             raise ValueError(f"offload_kv must be true, false or 'auto', got {self.offload_kv!r}")
 

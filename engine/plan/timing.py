@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engine.plan.memory import evaluate
+from engine.plan.memory import evaluate, rank_shape
 from engine.plan.setup import DTYPE_BYTES, Setup
 from engine.plan.shape import ModelShape
 
@@ -55,9 +55,24 @@ def step_time(
     selected: int | None = None,
     device_budget: int | None = None,
 ) -> StepTime:
-    """The step's predicted time; `selected` = chunks pass 2 revisits (default: all, SeCO)."""
+    """The step's predicted time; `selected` = chunks pass 2 revisits (default: all, SeCO).
+
+    Sequence parallelism (o.sequence = P): each rank computes 1/P of every chunk (its tokens through the
+    dense layers, its heads in attention) and moves 1/P of the K/V over the host link; the all-to-alls
+    themselves (4 per attention layer and chunk forward, as many in backward, each of a chunk's q, k, v or
+    output) are not modelled: a lower bound where the interconnect is slow."""
     if tflops <= 0 or bandwidth <= 0:
         raise ValueError("the stated throughput and bandwidth must be > 0")
+    if o.sequence > 1:
+        one = step_time(shape, o.replace(sequence=1), seq_len, tflops=tflops, bandwidth=bandwidth,
+                        selected=selected, device_budget=device_budget)  # fmt: skip
+        kv_share = rank_shape(shape, o.sequence).kv_heads / shape.kv_heads
+        h = host_traffic(shape, o.replace(sequence=1), seq_len, selected or one_chunks(o, seq_len),
+                         device_budget, kv_share)  # fmt: skip
+        flops = one.flops / o.sequence
+        return StepTime(
+            flops=flops, compute_s=flops / (tflops * 1e12), host_bytes=h, transfer_s=h / bandwidth
+        )
     c, b, L = o.chunk_size, o.batch, seq_len
     k = math.ceil(L / c)
     t = k if selected is None else selected
@@ -83,7 +98,14 @@ def step_time(
     )
 
 
-def host_traffic(shape: ModelShape, o: Setup, seq_len: int, selected: int, device_budget: int | None) -> int:
+def one_chunks(o: Setup, seq_len: int) -> int:
+    return math.ceil(seq_len / o.chunk_size)
+
+
+def host_traffic(
+    shape: ModelShape, o: Setup, seq_len: int, selected: int, device_budget: int | None, kv_share: float = 1.0
+) -> int:
+    """Bytes over the host link per step; `kv_share`: the part of the K/V one rank holds."""
     c, L = o.chunk_size, seq_len
     k = math.ceil(L / c)
     dt, gdt = DTYPE_BYTES[o.dtype], DTYPE_BYTES[o.kv_grad_dtype]
@@ -95,7 +117,9 @@ def host_traffic(shape: ModelShape, o: Setup, seq_len: int, selected: int, devic
             share = b.kv_host / max(1, b.kv_host + b.kv + b.kv_grads)
         per_token = 2 * shape.attn_layers * shape.kv_width * o.batch  # K/V elements per token
         prefix = c * k * (k - 1) / 2  # sum over chunks of the tokens before them
-        traffic += share * per_token * (dt * (L + prefix) + selected / k * prefix * (2 * dt + 2 * gdt))
+        traffic += (
+            kv_share * share * per_token * (dt * (L + prefix) + selected / k * prefix * (2 * dt + 2 * gdt))
+        )
     static = evaluate(shape, o.replace(offload_kv=False), seq_len)
     if o.offload_optimizer:
         gbytes = DTYPE_BYTES[o.lora_dtype] if o.lora_rank else dt
