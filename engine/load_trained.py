@@ -2,7 +2,8 @@
 
 checkpoint   a checkpoint.dir (its `latest`) or one global_stepN inside it: the config's model (+ LoRA)
              built, then the checkpoint's weights loaded. Without ZeRO-3 they are the model states file's
-             full copy; under ZeRO-3 DeepSpeed's zero_to_fp32 consolidates the shards in host memory.
+             full copy; under ZeRO-3 DeepSpeed's zero_to_fp32 consolidates the shards in host memory
+                 (in float32: a float64 run's weights come back rounded).
              Every file passes the weights-only check first (engine/safe_load.py).
 model_dir    an export: a full HF model (checkpoint.export hf) or a PEFT adapter (export lora, put on the
              config's base model)

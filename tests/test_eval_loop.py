@@ -113,6 +113,35 @@ def test_eval_loss_is_hf_loss_two_ranks(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     check_run(tmp_path)
+    # Retrieval counts summed over the ranks' shards: what one process scores on the export.
+    out = tmp_path / "cli"
+    assert (
+        evaluate_main(
+            ["--config", str(CONFIG), "--model", str(tmp_path / "ckpt" / "export"), "--out", str(out), *RUN]
+        )
+        == 0
+    )
+    assert (
+        json.loads((out / "evaluation.json").read_text())["eval/retrieval"]
+        == records(tmp_path)[-1]["eval/retrieval"]
+    )
+
+
+@pytest.mark.distributed
+def test_eval_under_zero3_two_ranks(tmp_path):
+    """ZeRO-3: every chunk's forward gathers parameters, so both ranks must run as many of them (uneven
+    shards, retrieval cells). The export passes through zero_to_fp32, which writes float32: the reference
+    is the float64 run's weights rounded to float32, hence the tolerance."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN)]
+    cmd += ["--config", str(CONFIG), *outputs(tmp_path), *RUN, "--deepspeed.zero_stage=3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=ENV)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    last = records(tmp_path)[-1]
+    ref, n = hf_eval_loss(tmp_path / "ckpt" / "export")
+    assert last["eval/tokens"] == n
+    assert last["eval/loss"] == pytest.approx(ref, rel=1e-6)
+    assert len(last["eval/retrieval"]) == 4
 
 
 # ------------------------------------------------------------------------------------------------- units
@@ -247,3 +276,33 @@ def test_eval_path_loss_is_hf_loss_token_weighted(tmp_path):
         t = targets[b]
         means.append(F.cross_entropy(logits[b].flatten(0, 1), t.flatten(), ignore_index=-100).item())
     assert abs(sum(means) / len(means) - ref) > 1e-3
+
+
+def test_eval_points_reach_tensorboard_jsonl_and_the_plots(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine import report
+    from engine.config import LoggingConfig
+    from engine.metrics import Metrics
+
+    metrics = Metrics(LoggingConfig(dir=str(tmp_path), every=5, progress_bar=False), 2, 0, enabled=True)
+    base = dict(total_steps=2, lr=1e-3, grad_norm=1.0, tokens_per_s=1.0, step_time_s=1.0, peak_memory_bytes=1,
+                num_chunks=1, chunks_backpropagated=1, compensation=1.0, aux_loss=None, skipped=False)  # fmt: skip
+    cells = [{"length": 64, "depth": d, "accuracy": a, "items": 2} for d, a in ((0.0, 1.0), (0.5, 0.5))]
+    metrics.log(1, {**base, "loss": 3.0})
+    metrics.log(2, {**base, "loss": 2.0, "eval/loss": 2.5, "eval/ppl": math.exp(2.5), "eval/retrieval": cells,
+                    "eval/retrieval_acc": 0.75})  # fmt: skip
+    metrics.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {
+        "eval/loss",
+        "eval/ppl",
+        "eval/retrieval_acc",
+        "eval/retrieval/L64_d0",
+        "eval/retrieval/L64_d0.5",
+    } <= tags
+    assert [e.value for e in events.Scalars("eval/loss")] == [2.5]  # logged although 2 % logging.every != 0
+    assert report.last_retrieval(report.read_records(tmp_path)) == (2, cells)
+    assert (tmp_path / report.PLOT_FILE).is_file() and (tmp_path / report.RETRIEVAL_FILE).is_file()
