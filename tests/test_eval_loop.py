@@ -293,7 +293,8 @@ def test_eval_points_reach_tensorboard_jsonl_and_the_plots(tmp_path):
     metrics.log(2, {**base, "loss": 2.0, "eval/loss": 2.5, "eval/ppl": math.exp(2.5), "eval/retrieval": cells,
                     "eval/retrieval_acc": 0.75})  # fmt: skip
     metrics.close()
-    events = EventAccumulator(str(tmp_path))
+    (run_dir,) = (tmp_path / "tensorboard").iterdir()  # logging.dir/tensorboard/run-<start>/
+    events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {
