@@ -307,3 +307,20 @@ def test_eval_points_reach_tensorboard_jsonl_and_the_plots(tmp_path):
     assert [e.value for e in events.Scalars("eval/loss")] == [2.5]  # logged although 2 % logging.every != 0
     assert report.last_retrieval(report.read_records(tmp_path)) == (2, cells)
     assert (tmp_path / report.PLOT_FILE).is_file() and (tmp_path / report.RETRIEVAL_FILE).is_file()
+
+
+def test_split_rows_are_held_out_of_the_stream_and_max_samples_caps_them():
+    from engine.data import DataStream
+    from engine.evaluate import prepare_eval
+
+    cfg = load_config(str(CONFIG), ["--data.seq_len=128", "--data.num_samples=40", "--eval.split=0.25",
+                                    "--eval.max_samples=4"])  # fmt: skip
+    data = SyntheticDataset("kv_recall", 128, 40, cfg.data.seed, ByteTokenizer())
+    train, evaluator = prepare_eval(cfg, ByteTokenizer(), data, 259)
+    held = set(evaluator.eval_set.indices)
+    assert len(held) == 10 and len(train) == 30 and held.isdisjoint(train.indices)
+    assert evaluator.rows == [0, 1, 2, 3]  # the first 4 held-out rows
+    stream = DataStream(train, 1, 0, 1, seed=cfg.data.seed)
+    seen = {tuple(next(stream)["input_ids"][0, :24].tolist()) for _ in range(60)}  # two epochs
+    held_rows = {tuple(data[i]["input_ids"][:24].tolist()) for i in held}
+    assert len(seen) == 30 and seen.isdisjoint(held_rows)
