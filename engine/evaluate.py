@@ -114,18 +114,23 @@ def reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group (python -m engine.evaluate)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _device_of(model) -> torch.device:
+def device_of(model) -> torch.device:
+    """Where the model's inputs go (a DeepSpeed engine and an HF model both say; else its parameters')."""
     device = getattr(model, "device", None)
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
-def _batch(dataset: Dataset, rows: list[int], fallback: int, device: torch.device) -> dict[str, torch.Tensor]:
+def batch_of(
+    dataset: Dataset, rows: list[int], fallback: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The rows of `dataset` as a batch on `device`; no rows: row `fallback` without targets."""
     from engine.data import IGNORE_INDEX, collate
 
     if rows:
@@ -149,12 +154,12 @@ def eval_mode(model):
 
 def eval_loss(model, dataset: Dataset, rows: Sequence[int], batch_size: int, options: ScoreOptions) -> dict:
     """{'eval/loss', 'eval/ppl', 'eval/tokens'} over `rows` of `dataset`, all ranks together."""
-    rank, world = _rank_world()
-    device = _device_of(model)
+    rank, world = rank_world()
+    device = device_of(model)
     loss_sum, tokens = 0.0, 0
     with eval_mode(model):
         for batch_rows in shard_batches(rows, rank, world, batch_size):
-            b = _batch(dataset, batch_rows, rows[0], device)
+            b = batch_of(dataset, batch_rows, rows[0], device)
             s = score(
                 model,
                 b["input_ids"],

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, Subset
 
 from engine.chunk_eval import ScoreOptions, score
 from engine.config import RetrievalConfig
+from engine.evaluate import batch_of, device_of, eval_mode, rank_world, reduce_sum, shard_batches
 
 _WORDS_SEED = 0x5EC0  # the pseudo-word pool is part of the task definition, not of the run's seed
 _NUM_WORDS = 512
@@ -177,16 +178,14 @@ def _filler(p: _Pieces, text: np.ndarray | None, n: int, rng: np.random.Generato
 def evaluate_items(model, items: RetrievalSet, batch_size: int, options: ScoreOptions) -> dict:
     """{'eval/retrieval': [{length, depth, accuracy, items}, ...], 'eval/retrieval_acc': the mean}, all
     ranks together (the model is put in eval mode for the duration)."""
-    from engine.evaluate import _batch, _device_of, _rank_world, eval_mode, reduce_sum, shard_batches
-
-    rank, world = _rank_world()
-    device = _device_of(model)
+    rank, world = rank_world()
+    device = device_of(model)
     counts: list[float] = []
     with eval_mode(model):
         for cell in items.cells:
             answered = total = 0
             for rows in shard_batches(range(len(cell.items)), rank, world, batch_size):
-                b = _batch(cell.items, rows, 0, device)
+                b = batch_of(cell.items, rows, 0, device)
                 s = score(model, b["input_ids"], labels=b["labels"], options=options, argmax=True)
                 hit = (s.row_correct == s.row_tokens) & (s.row_tokens > 0)
                 answered, total = answered + int(hit.sum()), total + len(rows)
