@@ -152,12 +152,14 @@ def _read_latest(root: Path) -> str | None:
     return tag or None
 
 
-def verify(load_dir: str, tag: str, world_size: int) -> None:
+def verify(load_dir: str, tag: str, world_size: int, weights_only: bool = False) -> int:
     """Check a checkpoint before any process group exists, on every rank alike, so that a bad one is a user
     error (exit 2) on all of them rather than a failure of one rank inside a collective. Every file must load
     under `safe_load`'s weights-only rules (nothing in it runs; not truncated), the model states must be
     this engine's, and written by as many data-parallel ranks as there are now: ZeRO shards the optimizer
-    states by rank, and DeepSpeed's re-sharding (universal checkpoints) loads with full unpickling."""
+    states by rank, and DeepSpeed's re-sharding (universal checkpoints) loads with full unpickling.
+    `weights_only` (checkpoint.resume_weights_only) accepts another world size where the weights are whole
+    in the model states (ZeRO 0-2). Returns the checkpoint's data-parallel world size."""
     tag_dir = Path(load_dir) / tag
     for f in sorted(tag_dir.glob("*.pt")):
         load_file(f, mmap=True)  # mmap: tensor data are not read, only the structure is checked
@@ -168,12 +170,19 @@ def verify(load_dir: str, tag: str, world_size: int) -> None:
             f"checkpoint file {str(states)!r} was not written by this engine (no 'seco' state)"
         )
     saved = meta.get("dp_world_size")
-    if saved != world_size:
+    stage = ((meta["seco"].get("config") or {}).get("deepspeed") or {}).get("zero_stage")
+    if weights_only and saved != world_size and stage == 3:
+        raise CheckpointError(
+            f"checkpoint {str(tag_dir)!r} holds ZeRO-3 weights sharded over {saved} data-parallel ranks; "
+            f"checkpoint.resume_weights_only with {world_size} ranks needs a ZeRO 0-2 checkpoint (or {saved} ranks)"
+        )
+    if saved != world_size and not weights_only:
         raise CheckpointError(
             f"checkpoint {str(tag_dir)!r} was written by {saved} data-parallel ranks and this run has "
             f"{world_size}: resume it with {saved} ranks (ZeRO's optimizer states are sharded by rank), or "
-            "start a fresh checkpoint.dir"
+            "start a fresh checkpoint.dir, or start from its weights with checkpoint.resume_weights_only"
         )
+    return int(saved)
 
 
 def model_states_file(tag_dir: Path) -> Path:
@@ -185,9 +194,13 @@ def model_states_file(tag_dir: Path) -> Path:
     )
 
 
-def load(engine, load_dir: str, tag: str) -> dict[str, Any]:
+def load(
+    engine, load_dir: str, tag: str, weights_only: bool = False, optimizer: bool = True
+) -> dict[str, Any]:
     """Load model + optimizer states (DeepSpeed, through `safe_load`), this rank's RNG states; returns our
-    client state. A model whose parameters differ from the checkpoint's is refused naming them."""
+    client state. A model whose parameters differ from the checkpoint's is refused naming them.
+    `weights_only` (checkpoint.resume_weights_only): no RNG states, and the optimizer states only if
+    `optimizer` (same world size); without them the optimizer starts from the loaded weights."""
     if engine.load_universal_checkpoint():
         raise CheckpointError(
             "ds_config checkpoint.load_universal is not supported: DeepSpeed's universal loader unpickles "
@@ -195,11 +208,19 @@ def load(engine, load_dir: str, tag: str) -> dict[str, Any]:
         )
     _check_same_model(engine, model_states_file(Path(load_dir) / tag))
     with deepspeed_loads_safely(engine):
-        path, client = engine.load_checkpoint(load_dir, tag=tag)
+        path, client = engine.load_checkpoint(
+            load_dir,
+            tag=tag,
+            load_module_only=not optimizer,
+            load_optimizer_states=optimizer,
+            load_lr_scheduler_states=optimizer,
+        )
     if path is None or client is None or "seco" not in client:
         raise CheckpointError(
             f"checkpoint {os.path.join(load_dir, tag)!r} could not be loaded or was not written by this engine"
         )
+    if weights_only:
+        return client["seco"]
     rank = dist.get_rank()
     rng_file = Path(load_dir) / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():

@@ -523,6 +523,12 @@ class CheckpointConfig:
     resume: str | None = None
     """`auto`: the latest checkpoint in `dir` if there is one; or a checkpoint path."""
 
+    resume_weights_only: bool = False
+    """With `resume` a checkpoint path (outside `dir`): start from its weights, and its optimizer states when
+    the world size is the same (ZeRO 0-2 also from another world size, weights only), at step 0 with a fresh
+    data stream and RNG: a new run on new data, or on another number of ranks. Once `dir` holds this run's
+    own checkpoints, a restart resumes those exactly."""
+
     export: Literal["none", "lora", "hf"] = "none"
     """Written into `dir`/export at the end: lora (the PEFT adapter) or hf (a full model, LoRA merged)."""
 
@@ -555,6 +561,17 @@ class CheckpointConfig:
         self.dir = _expand(self.dir)
         if self.resume != "auto":
             self.resume = _expand(self.resume)
+        if self.resume_weights_only:
+            _require(
+                self.resume not in (None, "auto"),
+                "checkpoint.resume_weights_only: needs checkpoint.resume set to a checkpoint path (not auto)",
+            )
+            inside = Path(self.dir).resolve() in Path(str(self.resume)).resolve().parents
+            _require(
+                not inside and Path(self.dir).resolve() != Path(str(self.resume)).resolve(),
+                f"checkpoint.resume_weights_only: checkpoint.resume {self.resume!r} is inside checkpoint.dir "
+                f"{self.dir!r}; the new run's steps restart at 0, so its checkpoints need a directory of their own",
+            )
 
 
 @dataclass

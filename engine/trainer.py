@@ -15,6 +15,7 @@ optimizer step or its skip) is engine/distributed's; this module keeps the loop,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -74,6 +75,8 @@ class Prepared:
     world_size: int
     claim: run_dirs.Claim | None = None  # the output directories' locks (rank 0), released by close()
     evaluator: Any = None  # engine/evaluate.py's Evaluator when the eval section asks for anything
+    weights_only: bool = False  # checkpoint.resume_weights_only: start from `resume`'s weights at step 0
+    resume_optimizer: bool = True  # with weights_only: the world size matches, so its optimizer states too
 
 
 @dataclass
@@ -118,20 +121,37 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
     )
     dataset, evaluator = prepare_eval(cfg, tokenizer, dataset, model_vocab_size(cfg.model))  # eval section
     _check_sequence_parallel(cfg, world_size)
-    resume = checkpoint.find_resume(cfg.checkpoint)
+    resume, weights_only = _resume_target(cfg)
+    same_world = True
     if resume is not None:  # every file safe to load, same ranks: on every rank, before any collective
-        checkpoint.verify(*resume, world_size)
+        same_world = checkpoint.verify(*resume, world_size, weights_only) == world_size
     # DeepSpeed's batch arithmetic counts data-parallel ranks: the P ranks of a sequence group share a batch
     ds_config = distributed.run_ds_config(cfg, world_size // cfg.parallel.sequence)
     return Prepared(
         tokenizer=tokenizer,
         dataset=dataset,
         resume=resume,
+        weights_only=weights_only,
+        resume_optimizer=same_world,
         ds_config=ds_config,
         world_size=world_size,
         claim=claim,
         evaluator=evaluator,
     )
+
+
+def _resume_target(cfg: Config) -> tuple[tuple[str, str] | None, bool]:
+    """(checkpoint to load, whether only its weights (and optimizer) start this run). With
+    checkpoint.resume_weights_only, checkpoint.dir's own checkpoints win once there are any: a requeued job
+    continues itself exactly instead of starting again from the other run's weights."""
+    if cfg.checkpoint.resume_weights_only:
+        own = checkpoint.find_resume(
+            dataclasses.replace(cfg.checkpoint, resume="auto", resume_weights_only=False)
+        )
+        if own is not None:
+            return own, False
+        return checkpoint.find_resume(cfg.checkpoint), True
+    return checkpoint.find_resume(cfg.checkpoint), False
 
 
 def _check_sequence_parallel(cfg: Config, world_size: int) -> None:
@@ -182,13 +202,21 @@ def setup(cfg: Config) -> Run:
     )
     step, streak = 0, 0
     if prep.resume is not None:
-        state = checkpoint.load(engine, *prep.resume)
-        stream.load_state_dict(state["data"])
-        step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
+        state = checkpoint.load(engine, *prep.resume, prep.weights_only, prep.resume_optimizer)
+        if not prep.weights_only:  # weights-only: step 0 and a fresh data stream
+            stream.load_state_dict(state["data"])
+            step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
     metrics = Metrics(cfg.logging, cfg.optim.steps, start_step=step, enabled=rank == 0)
     for line in data_summary(prep.dataset):  # what was split, truncated or dropped: never silently
         metrics.print(f"data: {line}")
-    if prep.resume is not None:
+    if prep.weights_only:
+        what = (
+            "weights and optimizer states"
+            if prep.resume_optimizer
+            else "weights (another world size: fresh optimizer)"
+        )
+        metrics.print(f"started from the {what} of {os.path.join(*prep.resume)}; step 0, a fresh data stream")
+    elif prep.resume is not None:
         metrics.print(f"resumed from {os.path.join(*prep.resume)} at step {step}")
         _warn_config_changes(metrics, state["config"], config_to_dict(cfg))
     # From here a signal means "save and stop"; before, it simply ends the process (nothing to save yet).
