@@ -114,6 +114,19 @@ def reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without the right padding all its rows share, cut to the longest row of any rank's batch
+    (ranks agree: under ZeRO-3 every rank runs as many chunks). What is cut is padding: never a target,
+    never attended, so the scores do not change; unpacked rows of mostly padding then cost their length."""
+    used = batch["attention_mask"].any(dim=0).nonzero()
+    length = int(used[-1]) + 1 if used.numel() else 2
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([length], device=batch["input_ids"].device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        length = int(t)
+    return {k: v[:, : max(2, length)] for k, v in batch.items()}
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size); (0, 1) without a process group (python -m engine.evaluate)."""
     if dist.is_available() and dist.is_initialized():
@@ -159,7 +172,7 @@ def eval_loss(model, dataset: Dataset, rows: Sequence[int], batch_size: int, opt
     loss_sum, tokens = 0.0, 0
     with eval_mode(model):
         for batch_rows in shard_batches(rows, rank, world, batch_size):
-            b = batch_of(dataset, batch_rows, rows[0], device)
+            b = trim_padding(batch_of(dataset, batch_rows, rows[0], device))
             s = score(
                 model,
                 b["input_ids"],

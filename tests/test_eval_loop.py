@@ -324,3 +324,17 @@ def test_split_rows_are_held_out_of_the_stream_and_max_samples_caps_them():
     seen = {tuple(next(stream)["input_ids"][0, :24].tolist()) for _ in range(60)}  # two epochs
     held_rows = {tuple(data[i]["input_ids"][:24].tolist()) for i in held}
     assert len(seen) == 30 and seen.isdisjoint(held_rows)
+
+
+def test_trim_padding_cuts_only_the_shared_padding():
+    from engine.evaluate import trim_padding
+
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    batch = {
+        "input_ids": torch.arange(12).view(2, 6),
+        "attention_mask": mask,
+        "labels": mask * 5 - 100 * (1 - mask),
+    }
+    cut = trim_padding(batch)
+    assert cut["input_ids"].shape == (2, 5) and torch.equal(cut["attention_mask"], mask[:, :5])
+    assert trim_padding({k: v[:1, :1] for k, v in batch.items()})["input_ids"].shape == (1, 1)  # never longer
