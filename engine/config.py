@@ -13,6 +13,7 @@ them (``python -m engine.config_doc --write``; ``tests/test_config_doc.py`` fail
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -326,8 +327,9 @@ class ChunkingConfig:
     mode: Literal["seco", "spaco"] = "seco"
     """seco: the exact gradient; spaco: an unbiased sampled estimate."""
 
-    chunk_size: int = 256
-    """Tokens per chunk."""
+    chunk_size: int | Literal["auto"] = 256
+    """Tokens per chunk. auto: the planner's choice at start-up (engine/plan), the largest of 128, 256, ...
+    (up to data.seq_len) whose step fits in this device's memory (the host's on CPU), printed."""
 
     sample_prob: float | None = None
     """spaco: probability q that a chunk is back-propagated (sampler fixed: t = round(q x chunks))."""
@@ -372,7 +374,14 @@ class ChunkingConfig:
 
     def __post_init__(self):
         # The rules chunkwise_backward's ChunkSchedule checks, written once (engine/schedule.py).
-        check_chunking(self, prefix="chunking.", error=ConfigError)
+        if self.chunk_size == "auto":  # resolved at start-up (engine/chunk_auto.py), then checked again
+            _require(
+                self.budget is None,
+                "chunking.budget: counts chunks of a chunk size; set chunking.chunk_size (not auto) with it",
+            )
+            check_chunking(dataclasses.replace(self, chunk_size=1), prefix="chunking.", error=ConfigError)
+        else:
+            check_chunking(self, prefix="chunking.", error=ConfigError)
         _require(self.loss_slice >= 1, f"chunking.loss_slice: must be >= 1, got {self.loss_slice}")
         _require(
             self.kv_device_budget is None or self.kv_device_budget >= 0,
@@ -705,7 +714,8 @@ class Config:
     """Validation loss and long-context retrieval during training."""
 
     def __post_init__(self):
-        chunks = -(-self.data.seq_len // self.chunking.chunk_size)  # rows are padded / packed to seq_len
+        size = self.chunking.chunk_size
+        chunks = 1 if size == "auto" else -(-self.data.seq_len // size)  # rows are padded / packed to seq_len
         check_budget(
             self.chunking.budget,
             chunks,
@@ -724,7 +734,7 @@ def _check_parallel(cfg: Config) -> None:
     """The rules between the parallel section and the others (the world size is checked at start-up)."""
     p = cfg.parallel.sequence
     _require(
-        cfg.chunking.chunk_size % p == 0,
+        cfg.chunking.chunk_size == "auto" or cfg.chunking.chunk_size % p == 0,
         f"parallel.sequence: {p} must divide chunking.chunk_size ({cfg.chunking.chunk_size}): each rank holds "
         "chunk_size / P tokens of every chunk",
     )

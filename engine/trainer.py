@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint, distributed, retention, run_dirs, run_guard
+from engine.chunk_auto import resolve_chunk_size
 from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
@@ -181,6 +182,7 @@ def _batching(cfg: Config) -> dict[str, Any]:
 
 
 def setup(cfg: Config) -> Run:
+    cfg, chunk_line = resolve_chunk_size(cfg, distributed.announced_world_size())  # chunk_size: auto
     rdzv = distributed.join_rendezvous()  # before preparing: a taken MASTER_PORT ends the start here
     prep = rdzv.agreed(lambda: prepare(cfg), undo=lambda p: p.claim.abandon())  # one fails: all end
     distributed.init_distributed(rdzv)
@@ -207,6 +209,8 @@ def setup(cfg: Config) -> Run:
             stream.load_state_dict(state["data"])
             step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
     metrics = Metrics(cfg.logging, cfg.optim.steps, start_step=step, enabled=rank == 0)
+    if chunk_line:
+        metrics.print(chunk_line)
     for line in data_summary(prep.dataset):  # what was split, truncated or dropped: never silently
         metrics.print(f"data: {line}")
     if prep.weights_only:

@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         from engine.config_load import load_config  # the launcher's loader: one vocabulary, one set of rules
 
         cfg = load_config(a.config, overrides, check_paths=False)
+        if cfg.chunking.chunk_size == "auto" and auto is None:  # chunk_size: auto in the YAML itself
+            auto = "largest"
         name, fields = _model_fields(cfg, a.preset, a.hf_config)
         shape = ModelShape.from_config(fields)
         kw = setup_from_config(cfg, a.device, a.world_size)
