@@ -31,7 +31,14 @@ def model_for_eval(cfg: Config, checkpoint: str | None = None, model_dir: str | 
         return _from_export(cfg, Path(model_dir))
     model = apply_lora(build_model(cfg.model, seed=cfg.optim.seed), cfg.lora)
     if checkpoint is not None:
-        model.load_state_dict(_checkpoint_state(cfg, checkpoint))
+        try:
+            model.load_state_dict(_checkpoint_state(cfg, checkpoint))
+        except RuntimeError as e:  # missing / unexpected keys, other shapes: another model or lora section
+            first = str(e).strip().splitlines()[0][:300]
+            raise ValueError(
+                f"--checkpoint: its weights do not fit the model of --config (model / lora sections as in the "
+                f"run that wrote it?): {first}"
+            ) from None
     return model
 
 

@@ -103,6 +103,10 @@ def test_eval_loss_is_hf_loss_one_process(tmp_path):
         assert got["eval/loss"] == pytest.approx(logged["eval/loss"], rel=1e-12)
         assert got["eval/retrieval"] == logged["eval/retrieval"]
         assert (out / "retrieval.png").is_file()
+    wrong = ["--config", str(CONFIG), "--checkpoint", str(tmp_path / "ckpt"), *RUN, "--lora.enabled=true"]
+    assert (
+        evaluate_main(wrong) == 2
+    )  # the checkpoint's weights do not fit a LoRA model: said, not a traceback
 
 
 @pytest.mark.distributed
@@ -338,3 +342,13 @@ def test_trim_padding_cuts_only_the_shared_padding():
     cut = trim_padding(batch)
     assert cut["input_ids"].shape == (2, 5) and torch.equal(cut["attention_mask"], mask[:, :5])
     assert trim_padding({k: v[:1, :1] for k, v in batch.items()})["input_ids"].shape == (1, 1)  # never longer
+
+
+def test_evaluate_command_refuses_by_name(tmp_path, capsys):
+    assert evaluate_main(["--config", str(CONFIG)]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    split = ["--eval.split=0.5", "--data.num_samples=4", "--data.seq_len=128"]
+    assert evaluate_main(["--config", str(CONFIG), "--checkpoint", str(tmp_path), *split]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert evaluate_main(["--config", str(CONFIG), "--model", str(tmp_path / "none"), *split]) == 2
+    assert "not a directory" in capsys.readouterr().err
