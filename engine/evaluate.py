@@ -268,12 +268,15 @@ def evaluate_command(
     config: str, overrides: list[str], checkpoint: str | None, model_dir: str | None
 ) -> dict:
     """The record `python -m engine.evaluate` prints: the loop's evaluation, in one process."""
+    from engine.chunk_auto import resolve_chunk_size
     from engine.config_load import load_config
     from engine.data import build_dataset, load_tokenizer
     from engine.load_trained import model_for_eval
     from engine.model import model_vocab_size
 
-    cfg = load_config(config, overrides)
+    cfg, chunk_line = resolve_chunk_size(load_config(config, overrides), world_size=1)  # chunk_size: auto
+    if chunk_line:
+        print(chunk_line)
     if not cfg.eval.enabled:
         raise ValueError("eval: nothing to evaluate; set eval.path, eval.split or eval.retrieval.lengths")
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.trust_remote_code)
