@@ -214,6 +214,14 @@ def any_rank(flag: bool) -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group (a no-op when none was joined)."""
-    if dist.is_initialized():
+    """Leave the process group (a no-op when none was joined), through DeepSpeed's own teardown: it also drops
+    the groups DeepSpeed cached (its clone of the world group, the sequence-parallel groups). torch's alone
+    would leave them behind, and the next deepspeed.initialize in this process would use destroyed groups."""
+    if not dist.is_initialized():
+        return
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
