@@ -3,7 +3,7 @@
     forward   torch.no_grad() full-sequence forward computing the loss (inference cost, the SpaCO target)
     plain     full-sequence forward + backward
     ckpt      the same with HF activation checkpointing (every decoder layer)
-    seco      chunkwise_backward(mode="seco"), chunk --chunk
+    seco      chunkwise_backward(mode="seco"), chunk --chunk, the whole-chunk loss (fused_loss=False, as planned)
     seco_offload  the same with offload_kv=True (opt-in: --methods ...,seco_offload); its row also reports the
               device-side peak: on CPU, the peak minus the host-resident K/V and K/V grads
     spaco     chunkwise_backward(mode="spaco"), chunk --chunk, t = max(1, round(q k)) of k chunks
@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.memory import MemoryTracker
 from engine.plan import plan
 
@@ -188,13 +188,16 @@ def run_step(model, method: str, ids: torch.Tensor, args, repeat: int = 0) -> di
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     else:
         chunk, k = num_chunks(method, ids.shape[1], args)
-        kw = {"offload_kv": True} if method == "seco_offload" else {}
+        draw = {}
         if method not in ("seco", "seco_offload"):
-            gen = torch.Generator().manual_seed(args.seed * 1000 + repeat)
-            kw = dict(
-                mode="spaco", sampler="fixed", budget=max(1, round(args.sample_prob * k)), generator=gen
-            )
-        st = chunkwise_backward(model, ids, chunk_size=chunk, **kw)
+            draw = dict(mode="spaco", sampler="fixed", budget=max(1, round(args.sample_prob * k)))
+        st = chunkwise_backward(
+            model,
+            ids,
+            schedule=ChunkSchedule(chunk_size=chunk, **draw),
+            options=ChunkOptions(offload_kv=method == "seco_offload", fused_loss=False),
+            generator=torch.Generator().manual_seed(args.seed * 1000 + repeat),
+        )
         info = {"chunk": chunk, "num_chunks": k, "selected": len(st.selected), "kv_bytes": st.kv_bytes}
     return info
 
@@ -230,7 +233,7 @@ def planned_peak(args, seq_len: int, chunk: int | None = None) -> dict:
     cfg = model_config(args)
     chunk = min(chunk or args.chunk, seq_len)
     p = plan(cfg, dtype=args.dtype, chunk_size=chunk, seq_len=seq_len, batch=args.batch, attn=args.attn,
-             backend="local", device=torch.device(args.device).type)  # fmt: skip
+             backend="local", device=torch.device(args.device).type, fused_loss=False)  # fmt: skip
     return {
         "kv_bytes": p.kv, "kv_grad_bytes": p.kv_grads, "chunk_act_bytes": p.activations + p.transient,
         "planned_bytes": p.step_bytes, "formula": "engine.plan.plan(..., backend='local').step_bytes",

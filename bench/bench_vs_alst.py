@@ -7,14 +7,14 @@ per (method, length) so that each heap peak is the method's own.
                  decoder MLP (shards = ceil(L / hidden), the recipe in TiledMLP's docstring) +
                  TiledFusedLogitsLoss over the final hidden states (shards of --chunk tokens, so that its
                  logits slice is as large as SeCO's chunk)
-    seco         chunkwise_backward(mode="seco"), chunk --chunk (the engine's defaults)
-    seco_ckpt    + checkpointed chunks (chunkwise_backward(checkpoint_layers=True))
-    seco_fused   + the fused chunked loss (chunkwise_backward(fused_loss=True))
+    seco         chunkwise_backward, chunk --chunk, the whole-chunk loss (ChunkOptions(fused_loss=False))
+    seco_ckpt    + checkpointed chunks (ChunkOptions(checkpoint_layers=True))
+    seco_fused   + the fused chunked loss (ChunkOptions(fused_loss=True), the engine's default)
     seco_ckpt_fused  both
-    seco_offload chunkwise_backward(offload_kv=True) (on CUDA: K/V and their gradients in pinned host memory)
-    spaco        chunkwise_backward(mode="spaco", sampler="fixed"), max(1, round(q k)) of the k chunks
+    seco_offload ChunkOptions(offload_kv=True) (on CUDA: K/V and their gradients in pinned host memory)
+    spaco        ChunkSchedule(mode="spaco", sampler="fixed"), max(1, round(q k)) of the k chunks
 
-A variant whose chunkwise_backward keyword the installed engine does not have is skipped, and its row says so.
+A variant whose option the installed engine's ChunkOptions does not have is skipped, and its row says so.
 
 What is measured (per row): `peak_bytes`, the heap peak of one step beyond what was live before it (CPU:
 engine.memory.MemoryTracker's count of live tensor storages; CUDA: max_memory_allocated), after one short
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import os
@@ -53,21 +52,21 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.memory import MemoryTracker
 from engine.plan import Setup, plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB, GiB = 2**20, 2**30
-# method -> chunkwise_backward keywords (None: not chunk-wise)
+# method -> its ChunkOptions fields (methods not here are not chunk-wise; spaco also draws, see `step`)
 CHUNKWISE = {
-    "seco": {},
-    "seco_ckpt": {"checkpoint_layers": True},
+    "seco": {"fused_loss": False},
+    "seco_ckpt": {"checkpoint_layers": True, "fused_loss": False},
     "seco_fused": {"fused_loss": True},
     "seco_ckpt_fused": {"checkpoint_layers": True, "fused_loss": True},
-    "spaco": {"mode": "spaco", "sampler": "fixed"},
+    "spaco": {"fused_loss": False},
     # K/V + K/V grads in pinned host memory: on CUDA the measured peak is the device's (bench/gpu_check.py)
-    "seco_offload": {"offload_kv": True},
+    "seco_offload": {"offload_kv": True, "fused_loss": False},
 }
 METHODS = ("plain", "ckpt", "alst", *CHUNKWISE)
 
@@ -173,9 +172,8 @@ def prepare(model, method: str) -> None:
 
 def supported(method: str) -> str | None:
     """None, or why the installed engine cannot run this method."""
-    have = inspect.signature(chunkwise_backward).parameters
-    missing = [k for k in CHUNKWISE.get(method, {}) if k not in have]
-    return f"chunkwise_backward has no {', '.join(missing)} here" if missing else None
+    missing = [k for k in CHUNKWISE.get(method, {}) if k not in ChunkOptions.__dataclass_fields__]
+    return f"ChunkOptions has no {', '.join(missing)} here" if missing else None
 
 
 def step(model, method: str, ids: torch.Tensor, args, seed: int) -> dict:
@@ -185,11 +183,17 @@ def step(model, method: str, ids: torch.Tensor, args, seed: int) -> dict:
     if method == "alst":
         _alst_loss(model, ids, args.chunk).backward()
         return {}
-    kw = dict(CHUNKWISE[method])
     k = math.ceil(ids.shape[1] / args.chunk)
-    if kw.get("mode") == "spaco":
-        kw.update(budget=max(1, round(args.sample_prob * k)), generator=torch.Generator().manual_seed(seed))
-    st = chunkwise_backward(model, ids, chunk_size=args.chunk, **kw)
+    draw = {}
+    if method == "spaco":
+        draw = dict(mode="spaco", sampler="fixed", budget=max(1, round(args.sample_prob * k)))
+    st = chunkwise_backward(
+        model,
+        ids,
+        schedule=ChunkSchedule(chunk_size=args.chunk, **draw),
+        options=ChunkOptions(**CHUNKWISE[method]),
+        generator=torch.Generator().manual_seed(seed),
+    )
     return {"num_chunks": k, "selected": len(st.selected), "kv_bytes": st.kv_bytes}
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import inspect
 import json
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -47,10 +46,6 @@ def _bench_vs_alst():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _has(kwarg: str) -> bool:
-    return kwarg in inspect.signature(chunkwise_backward).parameters
 
 
 # ------------------------------------------------------------------------------------------- exactness
@@ -91,7 +86,9 @@ def gradient_of(model, batch, chunk: int | None, **kw) -> torch.Tensor:
     if chunk is None:
         model(input_ids=ids, labels=labels, attention_mask=mask, use_cache=False).loss.backward()
     else:
-        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=chunk, **kw)
+        chunkwise_backward(
+            model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=chunk), **kw
+        )
     return _grads(model)
 
 
@@ -124,8 +121,7 @@ def offload(device: torch.device, lengths: tuple[int, int], chunk: int, over: di
     model = tiny_model(device, torch.float32, "sdpa", **over)
     out: dict = {"lengths": list(lengths), "chunk": chunk, "rows": []}
     variants = [("on_device", {}), ("offload", {"offload_kv": True})]
-    if _has("kv_device_budget"):
-        variants.append(("auto", {"offload_kv": "auto", "kv_device_budget": 1 << 20}))
+    variants.append(("auto", {"offload_kv": "auto", "kv_device_budget": 1 << 20}))
     grads = {}
     for L in lengths:
         g = torch.Generator().manual_seed(L)
@@ -134,7 +130,12 @@ def offload(device: torch.device, lengths: tuple[int, int], chunk: int, over: di
             _zero(model)
             gc.collect()
             with MemoryTracker(device) as mt:
-                st = chunkwise_backward(model, ids, chunk_size=chunk, **kw)
+                st = chunkwise_backward(
+                    model,
+                    ids,
+                    schedule=ChunkSchedule(chunk_size=chunk),
+                    options=ChunkOptions(fused_loss=False, **kw),
+                )
             grads[(name, L)] = _grads(model)
             on_host = st.kv_bytes if (name != "on_device" and device.type == "cpu") else 0
             out["rows"].append(dict(variant=name, seq_len=L, peak_bytes=mt.peak_bytes, kv_bytes=st.kv_bytes,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import transformers
 from transformers.cache_utils import DynamicCache
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.data import ByteTokenizer, SyntheticDataset
 from engine.kv_cache import cache_argument
 
@@ -193,9 +193,8 @@ def train(method: str, args, eval_batches) -> dict:
             loss, nsel = loss.item(), math.ceil(args.seq_len / args.chunk)
         elif method in ("seco", "spaco"):
             q = args.sample_prob if method == "spaco" else None
-            st = chunkwise_backward(
-                model, ids, labels=labels, chunk_size=args.chunk, mode=method, sample_prob=q, generator=gen
-            )
+            schedule = ChunkSchedule(chunk_size=args.chunk, mode=method, sample_prob=q)
+            st = chunkwise_backward(model, ids, labels=labels, schedule=schedule, generator=gen)
             loss, nsel = st.loss, len(st.selected)
         else:
             loss, nsel = (

@@ -102,7 +102,9 @@ def variance(args) -> dict:
     model = build_model(args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     for b in batches(args, args.seed, args.warm_steps):  # a little training: the long-range signal exists
-        chunkwise_backward(model, b["input_ids"], labels=b["labels"], chunk_size=args.chunk)
+        chunkwise_backward(
+            model, b["input_ids"], labels=b["labels"], schedule=ChunkSchedule(chunk_size=args.chunk)
+        )
         opt.step()
         opt.zero_grad(set_to_none=True)
     batch = next(iter(batches(args, args.seed + 2000, 1)))

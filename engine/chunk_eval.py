@@ -22,12 +22,15 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import chunk_attention
-from engine.chunkwise import _accepts_logits_to_keep, _ce_sum, _check_model, _check_tensors, _config
-from engine.distributed import backend_for
-from engine.kv_cache import ChunkKVCache, cache_argument, offload_mode
+from engine.backend import backend_for
+from engine.chunk_runner import accepts_logits_to_keep, ce_sum, check_model
+from engine.kv_cache import ChunkKVCache, cache_argument
 from engine.loss import FusedLoss
+from engine.options import ChunkOptions
 from engine.packing import IGNORE, chunk_mask, documents_of
 from engine.state_cache import has_states
+from engine.step_plan import check_inputs
+from engine.unwrap import text_config
 
 
 @dataclass
@@ -47,6 +50,11 @@ class ScoreOptions:
     loss_slice: int = 128
     offload_kv: bool | str = False
     kv_device_budget: int | None = None
+
+    def __post_init__(self):  # the rules of the same fields in ChunkOptions
+        ChunkOptions(
+            offload_kv=self.offload_kv, kv_device_budget=self.kv_device_budget, loss_slice=self.loss_slice
+        )
 
     @classmethod
     def from_config(cls, chunking) -> ScoreOptions:
@@ -84,10 +92,10 @@ def score(
     """Score a batch chunk by chunk; `model` is an HF (or PEFT) causal LM or a DeepSpeed engine. The
     caller puts the model in eval mode (no dropout) and, under ZeRO-3, runs the same number of calls with
     the same sequence length on every rank (each chunk's forward gathers parameters)."""
-    _check_tensors(input_ids, labels, attention_mask, position_ids)
+    check_inputs(input_ids, labels, attention_mask, position_ids)
     module = backend_for(model).module
-    _check_model(module)
-    cfg = _config(module)
+    check_model(module)
+    cfg = text_config(module.config)
     targets = targets_of(input_ids, labels, attention_mask, position_ids)
     seq_len = input_ids.shape[1]
     docs = None if position_ids is None else documents_of(position_ids)
@@ -101,7 +109,7 @@ def score(
         cfg.num_hidden_layers,
         seq_len,
         needs_grad=False,
-        offload=offload_mode(options.offload_kv),
+        offload=options.offload_kv,
         device_budget=options.kv_device_budget,
         config=cfg if has_states(cfg) else None,
     )
@@ -127,14 +135,14 @@ def score(
                 keep = (chunk_targets != IGNORE).any(dim=0).nonzero().flatten()
                 logits = run(s, e, keep=keep)
                 kept = chunk_targets[:, keep]
-                loss_sum += _ce_sum(logits, kept).double()
+                loss_sum += ce_sum(logits, kept).double()
                 correct += ((logits.argmax(-1) == kept) & (kept != IGNORE)).sum(dim=1)
             elif fused is not None:
                 with fused.chunk(chunk_targets) as result:
                     run(s, e)
                 loss_sum += result.loss.double()
             else:
-                loss_sum += _ce_sum(run(s, e), chunk_targets).double()
+                loss_sum += ce_sum(run(s, e), chunk_targets).double()
     row_tokens = (targets != IGNORE).sum(dim=1)
     return Scores(float(loss_sum), int(row_tokens.sum()), row_tokens, correct)
 
@@ -147,9 +155,9 @@ class _ChunkRunner:
         self.model, self.module, self.cache, self.docs = model, module, cache, docs
         self.attention_mask, self.input_ids, self.position_ids = attention_mask, input_ids, position_ids
         self.cache_arg = cache_argument(module)
-        self.logits_to_keep = _accepts_logits_to_keep(module)
+        self.logits_to_keep = accepts_logits_to_keep(module)
         self.dtype = next(module.parameters()).dtype
-        cfg = _config(module)
+        cfg = text_config(module.config)
         # HF's router term would pair this chunk's logits with the prefix's mask; it is no part of the score.
         self.extra = {"output_router_logits": False} if getattr(cfg, "output_router_logits", False) else {}
 
@@ -160,7 +168,7 @@ class _ChunkRunner:
             mask = None if self.attention_mask is None else self.attention_mask[:, :e]
         else:
             mask = chunk_mask(
-                _config(self.module), self.docs, self.attention_mask, s, e, kv_start, self.dtype
+                text_config(self.module.config), self.docs, self.attention_mask, s, e, kv_start, self.dtype
             )
         head = {}
         if self.logits_to_keep and skip_head:

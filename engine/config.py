@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.options import check_options
 from engine.schedule import check_budget, check_chunking
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "tiny-cpu.yaml"
@@ -373,7 +374,7 @@ class ChunkingConfig:
     """fused_loss: tokens per row in one slice (its float32 logits: loss_slice x batch x vocab x 4 bytes)."""
 
     def __post_init__(self):
-        # The rules chunkwise_backward's ChunkSchedule checks, written once (engine/schedule.py).
+        # The rules of ChunkSchedule and ChunkOptions, written once (engine/schedule.py, engine/options.py).
         if self.chunk_size == "auto":  # resolved at start-up (engine/chunk_auto.py), then checked again
             _require(
                 self.budget is None,
@@ -382,11 +383,7 @@ class ChunkingConfig:
             check_chunking(dataclasses.replace(self, chunk_size=1), prefix="chunking.", error=ConfigError)
         else:
             check_chunking(self, prefix="chunking.", error=ConfigError)
-        _require(self.loss_slice >= 1, f"chunking.loss_slice: must be >= 1, got {self.loss_slice}")
-        _require(
-            self.kv_device_budget is None or self.kv_device_budget >= 0,
-            f"chunking.kv_device_budget: must be >= 0 bytes or null, got {self.kv_device_budget}",
-        )
+        check_options(self, prefix="chunking.", error=ConfigError)
 
 
 @dataclass

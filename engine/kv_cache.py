@@ -205,9 +205,6 @@ class ChunkKVCache(StateCacheMixin, Cache):
             return False
         return True
 
-    def layers_offloaded(self) -> int:
-        return sum(getattr(layer, "offload", False) for layer in self.layers)
-
     # ---- offload: host -> device copies, one layer ahead
 
     def fetch(self, idx: int, which: str, upto: int, total: int, tail: torch.Tensor | None = None):
@@ -285,19 +282,9 @@ class ChunkKVCache(StateCacheMixin, Cache):
         return t
 
 
-KV_GRAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def kv_grad_dtype_of(name: str) -> torch.dtype:
-    if name not in KV_GRAD_DTYPES:
-        raise ValueError(f"kv_grad_dtype={name!r} is not one of {tuple(KV_GRAD_DTYPES)}")
-    return KV_GRAD_DTYPES[name]
-
-
-def offload_mode(offload_kv) -> bool | str:
-    if offload_kv not in (True, False, "auto"):
-        raise ValueError(f"offload_kv={offload_kv!r} must be true, false or 'auto'")
-    return offload_kv
+    """The torch dtype of a ChunkOptions.kv_grad_dtype name (validated there)."""
+    return getattr(torch, name)
 
 
 def cache_argument(module) -> str:

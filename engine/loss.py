@@ -218,7 +218,9 @@ class FusedLoss:
                 logits = forward_one_token()
         finally:
             handle.remove()
-        return bool(expected and logits.shape == expected[-1].shape and torch.allclose(logits, expected[-1]))
+        if not expected or logits.shape != expected[-1].shape or logits.dtype != expected[-1].dtype:
+            return False  # e.g. Mamba-2 casts its logits to float32: its loss is not ours in float64
+        return bool(torch.allclose(logits, expected[-1]))
 
     @contextlib.contextmanager
     def chunk(self, targets: torch.Tensor):

@@ -42,6 +42,14 @@ class Documents:
         """The first key any query of the chunk starting at `s` may read (its documents start there or later)."""
         return int(self.starts[:, s].min()) if self.doc_ids is not None else 0
 
+    def padded(self, seq_len: int) -> Documents:
+        """The layout after right padding to `seq_len`: padding continues each row's last document."""
+        extra = seq_len - self.starts.shape[1]
+        if extra == 0:
+            return self
+        pad = lambda t: torch.cat([t, t[:, -1:].expand(-1, extra)], dim=1)  # noqa: E731
+        return Documents(None if self.doc_ids is None else pad(self.doc_ids), pad(self.starts))
+
     def cut_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """No target across a boundary: token i's target is token i+1, which may begin the next document."""
         if self.doc_ids is None:

@@ -30,11 +30,6 @@ class ScheduleError(ValueError):
     """A user error in the chunking rules."""
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ScheduleError(message)
-
-
 def check_chunking(s: Any, prefix: str = "", error: type[ValueError] = ScheduleError) -> None:
     """Every rule between the chunking fields of `s` (a ChunkSchedule or the config's chunking section).
 
@@ -229,3 +224,13 @@ def draw_chunks(
         raise ScheduleError(f"selected={list(selected)} must hold chunk indices in [0, {k})")
     cap = s.compensation_cap
     return Draw(chosen, [weights[c] if cap is None else min(weights[c], cap) for c in chosen], probs)
+
+
+def spaco_generator(seed: int, step: int):
+    """The SpaCO draw of `step` (a torch.Generator): identical on every rank (ZeRO deadlocks otherwise)
+    and after a resume."""
+    import numpy as np
+    import torch  # here, not at module level: see the module docstring
+
+    (state,) = np.random.SeedSequence((seed, step)).generate_state(1, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state))

@@ -83,11 +83,6 @@ VERIFIED = (
 )
 
 
-def cache_layer_types(config) -> list[str]:
-    """transformers' own per-layer cache types for this config (the mapping DynamicCache uses)."""
-    return get_layer_types_and_kwargs(config)[0]
-
-
 def check_family(config) -> None:
     """ValueError naming the family and the missing piece for recurrent models we cannot checkpoint."""
     family = config.model_type
@@ -365,18 +360,6 @@ class StateCacheMixin:
         if not finals or not torch.is_grad_enabled() or self.relay == 0.0:
             return objective
         return _Relay.apply(objective, self.relay, grads, *finals)
-
-    def state_bytes(self) -> int:
-        return sum(layer.state_bytes() for layer in self.state_layers())
-
-    def state_bytes_per_boundary(self) -> int:
-        """Bytes of one boundary's states over all layers (after pass 1; without their gradients)."""
-        total = 0
-        for layer in self.state_layers():
-            if layer.at:
-                slot = next(iter(layer.at.values()))
-                total += sum(t.numel() * t.element_size() for t in slot.values())
-        return total
 
     def pack_state(self, t: torch.Tensor) -> torch.Tensor:
         """A saved-tensor pack hook: copy the states handed to the model, which its single-token kernels

@@ -25,13 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from engine import checkpoint, distributed, retention, run_dirs, run_guard
 from engine.chunk_auto import resolve_chunk_size
-from engine.chunkwise import ChunkSchedule, chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
 from engine.data import DataStream, load_tokenizer
@@ -43,6 +42,7 @@ from engine.export import export
 from engine.host_memory import check_host_memory
 from engine.metrics import Metrics, peak_memory_bytes
 from engine.model import apply_lora, build_model, model_config, model_vocab_size
+from engine.schedule import spaco_generator
 from engine.sequence_parallel import check_model as check_sequence_model
 from engine.sequence_parallel import sequence_mpu
 
@@ -327,13 +327,8 @@ def train_step(run: Run, poison: bool = False, no_loss: bool = False) -> dict[st
             attention_mask=batch["attention_mask"],
             position_ids=batch.get("position_ids"),  # packed rows with document boundaries (data.packing)
             schedule=ChunkSchedule.from_config(chunking),
+            options=ChunkOptions.from_config(chunking),
             generator=spaco_generator(cfg.optim.seed, run.step),
-            offload_kv=chunking.offload_kv,
-            kv_device_budget=chunking.kv_device_budget,
-            kv_grad_dtype=chunking.kv_grad_dtype,
-            checkpoint_layers=chunking.checkpoint_layers,
-            fused_loss=chunking.fused_loss,
-            loss_slice=chunking.loss_slice,
         )
     # No loss token in the whole step (every rank): the mean loss is 0 / 0, the gradient exactly zero. The
     # step goes on with that zero gradient and reports loss 0 rather than NaN (which would read as divergence).
@@ -415,12 +410,6 @@ def lr_at(step: int, optim: OptimConfig) -> float:
     if optim.schedule == "linear":
         return optim.lr * (1 - (1 - floor) * progress)
     return optim.lr
-
-
-def spaco_generator(seed: int, step: int) -> torch.Generator:
-    """The SpaCO draw of `step`: identical on every rank (ZeRO deadlocks otherwise) and after a resume."""
-    (state,) = np.random.SeedSequence((seed, step)).generate_state(1, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state))
 
 
 @contextlib.contextmanager

@@ -224,13 +224,13 @@ def _(root):
     sys.path.insert(0, str(REPO / "tests"))
     from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
-    from engine.chunkwise import chunkwise_backward
+    from engine.chunkwise import ChunkSchedule, chunkwise_backward
 
     model = tiny_model("LlamaConfig").train()
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     model.gradient_checkpointing_enable()
-    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8)
+    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=8))
     err = rel_error(grads_of(model), ref)
     return err < 1e-10 and model.model.layers[0].gradient_checkpointing, f"relative gradient error {err:.1e}"
 

@@ -7,7 +7,7 @@ import torch
 from tiny import grads_of, tiny_batch, tiny_model
 from tiny_hybrid import HYBRIDS, tiny_hybrid
 
-from engine.chunkwise import ChunkSchedule, chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 
 MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
 QWEN2_SLIDING = dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)
@@ -126,11 +126,9 @@ def run_case(case, group=None) -> dict:
         attention_mask=mask,
         position_ids=position_ids,
         schedule=ChunkSchedule(**case[4]),
-        fused_loss=case[5],
-        loss_slice=2,
+        options=ChunkOptions(fused_loss=case[5], loss_slice=2, **(case[7] if len(case) > 7 else {})),
         generator=torch.Generator().manual_seed(7),  # SpaCO: every rank (and the reference) draws alike
         sequence_group=group,
-        **(case[7] if len(case) > 7 else {}),
     )
     return {
         "grads": grads_of(model),

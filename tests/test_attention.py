@@ -16,7 +16,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from engine import attention
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 
 
 def _grads(fn, q, k, v, g):
@@ -87,7 +87,7 @@ def test_full_layers_run_unmasked_and_nothing_process_wide_changes(family, kw, m
     monkeypatch.setattr(attention, "lower_right_causal", spy)
     before = _snapshot(model)
     model.zero_grad(set_to_none=True)
-    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8)
+    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=8))
     assert _snapshot(model) == before
     full = sum(
         t == "full_attention" for t in getattr(model.config, "layer_types", None) or ["full_attention"] * 2
@@ -107,17 +107,18 @@ def test_a_chunk_step_raises_no_future_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
-        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8)
+        chunkwise_backward(
+            model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=8)
+        )
         chunkwise_backward(  # and with every memory option
             model.train(),
             ids,
             labels=labels,
             attention_mask=mask,
-            chunk_size=8,
-            checkpoint_layers=True,
-            fused_loss=True,
-            offload_kv="auto",
-            kv_device_budget=0,
+            schedule=ChunkSchedule(chunk_size=8),
+            options=ChunkOptions(
+                checkpoint_layers=True, fused_loss=True, offload_kv="auto", kv_device_budget=0
+            ),
         )
 
 

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.kv_cache import ChunkKVCache, cache_argument
 from engine.memory import MemoryTracker
 
@@ -34,7 +34,14 @@ def test_checkpointed_chunks_are_exact(family, attn, kw):
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     model.zero_grad(set_to_none=True)
-    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=5, checkpoint_layers=True)
+    chunkwise_backward(
+        model,
+        ids,
+        labels=labels,
+        attention_mask=mask,
+        schedule=ChunkSchedule(chunk_size=5),
+        options=ChunkOptions(checkpoint_layers=True),
+    )
     assert rel_error(grads_of(model), ref) <= tol(model)
     assert "forward" not in vars(model.model.layers[0])  # the wrapping is gone after the step
 
@@ -55,11 +62,10 @@ def test_checkpointed_chunks_with_lora_offload_and_fused_loss():
             ids,
             labels=labels,
             attention_mask=mask,
-            chunk_size=8,
-            checkpoint_layers=True,
-            fused_loss=True,
-            offload_kv=offload,
-            kv_device_budget=0,
+            schedule=ChunkSchedule(chunk_size=8),
+            options=ChunkOptions(
+                checkpoint_layers=True, fused_loss=True, offload_kv=offload, kv_device_budget=0
+            ),
         )
         assert rel_error(grads_of(model), ref) <= 1e-12
 
@@ -74,7 +80,12 @@ def test_checkpointed_chunks_replay_dropout_bit_for_bit():
         torch.manual_seed(123)
         model.zero_grad(set_to_none=True)
         chunkwise_backward(
-            model, ids, labels=labels, attention_mask=mask, chunk_size=8, checkpoint_layers=checkpoint_layers
+            model,
+            ids,
+            labels=labels,
+            attention_mask=mask,
+            schedule=ChunkSchedule(chunk_size=8),
+            options=ChunkOptions(checkpoint_layers=checkpoint_layers),
         )
         runs.append((grads_of(model), torch.rand(1)))
     (plain, after_plain), (ckpt, after_ckpt) = runs
@@ -92,7 +103,12 @@ def test_checkpointed_chunks_lower_the_chunk_peak():
     peaks = {}
     for ckpt in (False, True):
         with MemoryTracker("cpu") as t:
-            stats = chunkwise_backward(model, ids, chunk_size=128, checkpoint_layers=ckpt)
+            stats = chunkwise_backward(
+                model,
+                ids,
+                schedule=ChunkSchedule(chunk_size=128),
+                options=ChunkOptions(checkpoint_layers=ckpt),
+            )
         peaks[ckpt] = t.peak_bytes - stats.kv_bytes
     print(f"chunk peak: {peaks[False] / 2**20:.2f} MiB, checkpointed {peaks[True] / 2**20:.2f} MiB")
     assert peaks[True] <= 0.75 * peaks[False]
@@ -111,7 +127,14 @@ def test_bf16_kv_grads_error_within_1_5x_of_plain_bf16_backprop():
     e_plain = rel_error(plain, exact)
     for dtype in ("float32",):  # bfloat16: tests/test_precision_and_args.py (the default)
         bf16.zero_grad(set_to_none=True)
-        chunkwise_backward(bf16, ids, labels=labels, attention_mask=mask, chunk_size=4, kv_grad_dtype=dtype)
+        chunkwise_backward(
+            bf16,
+            ids,
+            labels=labels,
+            attention_mask=mask,
+            schedule=ChunkSchedule(chunk_size=4),
+            options=ChunkOptions(kv_grad_dtype=dtype),
+        )
         ratio = rel_error(grads_of(bf16), exact) / e_plain
         print(f"kv_grad_dtype={dtype}: error {ratio:.2f}x plain bf16 backprop's ({e_plain:.2e})")
         assert ratio <= 1.5
@@ -129,7 +152,12 @@ def test_kv_grad_dtype_sets_the_accumulator():
         cache.layers[0].update(k, k)
         assert cache.layers[0].k_grad.dtype == expected
     with pytest.raises(ValueError, match="kv_grad_dtype"):
-        chunkwise_backward(tiny_model("LlamaConfig"), tiny_batch()[0], chunk_size=8, kv_grad_dtype="float16")
+        chunkwise_backward(
+            tiny_model("LlamaConfig"),
+            tiny_batch()[0],
+            schedule=ChunkSchedule(chunk_size=8),
+            options=ChunkOptions(kv_grad_dtype="float16"),
+        )
 
 
 def test_offload_auto_keeps_what_fits_on_the_device():
@@ -155,10 +183,11 @@ def test_offload_auto_keeps_what_fits_on_the_device():
             ids,
             labels=labels,
             attention_mask=mask,
-            chunk_size=8,
-            offload_kv="auto",
-            kv_device_budget=budget,
+            schedule=ChunkSchedule(chunk_size=8),
+            options=ChunkOptions(offload_kv="auto", kv_device_budget=budget),
         )
         assert rel_error(grads_of(model), ref) <= 1e-12
     with pytest.raises(ValueError, match="offload_kv"):
-        chunkwise_backward(model, ids, chunk_size=8, offload_kv="host")
+        chunkwise_backward(
+            model, ids, schedule=ChunkSchedule(chunk_size=8), options=ChunkOptions(offload_kv="host")
+        )

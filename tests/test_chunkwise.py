@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 from transformers import DynamicCache
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 
 # GQA (2 KV heads for 4 query heads) and MHA families.
 FAMILIES = {
@@ -44,7 +44,7 @@ def test_seco_matches_full_backprop(family, dtype):
     model = tiny_model(family, dtype, **FAMILIES[family])
     ids, labels, mask = tiny_batch()  # batch 2, right padding, a -100 span, 37 tokens (not a multiple of 8)
     ref_loss, ref = reference_grads(model, ids, labels, mask)
-    stats, got = chunkwise_grads(model, ids, labels, mask, chunk_size=8)
+    stats, got = chunkwise_grads(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=8))
     assert stats.num_chunks == 5 and stats.selected == [0, 1, 2, 3, 4]
     assert rel_error(got, ref) <= tol(model)
     assert stats.loss == pytest.approx(ref_loss, rel=1e-6)
@@ -55,7 +55,7 @@ def test_chunk_sizes_down_to_one_token_and_up_to_one_chunk(chunk_size):
     model = tiny_model("LlamaConfig")
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
-    stats, got = chunkwise_grads(model, ids, labels, mask, chunk_size=chunk_size)
+    stats, got = chunkwise_grads(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=chunk_size))
     assert stats.num_chunks == -(-37 // chunk_size)
     assert rel_error(got, ref) <= tol(model)
 
@@ -65,7 +65,7 @@ def test_eager_attention(family):
     model = tiny_model(family, attn="eager", **FAMILIES[family])
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
-    _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=6)
+    _, got = chunkwise_grads(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=6))
     assert rel_error(got, ref) <= tol(model)
 
 
@@ -82,7 +82,7 @@ def test_lora_grads_on_adapters_only(family, dtype):
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     assert ref and all("lora_" in n for n in ref)
-    _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=8)
+    _, got = chunkwise_grads(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=8))
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
     assert rel_error(got, ref) <= tol(model)
 
@@ -100,7 +100,9 @@ def test_sliding_window_models_are_exact(family, attn, kw):
     model = tiny_model(family, attn=attn, **kw)
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
-    _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=5)  # window 8 spans chunk boundaries
+    _, got = chunkwise_grads(
+        model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=5)
+    )  # window 8 spans chunk boundaries
     assert rel_error(got, ref) <= tol(model)
 
 
@@ -112,7 +114,9 @@ def test_recurrent_family_without_state_continuation_is_refused():
     )
     ids, labels, mask = tiny_batch()
     with pytest.raises(ValueError, match="jamba: .*initial state"):
-        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8)
+        chunkwise_backward(
+            model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=8)
+        )
 
 
 def test_dropout_masks_are_replayed_exactly():
@@ -141,12 +145,12 @@ def test_dropout_masks_are_replayed_exactly():
     after_ref = torch.rand(1)
 
     torch.manual_seed(123)
-    _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=8)
+    _, got = chunkwise_grads(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=8))
     assert rel_error(got, ref) <= tol(model)
     assert torch.equal(torch.rand(1), after_ref)  # the RNG stream continues as after one forward
 
     torch.manual_seed(7)  # other masks, other gradient: dropout really is active
-    _, other = chunkwise_grads(model, ids, labels, mask, chunk_size=8)
+    _, other = chunkwise_grads(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=8))
     assert rel_error(other, ref) > 1e-3
 
 
@@ -154,7 +158,7 @@ def test_labels_default_to_input_ids_without_padding():
     model = tiny_model("LlamaConfig")
     ids, _, mask = tiny_batch(ignore=None)
     _, ref = reference_grads(model, ids, ids.masked_fill(mask == 0, -100), mask)
-    _, got = chunkwise_grads(model, ids, None, mask, chunk_size=8)
+    _, got = chunkwise_grads(model, ids, None, mask, schedule=ChunkSchedule(chunk_size=8))
     assert rel_error(got, ref) <= tol(model)
 
 
@@ -164,7 +168,9 @@ def test_gradients_are_added_to_existing_grads():
     _, ref = reference_grads(model, ids, labels, mask)
     model.zero_grad(set_to_none=True)
     for _ in range(2):
-        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8)
+        chunkwise_backward(
+            model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=8)
+        )
     assert rel_error(grads_of(model), {n: 2 * g for n, g in ref.items()}) <= tol(model)
 
 
@@ -176,21 +182,24 @@ def test_kv_offload_gives_the_same_gradients(family, attn):
     model = tiny_model(family, attn=attn, **FAMILIES[family])
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
-    _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=8, offload_kv=True)
+    _, got = chunkwise_grads(
+        model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=8), options=ChunkOptions(offload_kv=True)
+    )
     assert rel_error(got, ref) <= tol(model)
     _, sp = chunkwise_grads(
         model,
         ids,
         labels,
         mask,
-        chunk_size=8,
-        offload_kv=True,
-        mode="spaco",
-        selected=[1, 3],
-        sample_prob=0.5,
+        schedule=ChunkSchedule(chunk_size=8, mode="spaco", selected=[1, 3], sample_prob=0.5),
+        options=ChunkOptions(offload_kv=True),
     )
     _, sp_ref = chunkwise_grads(
-        model, ids, labels, mask, chunk_size=8, mode="spaco", selected=[1, 3], sample_prob=0.5
+        model,
+        ids,
+        labels,
+        mask,
+        schedule=ChunkSchedule(chunk_size=8, mode="spaco", selected=[1, 3], sample_prob=0.5),
     )
     assert rel_error(sp, sp_ref) <= tol(model)
 

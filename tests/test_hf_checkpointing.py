@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.layer_checkpoint import hf_checkpointing_taken_over  # noqa
 
 
@@ -27,9 +27,16 @@ def _lora(model):
     return peft
 
 
-def _step(model, ids, labels, mask, **kw):
+def _step(model, ids, labels, mask, **options):
     model.zero_grad(set_to_none=True)
-    stats = chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8, **kw)
+    stats = chunkwise_backward(
+        model,
+        ids,
+        labels=labels,
+        attention_mask=mask,
+        schedule=ChunkSchedule(chunk_size=8),
+        options=ChunkOptions(**options),
+    )
     return stats, grads_of(model)
 
 
@@ -107,8 +114,7 @@ def _trainer_grads(tmp_path, gradient_checkpointing: bool):
     """The gradient of the first step of ChunkwiseTrainer (seen before the optimizer step)."""
     from transformers import TrainerCallback, TrainingArguments
 
-    from engine.hf import ChunkwiseTrainer
-    from engine.schedule import ChunkSchedule
+    from engine.hf_trainer import ChunkwiseTrainer
 
     seen = {}
 

@@ -8,7 +8,7 @@ from tiny import tiny_batch, tiny_model
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from engine.hf import ChunkwiseTrainer
+from engine.hf_trainer import ChunkwiseTrainer
 from engine.schedule import ChunkSchedule
 
 
@@ -33,11 +33,13 @@ class Rows(Dataset):
 
 @pytest.mark.parametrize("chunk", [8, 37])
 def test_chunkwise_eval_loss_equals_the_plain_trainers(tmp_path, chunk, monkeypatch):
-    import engine.hf
+    import engine.hf_trainer
 
     calls = []
-    real = engine.hf.score
-    monkeypatch.setattr(engine.hf, "score", lambda *a, **k: calls.append(k["options"]) or real(*a, **k))
+    real = engine.hf_trainer.score
+    monkeypatch.setattr(
+        engine.hf_trainer, "score", lambda *a, **k: calls.append(k["options"]) or real(*a, **k)
+    )
 
     def eval_loss(cls, **extra):
         model = tiny_model("LlamaConfig", torch.float64)

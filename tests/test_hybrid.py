@@ -18,7 +18,7 @@ from tiny_hybrid import HYBRIDS, tiny_hybrid
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.memory import MemoryTracker
 from engine.state_cache import REFUSED, VERIFIED, check_family, has_states
 
@@ -80,7 +80,7 @@ def batch(seq: int = SEQ):
 def check_exact(model, chunk_size, seq: int = SEQ):
     ids, labels, mask = batch(seq)
     ref_loss, ref = reference_grads(model, ids, labels, mask)
-    stats, got = chunkwise_grads(model, ids, labels, mask, chunk_size=chunk_size)
+    stats, got = chunkwise_grads(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=chunk_size))
     err = rel_error(got, ref)
     print(
         f"{model.config.model_type} {next(model.parameters()).dtype} chunk {chunk_size}: rel error {err:.1e}"
@@ -114,7 +114,9 @@ def test_registry_family_is_exact_or_refused(family):
     if family not in VERIFIED:
         ids, labels, mask = batch()
         with pytest.raises(ValueError, match=family):
-            chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=CHUNK)
+            chunkwise_backward(
+                model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=CHUNK)
+            )
         return
     check_exact(model, CHUNK)
 
@@ -140,7 +142,9 @@ def test_refused_without_the_cache_api():
     )
     ids, labels, mask = batch()
     with pytest.raises(ValueError, match="rwkv: .*Cache"):
-        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=CHUNK)
+        chunkwise_backward(
+            model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=CHUNK)
+        )
 
 
 @pytest.mark.parametrize(
@@ -194,7 +198,7 @@ def test_lora(family):
     ids, labels, mask = batch()
     _, ref = reference_grads(model, ids, labels, mask)
     assert ref and all("lora_" in n for n in ref)
-    _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=CHUNK)
+    _, got = chunkwise_grads(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=CHUNK))
     assert rel_error(got, ref) <= tol(model.get_base_model())
 
 
@@ -205,7 +209,7 @@ def test_spaco_exact_enumeration_on_a_hybrid():
     model = tiny_hybrid("nemotron_h")
     ids, labels, mask = tiny_batch(seq=9, pad_from=8, ignore=(2, 4))
     k, q = 3, 0.5
-    _, seco = chunkwise_grads(model, ids, labels, mask, chunk_size=3)
+    _, seco = chunkwise_grads(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=3))
     total, uncompensated = {}, {}
     for bits in itertools.product([0, 1], repeat=k):
         sel = [c for c in range(k) if bits[c]]
@@ -216,11 +220,9 @@ def test_spaco_exact_enumeration_on_a_hybrid():
                 ids,
                 labels,
                 mask,
-                chunk_size=3,
-                mode="spaco",
-                selected=sel,
-                sample_prob=q,
-                compensation_cap=cap,
+                schedule=ChunkSchedule(
+                    chunk_size=3, mode="spaco", selected=sel, sample_prob=q, compensation_cap=cap
+                ),
             )
             for n, p_ in model.named_parameters():
                 acc[n] = acc.get(n, 0) + p * g.get(n, torch.zeros_like(p_))
@@ -233,7 +235,9 @@ def test_packed_documents_are_refused():
     ids, labels, mask = batch()
     pos = torch.cat([torch.arange(6), torch.arange(SEQ - 6)]).expand(2, -1)
     with pytest.raises(ValueError, match="mamba2: packed documents"):
-        chunkwise_backward(model, ids, labels=labels, position_ids=pos, chunk_size=CHUNK)
+        chunkwise_backward(
+            model, ids, labels=labels, position_ids=pos, schedule=ChunkSchedule(chunk_size=CHUNK)
+        )
 
 
 LENGTHS, MEM_CHUNK = (128, 256, 512), 32
@@ -249,7 +253,7 @@ def test_pure_recurrent_memory_does_not_grow_beyond_state_checkpoints():
     for n in LENGTHS:
         ids = torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(n))
         with MemoryTracker("cpu") as t:
-            stats = chunkwise_backward(model, ids, chunk_size=MEM_CHUNK)
+            stats = chunkwise_backward(model, ids, schedule=ChunkSchedule(chunk_size=MEM_CHUNK))
         seco.append(t.peak_bytes)
         states.append(stats.kv_bytes)
         with MemoryTracker("cpu") as t:
@@ -272,7 +276,9 @@ def test_kv_offload_with_recurrent_layers():
     model = tiny_hybrid("falcon_h1")
     ids, labels, mask = batch(seq=7)
     _, ref = reference_grads(model, ids, labels, mask)
-    _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=2, offload_kv=True)  # 2 + 2 + 2 + 1
+    _, got = chunkwise_grads(
+        model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=2), options=ChunkOptions(offload_kv=True)
+    )  # 2 + 2 + 2 + 1
     assert rel_error(got, ref) <= tol(model)
 
 
@@ -282,9 +288,21 @@ def test_checkpoint_layers_with_recurrent_layers():
     model = tiny_hybrid("falcon_h1")
     ids, labels, mask = batch(seq=7)
     _, ref = reference_grads(model, ids, labels, mask)
-    _, got = chunkwise_grads(model, ids, labels, mask, chunk_size=3, checkpoint_layers=True)
+    _, got = chunkwise_grads(
+        model,
+        ids,
+        labels,
+        mask,
+        schedule=ChunkSchedule(chunk_size=3),
+        options=ChunkOptions(checkpoint_layers=True),
+    )
     assert rel_error(got, ref) <= tol(model)
     with pytest.raises(ValueError, match="falcon_h1: checkpoint_layers with chunk_size 1"):
         chunkwise_backward(
-            model, ids, labels=labels, attention_mask=mask, chunk_size=1, checkpoint_layers=True
+            model,
+            ids,
+            labels=labels,
+            attention_mask=mask,
+            schedule=ChunkSchedule(chunk_size=1),
+            options=ChunkOptions(checkpoint_layers=True),
         )

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.memory import MemoryTracker
 
 # family, attention, config overrides, float64 bound. The bounds are those of the whole-chunk path for the
@@ -41,7 +41,12 @@ def test_fused_loss_is_the_models_loss(family, attn, kw, bound):
     seen, hook = head_inputs(model)
     model.zero_grad(set_to_none=True)
     stats = chunkwise_backward(
-        model, ids, labels=labels, attention_mask=mask, chunk_size=8, fused_loss=True, loss_slice=3
+        model,
+        ids,
+        labels=labels,
+        attention_mask=mask,
+        schedule=ChunkSchedule(chunk_size=8),
+        options=ChunkOptions(fused_loss=True, loss_slice=3),
     )
     hook.remove()
     assert rel_error(grads_of(model), ref) <= bound
@@ -60,13 +65,15 @@ def test_fused_loss_with_lora_and_spaco():
                 p.normal_(0, 0.05)
     ids, labels, mask = tiny_batch()
     kw = dict(
-        labels=labels, attention_mask=mask, chunk_size=8, mode="spaco", sample_prob=0.5, selected=[1, 3]
+        labels=labels,
+        attention_mask=mask,
+        schedule=ChunkSchedule(chunk_size=8, mode="spaco", sample_prob=0.5, selected=[1, 3]),
     )
     model.zero_grad(set_to_none=True)
-    plain = chunkwise_backward(model, ids, **kw)
+    plain = chunkwise_backward(model, ids, **kw, options=ChunkOptions(fused_loss=False))
     ref = grads_of(model)
     model.zero_grad(set_to_none=True)
-    fused = chunkwise_backward(model, ids, fused_loss=True, loss_slice=5, **kw)
+    fused = chunkwise_backward(model, ids, **kw, options=ChunkOptions(fused_loss=True, loss_slice=5))
     assert rel_error(grads_of(model), ref) <= 1e-12
     assert fused.loss == pytest.approx(plain.loss, rel=1e-12)  # unvisited chunks' loss: fused in pass 1
 
@@ -81,7 +88,14 @@ def test_unknown_post_processing_falls_back_logged_once(caplog):
     with caplog.at_level(logging.WARNING, logger="engine.loss"):
         for _ in range(2):
             model.zero_grad(set_to_none=True)
-            chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8, fused_loss=True)
+            chunkwise_backward(
+                model,
+                ids,
+                labels=labels,
+                attention_mask=mask,
+                schedule=ChunkSchedule(chunk_size=8),
+                options=ChunkOptions(fused_loss=True),
+            )
             assert rel_error(grads_of(model), ref) <= 1e-12
     assert sum("fused loss" in r.message for r in caplog.records) == 1
 
@@ -92,7 +106,14 @@ def test_lora_on_the_head_falls_back():
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     model.zero_grad(set_to_none=True)
-    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8, fused_loss=True)
+    chunkwise_backward(
+        model,
+        ids,
+        labels=labels,
+        attention_mask=mask,
+        schedule=ChunkSchedule(chunk_size=8),
+        options=ChunkOptions(fused_loss=True),
+    )
     assert rel_error(grads_of(model), ref) <= 1e-12
 
 
@@ -106,7 +127,12 @@ def test_fused_loss_lowers_the_chunk_peak():
     peaks = {}
     for fused in (False, True):
         with MemoryTracker("cpu") as t:
-            chunkwise_backward(model, ids, chunk_size=128, fused_loss=fused, loss_slice=16)
+            chunkwise_backward(
+                model,
+                ids,
+                schedule=ChunkSchedule(chunk_size=128),
+                options=ChunkOptions(fused_loss=fused, loss_slice=16),
+            )
         peaks[fused] = t.peak_bytes
     logits = 128 * 4096 * 4
     print(f"chunk peak: whole-chunk loss {peaks[False] / 2**20:.2f} MiB, fused {peaks[True] / 2**20:.2f} MiB")
@@ -124,6 +150,13 @@ def test_fused_loss_in_bfloat16_is_as_close_as_the_whole_chunk_loss(family, kw):
     errors = {}
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
-        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8, fused_loss=fused)
+        chunkwise_backward(
+            model,
+            ids,
+            labels=labels,
+            attention_mask=mask,
+            schedule=ChunkSchedule(chunk_size=8),
+            options=ChunkOptions(fused_loss=fused),
+        )
         errors[fused] = rel_error(grads_of(model), ref)
     assert errors[True] <= 1.5 * errors[False] + 1e-3, errors

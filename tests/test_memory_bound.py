@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tiny import tiny_model
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.memory import MemoryTracker
 
 LENGTHS = (512, 1024, 2048)
@@ -27,7 +27,7 @@ def peaks(attn: str):
     for n in LENGTHS:
         ids = torch.randint(3, 97, (1, n), generator=torch.Generator().manual_seed(n))
         with MemoryTracker("cpu") as t:
-            stats = chunkwise_backward(model, ids, chunk_size=CHUNK)
+            stats = chunkwise_backward(model, ids, schedule=ChunkSchedule(chunk_size=CHUNK))
         seco.append(t.peak_bytes)
         kv.append(stats.kv_bytes)
         with MemoryTracker("cpu") as t:
@@ -54,7 +54,7 @@ def test_seco_peak_grows_only_by_kv_and_kv_grads():
 
 def test_kv_bytes_are_the_analytic_size():
     model = tiny_model("LlamaConfig", torch.float32)
-    stats = chunkwise_backward(model, torch.randint(3, 97, (2, 100)), chunk_size=32)
+    stats = chunkwise_backward(model, torch.randint(3, 97, (2, 100)), schedule=ChunkSchedule(chunk_size=32))
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2  # batch 2

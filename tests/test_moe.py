@@ -14,7 +14,7 @@ from tiny import grads_of, rel_error, tiny_batch, tiny_model
 from transformers import DynamicCache
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 
 # 4 experts, top-2, and a large coefficient so the aux term is a sizeable part of every router gradient: a
 # wrong f_e or normalisation shows up as ~1e-2, far above the tolerances below.
@@ -104,8 +104,8 @@ def test_aux_loss_matches_hf(family, dtype):
     model = moe_model(family, dtype)
     ids, labels, mask = tiny_batch(seq=SEQ)
     hf_loss, hf_aux, ref = hf_reference(model, ids, labels, mask)
-    whole, whole_grads = run(model, ids, labels, mask, chunk_size=SEQ)  # one chunk
-    stats, got = run(model, ids, labels, mask, chunk_size=7)
+    whole, whole_grads = run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=SEQ))  # one chunk
+    stats, got = run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=7))
     for s, g in ((whole, whole_grads), (stats, got)):
         assert rel_error(g, ref) <= TOL[dtype]
         assert s.aux_loss == pytest.approx(hf_aux, rel=1e-6)
@@ -114,7 +114,7 @@ def test_aux_loss_matches_hf(family, dtype):
         assert rel_error(got, whole_grads) <= SPLIT_TOL.get(family, 1e-10)
     batch = tiny_batch(**SHORT)
     _, short_aux, short_ref = hf_reference(model, *batch)
-    stats, got = run(model, *batch, chunk_size=1)
+    stats, got = run(model, *batch, schedule=ChunkSchedule(chunk_size=1))
     assert rel_error(got, short_ref) <= TOL[dtype] and stats.aux_loss == pytest.approx(short_aux, rel=1e-6)
 
 
@@ -128,7 +128,7 @@ def test_aux_term_is_in_the_gradient():
     ce_only = grads_of(model)
     assert rel_error(ce_only, ref) > 1e-3
     model.config.output_router_logits = False  # the user's switch, as for HF's own loss
-    stats, got = run(model, ids, labels, mask, chunk_size=7)
+    stats, got = run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=7))
     assert stats.aux_loss is None and rel_error(got, ce_only) <= 1e-12
 
 
@@ -145,7 +145,7 @@ def test_aux_loss_with_lora(family):
         _, hf_aux, ref = hf_reference(model, *batch)
         assert ref and all("lora_" in n for n in ref)
         for chunk_size in sizes:
-            stats, got = run(model, *batch, chunk_size=chunk_size)
+            stats, got = run(model, *batch, schedule=ChunkSchedule(chunk_size=chunk_size))
             assert rel_error(got, ref) <= TOL[torch.float64], chunk_size
             assert stats.aux_loss == pytest.approx(hf_aux, rel=1e-6)
 
@@ -161,7 +161,9 @@ def test_aux_loss_with_memory_options(options):
     model = moe_model("MixtralConfig")
     ids, labels, mask = tiny_batch(seq=SEQ)
     _, hf_aux, ref = hf_reference(model, ids, labels, mask)
-    stats, got = run(model, ids, labels, mask, chunk_size=7, **options)
+    stats, got = run(
+        model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=7), options=ChunkOptions(**options)
+    )
     assert rel_error(got, ref) <= TOL[torch.float64] and stats.aux_loss == pytest.approx(hf_aux, rel=1e-6)
 
 
@@ -201,7 +203,7 @@ def test_phimoe_train_mode_replays_its_random_routing(dtype):
     hf_loss, hf_aux, ref_whole = hf_reference(model, ids, labels, mask)
     after = torch.rand(1)
     torch.manual_seed(11)
-    stats, got = run(model, ids, labels, mask, chunk_size=SEQ)
+    stats, got = run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=SEQ))
     assert torch.equal(torch.rand(1), after)  # the RNG stream continues as after one forward
     assert rel_error(got, ref_whole) <= TOL[dtype]
     assert stats.loss == pytest.approx(hf_loss, rel=1e-6) and stats.aux_loss == pytest.approx(
@@ -211,7 +213,7 @@ def test_phimoe_train_mode_replays_its_random_routing(dtype):
     torch.manual_seed(12)
     aux, ref = _chunk_by_chunk_reference(model, ids, labels, mask, 7)
     torch.manual_seed(12)
-    stats, got = run(model, ids, labels, mask, chunk_size=7)
+    stats, got = run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=7))
     assert rel_error(got, ref) <= TOL[dtype] and stats.aux_loss == pytest.approx(aux, rel=1e-6)
     assert rel_error(got, ref_whole) > 1e-3  # other draws, other routes: the routing really is random
 
@@ -222,12 +224,16 @@ def test_spaco_with_aux_loss_is_unbiased():
     HF's RMSNorm backprops in float32 even in float64 models (as in tests/test_spaco.py); measured 2e-8."""
     model = moe_model("MixtralConfig")
     ids, labels, mask = tiny_batch(**SHORT)
-    _, exact = run(model, ids, labels, mask, chunk_size=5)
+    _, exact = run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=5))
     mean = {n: torch.zeros_like(g) for n, g in exact.items()}
     for r in range(4):
         for sel in itertools.combinations(range(3), r):
             stats, got = run(
-                model, ids, labels, mask, chunk_size=5, mode="spaco", selected=sel, sample_prob=0.5
+                model,
+                ids,
+                labels,
+                mask,
+                schedule=ChunkSchedule(chunk_size=5, mode="spaco", selected=sel, sample_prob=0.5),
             )
             assert stats.aux_loss is not None
             for n in mean:
@@ -242,9 +248,11 @@ def test_foreign_router_loss_is_refused():
     )
     ids, labels, mask = tiny_batch(seq=SEQ)
     with pytest.raises(ValueError, match="doge: output_router_logits=True adds a router loss"):
-        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=7)
+        chunkwise_backward(
+            model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=7)
+        )
     model.config.output_router_logits = False  # without its router loss doge trains (no aux in HF's loss)
-    run(model, ids, labels, mask, chunk_size=7)
+    run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=7))
 
 
 def test_logit_z_loss_is_refused():
@@ -254,7 +262,9 @@ def test_logit_z_loss_is_refused():
     model = tiny_hybrid("bamba", z_loss_coefficient=0.1)
     ids, labels, mask = tiny_batch(**SHORT)
     with pytest.raises(ValueError, match="bamba: z_loss_coefficient=0.1"):
-        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=7)
+        chunkwise_backward(
+            model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=7)
+        )
 
 
 LLAMA4 = dict(
@@ -279,7 +289,7 @@ def test_llama4_chunked_attention_is_exact():
     ids, labels, mask = tiny_batch(seq=SEQ)
     _, _, ref = hf_reference_plain(model, ids, labels, mask)
     for chunk_size in (1, 5, 7, SEQ):
-        _, got = run(model, ids, labels, mask, chunk_size=chunk_size)
+        _, got = run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=chunk_size))
         assert rel_error(got, ref) <= 1e-6, chunk_size
     wide = tiny_model("Llama4TextConfig", **{**LLAMA4, "attention_chunk_size": 64})
     _, _, wide_ref = hf_reference_plain(wide, ids, labels, mask)
@@ -306,7 +316,7 @@ def test_router_aux_loss_config_key_switches_hf_output_router_logits():
     model = build_model(ModelConfig(hf_config=hf, dtype="float32", router_aux_loss=True), seed=0)
     assert model.config.output_router_logits
     ids, labels, mask = tiny_batch(seq=SEQ)
-    stats, _ = run(model, ids, labels, mask, chunk_size=7)
+    stats, _ = run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=7))
     assert stats.aux_loss == pytest.approx(
         model(input_ids=ids, attention_mask=mask).aux_loss.item(), rel=1e-5
     )

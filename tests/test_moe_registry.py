@@ -15,6 +15,8 @@ from tiny_hybrid import HYBRIDS, tiny_hybrid
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from engine.chunkwise import ChunkSchedule
+
 ROUTER_LOSS_FAMILIES = sorted(
     mt
     for mt, cls in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()
@@ -97,11 +99,11 @@ def test_family_with_router_loss_is_exact_or_refused(family):
     ids, labels, mask = tiny_batch(seq=23, pad_from=18, ignore=(3, 6))
     if family in REFUSED:
         with pytest.raises(ValueError, match=family) as err:
-            run(model, ids, labels, mask, chunk_size=7)
+            run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=7))
         assert REFUSED[family] in str(err.value)
         return
     hf_loss, hf_aux, ref = hf_reference(model, ids, labels, mask)
-    stats, got = run(model, ids, labels, mask, chunk_size=7)
+    stats, got = run(model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=7))
     # HF sums the router probabilities in float32 (and several families compute norms, RoPE or routers in
     # float32) even in float64 models: 1e-6, as in tests/test_moe.py.
     assert rel_error(got, ref) <= 1e-6

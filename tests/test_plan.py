@@ -1,7 +1,8 @@
 """The planner (engine/plan/): its predictions against measured peaks, and its arithmetic.
 
 What is compared. `MemoryTracker.peak_bytes` (CPU: every live tensor storage allocated inside the block,
-beyond what was live on entry) around `chunkwise_backward(model, ids, chunk_size=C)`, for a tiny random Llama
+beyond what was live on entry) around `chunkwise_backward(model, ids, schedule=ChunkSchedule(chunk_size=C))`
+(the whole-chunk loss unless a case names the fused one), for a tiny random Llama
 whose weights exist and whose trainable `.grad` tensors are allocated (zeros) before entering, after one
 warm-up step (one-time lazy allocations are not the step's). The prediction is `plan(..., backend="local",
 device="cpu").step_bytes`: K/V checkpoints + their float32 gradients + the float32 gradient sums
@@ -16,7 +17,6 @@ offload neither prefetches nor stages its deposit. PEFT keeps adapters in float3
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,7 +25,7 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from engine import plan as planner
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.memory import MemoryTracker
 from engine.plan import Breakdown, GiB, ModelShape, longest_sequence, parse_bytes, plan, usable_memory
 
@@ -129,10 +129,12 @@ def measure(case: Case):
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.grad = torch.zeros_like(p)
-    missing = sorted(set(case.engine) - set(inspect.signature(chunkwise_backward).parameters))
-    if missing:
-        pytest.skip(f"chunkwise_backward has no {missing} yet")
-    kw = dict(chunk_size=case.chunk, offload_kv=case.offload_kv, **case.engine)
+    # The whole-chunk loss unless the case names the fused one.
+    engine = {"fused_loss": False, **case.engine}
+    kw = dict(
+        schedule=ChunkSchedule(chunk_size=case.chunk),
+        options=ChunkOptions(offload_kv=case.offload_kv, **engine),
+    )
     chunkwise_backward(model, ids[:, : 2 * case.chunk], **kw)  # warm-up
     for p in trainable:
         p.grad.zero_()
@@ -152,7 +154,7 @@ def measure(case: Case):
         offload_kv=case.offload_kv,
         backend="local",
         device="cpu",
-        **case.engine,
+        **engine,
     )
     return mt.peak_bytes, predicted, stats
 
@@ -376,19 +378,22 @@ def test_chunk_size_auto(capsys):
 
 
 def test_checkpoint_layers_and_fused_loss_shrink_the_chunk():
-    kw = dict(chunk_size=1024, seq_len=32768, lora_rank=8, zero_stage=2, offload_optimizer=True)
+    kw = dict(
+        chunk_size=1024, seq_len=32768, lora_rank=8, zero_stage=2, offload_optimizer=True, fused_loss=False
+    )
+    fuse = dict(kw, fused_loss=True)
     base = plan("llama3-8b", kv_grad_dtype="float32", **kw)
     ckpt = plan("llama3-8b", checkpoint_layers=True, **kw)
-    fused = plan("llama3-8b", fused_loss=True, **kw)
+    fused = plan("llama3-8b", **fuse)
     # a checkpointed chunk keeps one hidden state per layer (+ one layer's graph during its backward)
     assert ckpt.activations < base.activations / 4
     # the fused loss never holds more than a slice's float32 logits: the cross-entropy stops being the peak
     assert fused.transient < base.transient / 3 and base.peak_phase == "ce"
-    both = plan("llama3-8b", checkpoint_layers=True, fused_loss=True, **kw)
+    both = plan("llama3-8b", checkpoint_layers=True, **fuse)
     assert both.total < min(ckpt.total, fused.total)
     # and under ZeRO-3 too (the head's weight gathered once per chunk)
     zero3 = dict(kw, zero_stage=3)
-    assert plan("llama3-8b", fused_loss=True, **zero3).transient < plan("llama3-8b", **zero3).transient / 3
+    assert plan("llama3-8b", **dict(fuse, zero_stage=3)).transient < plan("llama3-8b", **zero3).transient / 3
     bf16 = plan("llama3-8b", kv_grad_dtype="bfloat16", **kw)
     assert bf16.kv_grads == base.kv_grads // 2 and bf16.kv == base.kv
     # never below the K/V's own dtype: a float32 model keeps float32 K/V gradients

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.kv_cache import ChunkKVCache
 
 
@@ -22,7 +22,9 @@ def test_bf16_chunkwise_error_within_1_5x_of_plain_bf16_backprop():
     _, exact = reference_grads(fp64, ids, labels, mask)
     _, plain = reference_grads(bf16, ids, labels, mask)
     bf16.zero_grad(set_to_none=True)
-    chunkwise_backward(bf16, ids, labels=labels, attention_mask=mask, chunk_size=4)  # 64 chunks
+    chunkwise_backward(
+        bf16, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=4)
+    )  # 64 chunks
     chunk = grads_of(bf16)
     assert all(g.dtype == torch.bfloat16 for g in chunk.values())
     e_plain, e_chunk = rel_error(plain, exact), rel_error(chunk, exact)
@@ -62,20 +64,20 @@ BAD = [
 def test_bad_arguments_name_the_argument(model, kwargs, name):
     ids, labels, mask = tiny_batch()
     with pytest.raises(ValueError, match=name):
-        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, **kwargs)
+        chunkwise_backward(model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(**kwargs))
 
 
 def test_bad_tensors_name_the_argument(model):
     ids, labels, mask = tiny_batch()
     with pytest.raises(ValueError, match="labels"):
-        chunkwise_backward(model, ids, labels=labels[:, :-1], chunk_size=4)
+        chunkwise_backward(model, ids, labels=labels[:, :-1], schedule=ChunkSchedule(chunk_size=4))
     with pytest.raises(ValueError, match="attention_mask"):
-        chunkwise_backward(model, ids, attention_mask=mask[:1], chunk_size=4)
+        chunkwise_backward(model, ids, attention_mask=mask[:1], schedule=ChunkSchedule(chunk_size=4))
     left = torch.ones_like(mask)
     left[1, :3] = 0
     with pytest.raises(ValueError, match="attention_mask: only right padding"):
-        chunkwise_backward(model, ids, attention_mask=left, chunk_size=4)
+        chunkwise_backward(model, ids, attention_mask=left, schedule=ChunkSchedule(chunk_size=4))
     with pytest.raises(ValueError, match="input_ids"):
-        chunkwise_backward(model, ids.float(), chunk_size=4)
+        chunkwise_backward(model, ids.float(), schedule=ChunkSchedule(chunk_size=4))
     with pytest.raises(ValueError, match="input_ids"):
-        chunkwise_backward(model, ids[:, :1], chunk_size=4)
+        chunkwise_backward(model, ids[:, :1], schedule=ChunkSchedule(chunk_size=4))

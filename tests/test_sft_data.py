@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tiny import grads_of, per_document_grads, rel_error, tiny_model
 
-from engine.chunkwise import chunkwise_backward
+from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import ConfigError, DataConfig
 from engine.data import build_dataset, load_tokenizer
 from engine.data.__main__ import main as inspect_main
@@ -220,7 +220,7 @@ def test_packed_rows_train_like_their_samples_one_per_row():
     def grads(ds):
         batch = {k: torch.stack([ds[i][k] for i in range(len(ds))]) for k in ds[0]}
         model.zero_grad(set_to_none=True)
-        stats = chunkwise_backward(model, chunk_size=16, **batch)
+        stats = chunkwise_backward(model, **batch, schedule=ChunkSchedule(chunk_size=16))
         return stats, grads_of(model)
 
     (a, ga), (b, gb) = grads(packed), grads(single)
@@ -259,5 +259,5 @@ def test_raw_text_packing_restarts_positions_per_document():
     row = {k: v[None] for k, v in ds[1].items()}
     _, _, ref = per_document_grads(model, row["input_ids"], row["labels"], [[1, 1, 14]])
     model.zero_grad(set_to_none=True)
-    chunkwise_backward(model, chunk_size=4, **row)
+    chunkwise_backward(model, **row, schedule=ChunkSchedule(chunk_size=4))
     assert rel_error(grads_of(model), ref) <= 1e-12

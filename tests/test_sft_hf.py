@@ -1,4 +1,4 @@
-"""engine.hf.ChunkwiseTrainer (transformers.Trainer + chunk-wise backprop) against the project's own trainer:
+"""engine.hf_trainer.ChunkwiseTrainer (transformers.Trainer + chunk-wise backprop) against the project's own trainer:
 same model init, same batches, same SpaCO draws, same AdamW and constant LR, hence the same losses step by
 step; plain and through the Trainer's own DeepSpeed integration (ZeRO-2), with its checkpointing."""
 
@@ -15,7 +15,7 @@ import torch
 from transformers import TrainingArguments
 from workers.hf_trainer import train
 
-from engine.hf import ChunkwiseTrainer
+from engine.hf_trainer import ChunkwiseTrainer
 from engine.schedule import ChunkSchedule
 
 REPO = Path(__file__).resolve().parents[1]

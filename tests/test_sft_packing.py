@@ -55,7 +55,7 @@ def test_packed_row_equals_its_documents_one_by_one(family):
         assert stats.loss == pytest.approx(ref_loss, rel=1e-12)
     # Without position_ids the same row lets documents see each other: the test can tell.
     model.zero_grad(set_to_none=True)
-    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=8)
+    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=8))
     assert rel_error(grads_of(model), ref) > 1e-3
 
 
@@ -66,7 +66,7 @@ def test_documents_ending_at_chunk_starts_need_no_kv_gradient():
     model = tiny_model("LlamaConfig", torch.float64)
     ids, labels, mask, pos = packed_batch(docs, seq=32)
     _, _, ref = per_document_reference(model, ids, labels, docs)
-    stats, got = packed_grads(model, ids, labels, None, pos, chunk_size=8)
+    stats, got = packed_grads(model, ids, labels, None, pos, schedule=ChunkSchedule(chunk_size=8))
     assert rel_error(got, ref) <= 1e-12
     heads, head_dim, layers = 2, 16, 2  # tiny.BASE: 2 KV heads of 64 / 4; two layers
     assert stats.kv_bytes == layers * 2 * (1 * heads * 32 * head_dim) * 8  # K and V, float64, no gradients
@@ -74,7 +74,7 @@ def test_documents_ending_at_chunk_starts_need_no_kv_gradient():
     docs = [[12, 20]]
     ids, labels, mask, pos = packed_batch(docs, seq=32)
     _, _, ref = per_document_reference(model, ids, labels, docs)
-    stats, got = packed_grads(model, ids, labels, None, pos, chunk_size=8)
+    stats, got = packed_grads(model, ids, labels, None, pos, schedule=ChunkSchedule(chunk_size=8))
     assert rel_error(got, ref) <= 1e-12 and stats.kv_bytes == 2 * layers * 2 * heads * 32 * head_dim * 8
 
 
@@ -82,7 +82,7 @@ def test_sliding_window_family_packed():
     model = tiny_model("MistralConfig", torch.float64, sliding_window=6)
     ids, labels, mask, pos = packed_batch()
     _, _, ref = per_document_reference(model, ids, labels)
-    _, got = packed_grads(model, ids, labels, mask, pos, chunk_size=8)
+    _, got = packed_grads(model, ids, labels, mask, pos, schedule=ChunkSchedule(chunk_size=8))
     assert rel_error(got, ref) <= 1e-12
 
 
@@ -90,6 +90,6 @@ def test_bad_position_ids():
     model = tiny_model("LlamaConfig", torch.float32)
     ids, labels, mask, pos = packed_batch()
     with pytest.raises(ValueError, match="position_ids has shape"):
-        chunkwise_backward(model, ids, position_ids=pos[:, :-1], chunk_size=8)
+        chunkwise_backward(model, ids, position_ids=pos[:, :-1], schedule=ChunkSchedule(chunk_size=8))
     with pytest.raises(ValueError, match="position_ids must be a LongTensor"):
-        chunkwise_backward(model, ids, position_ids=pos.float(), chunk_size=8)
+        chunkwise_backward(model, ids, position_ids=pos.float(), schedule=ChunkSchedule(chunk_size=8))

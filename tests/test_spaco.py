@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import grads_of, rel_error, tiny_batch, tiny_model
 
-from engine.chunkwise import ChunkSchedule, chunkwise_backward, draw_chunks
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward, draw_chunks
 
 K, CHUNK, SEQ = 5, 4, 20  # 5 chunks: 32 selections
 
@@ -19,7 +19,9 @@ def setup():
     model = tiny_model("LlamaConfig", torch.float64)
     ids, labels, mask = tiny_batch(seq=SEQ, pad_from=17, ignore=(3, 5))
     model.zero_grad(set_to_none=True)
-    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=CHUNK)
+    chunkwise_backward(
+        model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=CHUNK)
+    )
     return model, ids, labels, mask, grads_of(model)
 
 
@@ -30,10 +32,7 @@ def estimate(model, ids, labels, mask, selected, **kw):
         ids,
         labels=labels,
         attention_mask=mask,
-        chunk_size=CHUNK,
-        mode="spaco",
-        selected=selected,
-        **kw,
+        schedule=ChunkSchedule(chunk_size=CHUNK, mode="spaco", selected=selected, **kw),
     )
     grads = grads_of(model)
     # An empty selection adds nothing: its estimate is zero.
@@ -105,7 +104,9 @@ def test_loss_chunks_always_policy_is_unbiased_and_skips_heads(setup):
     labels[0, 13:17] = ids[0, 13:17]  # loss targets in chunks 3 (row 0: tokens 13..16 predicted from 12..15)
     labels[1, 9:11] = ids[1, 9:11]  # and chunk 2
     model.zero_grad(set_to_none=True)
-    chunkwise_backward(model, ids, labels=labels, attention_mask=mask, chunk_size=CHUNK)
+    chunkwise_backward(
+        model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=CHUNK)
+    )
     seco = grads_of(model)
     sched = ChunkSchedule(chunk_size=CHUNK, mode="spaco", sample_prob=0.4, loss_chunks="always")
     targets = torch.full_like(labels, -100)
@@ -131,6 +132,7 @@ def test_loss_chunks_always_policy_is_unbiased_and_skips_heads(setup):
                 labels=labels,
                 attention_mask=mask,
                 schedule=sched,
+                options=ChunkOptions(fused_loss=False),  # the whole-chunk loss: the head sees the chunk
                 generator=torch.Generator().manual_seed(seed),
             )
             assert {2, 3} <= set(stats.selected)
@@ -195,12 +197,14 @@ def test_spaco_loss_is_the_exact_full_loss():
     model = tiny_model("LlamaConfig", torch.float32)
     ids, labels, mask = tiny_batch()
     hf = model(input_ids=ids, labels=labels, attention_mask=mask).loss.item()
-    for mode, kw in (
-        ("seco", {}),
-        ("spaco", {"sample_prob": 0.25, "generator": torch.Generator().manual_seed(0)}),
-    ):
+    for mode, kw in (("seco", {}), ("spaco", {"sample_prob": 0.25})):
         stats = chunkwise_backward(
-            model, ids, labels=labels, attention_mask=mask, chunk_size=8, mode=mode, **kw
+            model,
+            ids,
+            labels=labels,
+            attention_mask=mask,
+            schedule=ChunkSchedule(chunk_size=8, mode=mode, **kw),
+            generator=torch.Generator().manual_seed(0),
         )
         assert stats.loss == pytest.approx(hf, rel=1e-6), mode
         assert stats.num_tokens == int((labels[:, 1:] != -100).sum())

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.trainer import lr_at, spaco_generator
+from engine.schedule import spaco_generator
+from engine.trainer import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"

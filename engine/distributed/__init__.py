@@ -4,13 +4,14 @@
   at config load (``check_ds_config``);
 * ``rendezvous``: the ranks meet before preparing and agree on everyone's readiness (``join_rendezvous``);
 * ``runtime``: joining the process group (``init_distributed``), the ZeRO-3 partitioned load
-  (``zero3_context``), ``initialize``, the optimizer step or its skip (``optimizer_step``), ``shutdown``;
-* ``backend``: what chunk-wise backprop needs from a plain module or a DeepSpeed engine (``backend_for``).
+  (``zero3_context``), ``initialize``, the optimizer step or its skip (``optimizer_step``), ``shutdown``.
+
+What chunk-wise backprop needs from a plain module or a DeepSpeed engine is engine/backend.py's, next to the
+algorithm.
 
 Checkpoints (DeepSpeed's save/load with our atomic commit) are engine/checkpoint.py's.
 """
 
-from engine.distributed.backend import DeepSpeedBackend, LocalBackend, backend_for
 from engine.distributed.ds_config import check_ds_config, derive_ds_config
 from engine.distributed.runtime import (
     announced_rank,
@@ -27,12 +28,9 @@ from engine.distributed.runtime import (
 )
 
 __all__ = [
-    "DeepSpeedBackend",
-    "LocalBackend",
     "announced_rank",
     "announced_world_size",
     "any_rank",
-    "backend_for",
     "check_ds_config",
     "derive_ds_config",
     "init_distributed",

@@ -122,31 +122,7 @@ def _derive(cfg: Config, world_size: int | None) -> dict:
     ds.pop("scheduler", None)
 
     zero = ds["zero_optimization"]
-    for old in ("cpu_offload", "cpu_offload_params", "cpu_offload_use_pin_memory"):
-        _require(
-            old not in zero,
-            f"ds_config key 'zero_optimization.{old}': DeepSpeed's deprecated spelling; use "
-            "deepspeed.offload_optimizer / deepspeed.offload_param (and zero_optimization.offload_*.* for tuning)",
-        )
-    for name, on in (
-        ("offload_optimizer", cfg.deepspeed.offload_optimizer),
-        ("offload_param", cfg.deepspeed.offload_param),
-    ):
-        if zero.get(name) is None and not on:
-            continue
-        section = _mapping_at(
-            zero, name
-        )  # keeps the user's tuning (pin_memory, nvme_path, buffer_count, ...)
-        device = section.get("device")
-        if device in (None, "auto"):
-            section["device"] = "cpu" if on else "none"
-        elif (device != "none") != on:  # "cpu" and "nvme" both mean offloading
-            raise _contradiction(
-                f"zero_optimization.{name}.device",
-                device,
-                "cpu" if on else "none",
-                f"deepspeed.{name} = {on}",
-            )
+    _derive_offload(zero, cfg.deepspeed)
 
     if ds.get("train_batch_size") == "auto":
         del ds["train_batch_size"]
@@ -168,6 +144,35 @@ def _derive(cfg: Config, world_size: int | None) -> dict:
 
     _check_zero_section(zero)
     return ds
+
+
+def _derive_offload(zero: dict, deepspeed) -> None:
+    """zero_optimization.offload_*.device from deepspeed.offload_optimizer / offload_param."""
+    for old in ("cpu_offload", "cpu_offload_params", "cpu_offload_use_pin_memory"):
+        _require(
+            old not in zero,
+            f"ds_config key 'zero_optimization.{old}': DeepSpeed's deprecated spelling; use "
+            "deepspeed.offload_optimizer / deepspeed.offload_param (and zero_optimization.offload_*.* for tuning)",
+        )
+    for name, on in (
+        ("offload_optimizer", deepspeed.offload_optimizer),
+        ("offload_param", deepspeed.offload_param),
+    ):
+        if zero.get(name) is None and not on:
+            continue
+        section = _mapping_at(
+            zero, name
+        )  # keeps the user's tuning (pin_memory, nvme_path, buffer_count, ...)
+        device = section.get("device")
+        if device in (None, "auto"):
+            section["device"] = "cpu" if on else "none"
+        elif (device != "none") != on:  # "cpu" and "nvme" both mean offloading
+            raise _contradiction(
+                f"zero_optimization.{name}.device",
+                device,
+                "cpu" if on else "none",
+                f"deepspeed.{name} = {on}",
+            )
 
 
 def _check_zero_section(zero: dict) -> None:

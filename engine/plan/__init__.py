@@ -59,8 +59,8 @@ def plan(model_config, *, seq_len: int, device_memory: int | str | None = None, 
         (the usable bytes, see usable_memory) beside the rest of the step.
     checkpoint_layers: each decoder layer is recomputed during its chunk's backward (chunking.checkpoint_layers).
     fused_loss, loss_slice: the chunk's cross-entropy over slices of loss_slice tokens.
-    kv_grad_dtype: "bfloat16" or "float32" K/V gradients (chunking.kv_grad_dtype; None: bfloat16, never below the
-        K/V dtype).
+    kv_grad_dtype: "bfloat16" (default) or "float32" K/V gradients (chunking.kv_grad_dtype), never below the
+        K/V's own dtype (float32 models keep float32).
     device: "cuda" (the planner's purpose) or "cpu" (where tests/test_plan.py measures; no prefetch there).
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:

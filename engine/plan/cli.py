@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+from engine.options import ChunkOptions
 from engine.plan import (
     DEFAULT_BANDWIDTH,
     DEFAULT_TFLOPS,
@@ -43,19 +45,13 @@ def _lora_targets(targets) -> tuple[str, ...]:
 
 def setup_from_config(cfg, device: str = "cuda", world_size: int = 1) -> dict:
     """The keywords of engine.plan.plan that a run config (engine.config.Config) sets."""
-    ch = cfg.chunking
     return dict(
-        chunk_size=ch.chunk_size, dtype=cfg.model.dtype, batch=cfg.data.batch_size,
+        chunk_size=cfg.chunking.chunk_size, dtype=cfg.model.dtype, batch=cfg.data.batch_size,
         zero_stage=cfg.deepspeed.zero_stage, world_size=world_size,
         offload_optimizer=cfg.deepspeed.offload_optimizer, offload_param=cfg.deepspeed.offload_param,
         lora_rank=cfg.lora.r if cfg.lora.enabled else 0, lora_targets=_lora_targets(cfg.lora.target_modules),
-        attn=cfg.model.attn_implementation,
-        offload_kv=ch.offload_kv, device=device,
-        # the memory options (getattr: a config module without those keys still plans)
-        checkpoint_layers=getattr(ch, "checkpoint_layers", False), fused_loss=getattr(ch, "fused_loss", False),
-        loss_slice=getattr(ch, "loss_slice", 128), kv_grad_dtype=getattr(ch, "kv_grad_dtype", None),
-        kv_device_budget=getattr(ch, "kv_device_budget", None),
-        sequence=cfg.parallel.sequence if hasattr(cfg, "parallel") else 1,
+        attn=cfg.model.attn_implementation, device=device, sequence=cfg.parallel.sequence,
+        **asdict(ChunkOptions.from_config(cfg.chunking)),
     )  # fmt: skip
 
 

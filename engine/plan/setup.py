@@ -1,7 +1,8 @@
 """The training setup the planner evaluates (validated on construction), and memory sizes.
 
 Python callers pass these as keywords of `plan`; `python -m engine.plan` builds them from a run config
-(`setup_from_config` in engine/plan/cli.py), whose loader has already checked the ZeRO rules.
+(`setup_from_config` in engine/plan/cli.py), whose loader has already checked the ZeRO rules. The chunk
+options default as engine.options.ChunkOptions does (one default each).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from engine.options import ChunkOptions
 from engine.plan.shape import LINEARS
 
 GiB = 1 << 30
@@ -21,7 +23,8 @@ DEVICES = ("cuda", "cpu")
 BACKENDS = ("deepspeed", "local")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
-DEFAULT_LOSS_SLICE = 128  # tokens per slice of the fused chunked cross-entropy
+_OPTIONS = ChunkOptions()  # the chunk options' defaults: the engine's
+DEFAULT_LOSS_SLICE = _OPTIONS.loss_slice  # tokens per slice of the fused chunked cross-entropy
 
 
 @dataclass(frozen=True)
@@ -41,17 +44,15 @@ class Setup:
     attn: str = "sdpa"
     repeat_kv: bool | None = None
     backend: str = "deepspeed"
-    offload_kv: bool | str = False  # True, False or "auto" (what does not fit on the device goes to the host)
+    offload_kv: bool | str = _OPTIONS.offload_kv  # True, False or "auto" (what does not fit goes to the host)
     device: str = "cuda"
-    checkpoint_layers: bool = False
-    fused_loss: bool = False
+    checkpoint_layers: bool = _OPTIONS.checkpoint_layers
+    fused_loss: bool = _OPTIONS.fused_loss
     loss_slice: int = DEFAULT_LOSS_SLICE
-    kv_grad_dtype: str | None = (
-        None  # None: chunkwise_backward's default (bfloat16, never below the K/V dtype)
-    )
+    kv_grad_dtype: str | None = None  # None: ChunkOptions' default (never below the K/V dtype)
     kv_device_budget: int | None = (
-        None  # offload_kv "auto": at most this many bytes of K/V (+ grads) on the device
-    )
+        _OPTIONS.kv_device_budget
+    )  # offload_kv "auto": K/V (+ grads) bytes on device
     sequence: int = 1  # parallel.sequence: ranks sharing one sequence (world_size counts all ranks)
 
     def __post_init__(self):
@@ -63,9 +64,9 @@ class Setup:
             set_(name, value)
         if self.kv_grad_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(f"kv_grad_dtype {self.kv_grad_dtype!r} is not float32 or bfloat16")
-        # As chunkwise_backward: bfloat16 by default, never below the K/V's own dtype (float32 models keep
+        # As the engine: ChunkOptions' default, never below the K/V's own dtype (float32 models keep
         # float32 K/V grads, float64 ones float64, float16 ones float32).
-        wanted = self.kv_grad_dtype or "bfloat16"
+        wanted = self.kv_grad_dtype or _OPTIONS.kv_grad_dtype
         set_(
             "kv_grad_dtype",
             wanted if self.dtype == "bfloat16" else "float64" if self.dtype == "float64" else "float32",

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ds_reference import build, global_batch, lora_wrap, make_optimizer, packed_positions  # noqa: E402
 
-from engine.chunkwise import ChunkSchedule, chunkwise_backward  # noqa: E402
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward  # noqa: E402
 from engine.distributed import unlink_shm_comm_buffers  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -78,7 +78,10 @@ stats = chunkwise_backward(
     attention_mask=mask,
     position_ids=pos,
     schedule=ChunkSchedule(chunk_size=8, mode=args.mode, **kw),
-    **({"checkpoint_layers": True, "fused_loss": True, "loss_slice": 2} if args.memory else {}),
+    # --memory: checkpointed chunks and the fused loss; else the whole-chunk loss
+    options=ChunkOptions(checkpoint_layers=True, loss_slice=2)
+    if args.memory
+    else ChunkOptions(fused_loss=False),
 )
 engine.step()
 state = {}

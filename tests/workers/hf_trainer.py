@@ -1,4 +1,4 @@
-"""Train with engine.hf.ChunkwiseTrainer in this process and print the per-step losses as JSON.
+"""Train with engine.hf_trainer.ChunkwiseTrainer in this process and print the per-step losses as JSON.
 
 Usage: hf_trainer.py OUT_DIR [--deepspeed] -- OVERRIDES... (the launch/train.py overrides of the run to
 match). With --deepspeed the Trainer gets a ZeRO-2 ds_config (its own DeepSpeed integration, as
@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from engine.config_load import load_config  # noqa: E402
 from engine.data import DataStream, build_dataset, collate, load_tokenizer  # noqa: E402
-from engine.hf import ChunkwiseTrainer  # noqa: E402
+from engine.hf_trainer import ChunkwiseTrainer  # noqa: E402
 from engine.model import build_model, model_vocab_size  # noqa: E402
 from engine.schedule import ChunkSchedule  # noqa: E402
 

@@ -29,36 +29,34 @@ import torch
 from transformers import Trainer
 
 from engine.chunk_eval import ScoreOptions, score
-from engine.chunkwise import ChunkStats, chunkwise_backward
+from engine.chunkwise import DEFAULT_OPTIONS, ChunkOptions, ChunkStats, chunkwise_backward
 from engine.evaluate import eval_mode
-from engine.schedule import ChunkSchedule
-from engine.trainer import spaco_generator
+from engine.schedule import ChunkSchedule, spaco_generator
 
 
 class ChunkwiseTrainer(Trainer):
     """A `transformers.Trainer` training with chunk-wise backprop; `schedule` says how (engine/schedule.py).
 
-    `seed` seeds SpaCO's draw per step as launch/train.py's optim.seed does (same on every rank, so ranks
-    draw the same chunks);
-    `offload_kv` keeps the K/V checkpoints in host memory; `fused_loss` (on, as in the run config) computes
-    each chunk's loss a slice of tokens at a time, `checkpoint_layers` recomputes each decoder layer in the
-    chunk's backward (chunking.fused_loss / checkpoint_layers, docs/memory-and-planner.md). `last_stats` holds the last
-    step's ChunkStats.
+    `options` where the step keeps its memory (engine/options.py; the defaults of a run config's chunking
+    section). `seed` seeds SpaCO's draw per step as launch/train.py's optim.seed does (same on every rank,
+    so ranks draw the same chunks). `last_stats` holds the last step's ChunkStats.
     """
 
     def __init__(
         self,
         *args,
         schedule: ChunkSchedule,
+        options: ChunkOptions = DEFAULT_OPTIONS,
         seed: int = 0,
-        offload_kv: bool = False,
-        fused_loss: bool = True,
-        checkpoint_layers: bool = False,
         **kwargs,
     ):
         if not isinstance(schedule, ChunkSchedule):
             raise ValueError(
                 f"schedule: expected an engine.schedule.ChunkSchedule, got {type(schedule).__name__}"
+            )
+        if not isinstance(options, ChunkOptions):
+            raise ValueError(
+                f"options: expected an engine.options.ChunkOptions, got {type(options).__name__}"
             )
         super().__init__(*args, **kwargs)
         if self.args.gradient_accumulation_steps != 1:
@@ -67,8 +65,7 @@ class ChunkwiseTrainer(Trainer):
                 f"{self.args.gradient_accumulation_steps}); the chunks of a batch replace accumulation, so "
                 "raise per_device_train_batch_size instead"
             )
-        self.schedule, self.seed, self.offload_kv = schedule, seed, offload_kv
-        self.fused_loss, self.checkpoint_layers = fused_loss, checkpoint_layers
+        self.schedule, self.options, self.seed = schedule, options, seed
         self.last_stats: ChunkStats | None = None
 
     def training_step(
@@ -93,10 +90,8 @@ class ChunkwiseTrainer(Trainer):
                 attention_mask=inputs.get("attention_mask"),
                 position_ids=inputs.get("position_ids"),
                 schedule=self.schedule,
+                options=self.options,
                 generator=generator,
-                offload_kv=self.offload_kv,
-                fused_loss=self.fused_loss,
-                checkpoint_layers=self.checkpoint_layers,
             )
         if self.is_deepspeed_enabled:
             # accelerate steps the DeepSpeed engine inside accelerator.backward, which chunk-wise backprop
@@ -120,7 +115,7 @@ class ChunkwiseTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         options = ScoreOptions(
-            self.schedule.chunk_size, fused_loss=self.fused_loss, offload_kv=self.offload_kv
+            self.schedule.chunk_size, fused_loss=self.options.fused_loss, offload_kv=self.options.offload_kv
         )
         with eval_mode(model):
             s = score(
