@@ -12,7 +12,8 @@ size and modification time (data, tokenizer, chat template), the data code and t
 change to any of them builds anew. An advisory lock (`flock`) per fingerprint makes the ranks take turns:
 the first builds while the others wait, then each loads. A build that fails with a user error leaves its
 message for the ranks that waited, which report it at once instead of failing the same way one by one.
-Entries not used for `KEEP_SECONDS` are removed when a new one is written.
+Entries not used for `KEEP_SECONDS` are removed when a new one is written (a resumed run reuses its entry);
+where the system temporary directory is memory-backed (tmpfs), point `TMPDIR` at a local disk.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def once_per_host(key: dict[str, Any], build: Callable[[], Any], root: Path | No
             raise
         try:
             _write_atomic(data, lambda f: torch.save(result, f))
+            # The builder too reads the tokens from the file's pages, which all ranks of the host share.
+            result = torch.load(data, weights_only=False, mmap=True)
         except Exception as e:  # not picklable, disk full: the run goes on, each rank builds for itself
             logger.warning("the built dataset could not be cached for the other ranks of this host: %s", e)
         error.unlink(missing_ok=True)
