@@ -507,15 +507,42 @@ class LoggingConfig:
     """Steps between log lines / TensorBoard points."""
 
     tensorboard: bool = True
-    """Write TensorBoard scalars."""
+    """Write TensorBoard scalars (the same as listing tensorboard in `report_to`)."""
 
     progress_bar: bool = True
     """A progress bar on rank 0, only when stderr is a terminal (not under Slurm, mpirun or a redirect)."""
 
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] | None = None
+    """Trackers that get the scalars (rank 0, every `every` steps) and the run config (once); null: tensorboard
+    alone (none with `tensorboard` false). wandb and mlflow are optional extras: pip install
+    'seco-engine[wandb]' / '[mlflow]'; WANDB_MODE=offline and the like apply."""
+
+    project: str = "seco-engine"
+    """wandb project / mlflow experiment name."""
+
+    mlflow_tracking_uri: str | None = None
+    """mlflow: where runs go (a server, sqlite:///FILE, ...); null: MLFLOW_TRACKING_URI, else a file store in
+    `dir`/mlruns (mlflow 3 accepts it only with MLFLOW_ALLOW_FILE_STORE=true)."""
+
     def __post_init__(self):
         _require(bool(self.dir), "logging.dir: must not be empty")
         _require(self.every >= 1, f"logging.every: must be >= 1, got {self.every}")
+        _require(
+            self.report_to is None or self.tensorboard,
+            "logging.tensorboard: false and logging.report_to both say which trackers run; use report_to "
+            "alone (leave tensorboard out of it)",
+        )
+        if self.report_to is not None:
+            dup = sorted({t for t in self.report_to if self.report_to.count(t) > 1})
+            _require(not dup, f"logging.report_to: {dup} listed more than once")
+        _require(bool(self.project), "logging.project: must not be empty")
         self.dir = _expand(self.dir)
+
+    def trackers(self) -> list[str]:
+        """The trackers that run: report_to, or TensorBoard alone as logging.tensorboard says."""
+        if self.report_to is not None:
+            return list(self.report_to)
+        return ["tensorboard"] if self.tensorboard else []
 
 
 @dataclass

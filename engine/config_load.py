@@ -293,6 +293,9 @@ def config_from_dict(raw: dict, check_paths: bool = True) -> Config:
     if check_paths:  # what this machine must have: files, and the attention kernel's package
         _check_paths(cfg)
         _check_attention(cfg.model)
+        from engine.trackers import check_installed
+
+        check_installed(cfg.logging)
     # Check the user's ds_config now rather than at deepspeed.initialize (the world size comes later).
     if check_paths or cfg.deepspeed.config_file is None:
         from engine.distributed import check_ds_config  # imports DeepSpeed: only once the file parsed

@@ -35,10 +35,13 @@ from engine.config import LoggingConfig
 from engine.memory import peak_rss_bytes
 from engine.run_lock import LOCK_FILE
 from engine.safe_paths import entry, refuse_links
+from engine.trackers import open_trackers
 
 TENSORBOARD_DIR = "tensorboard"  # logging.dir/tensorboard/run-<UTC start time>: one subdirectory per run
 OWN_NAMES = (
     TENSORBOARD_DIR,
+    "wandb",  # logging.report_to wandb: its run directories
+    "mlruns",  # logging.report_to mlflow: the default file store
     report.METRICS_FILE,
     report.METRICS_FILE + ".tmp",
     report.PLOT_FILE,
@@ -70,22 +73,33 @@ class Metrics:
     """Rank 0 writes; every other rank holds an inert instance so the loop has no rank checks."""
 
     def __init__(
-        self, log_cfg: LoggingConfig, total_steps: int, start_step: int, enabled: bool, stream: Any = None
+        self,
+        log_cfg: LoggingConfig,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        stream: Any = None,
+        run_config: dict[str, Any] | None = None,
     ):
-        """`stream`: where the progress bar would go (default sys.stderr); it is drawn only on a terminal."""
+        """`stream`: where the progress bar would go (default sys.stderr); it is drawn only on a terminal.
+        `run_config`: what the trackers of logging.report_to record once (config_to_dict of the run's)."""
         self.cfg, self.enabled = log_cfg, enabled
         self.writer = self.bar = self.jsonl = None
+        self.trackers: list = []
         self.write_line = self._write_jsonl  # tests inject a failing writer here (trainer.Faults.log_write)
         if not enabled:
             return
         out = Path(log_cfg.dir)
         out.mkdir(parents=True, exist_ok=True)
         self.jsonl = _open_jsonl(entry(out, report.METRICS_FILE, "logging.dir"), keep_until=start_step)
-        if log_cfg.tensorboard:
+        tb_dir = None
+        if "tensorboard" in log_cfg.trackers():
             from torch.utils.tensorboard import SummaryWriter
 
             tb_dir = tensorboard_run_dir(out, resumed=start_step > 0)
             self.writer = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if start_step else None)
+        run_name = tb_dir.name if tb_dir is not None else time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+        self.trackers = open_trackers(log_cfg, run_config or {}, run_name)
         stream = sys.stderr if stream is None else stream
         if log_cfg.progress_bar and _is_terminal(stream):
             from tqdm import tqdm
@@ -103,18 +117,32 @@ class Metrics:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
             self.bar.update(1)
+        evals = eval_scalars(values)
         if self.writer is not None:  # eval points whatever logging.every says: they are rare
-            for key, value in eval_scalars(values).items():
+            for key, value in evals.items():
                 if self.writer is not None:  # None once a write failed (_give_up)
                     self._guarded(self.writer.add_scalar, key, value, step)
         if step % self.cfg.every:
+            self._track(step, evals)
             return
+        train = {f"train/{key}": values[key] for key in SCALARS if _finite(values.get(key))}
         if self.writer is not None:
-            for key in SCALARS:
-                value = values.get(key)
-                if value is not None and math.isfinite(value) and self.writer is not None:
-                    self._guarded(self.writer.add_scalar, f"train/{key}", value, step)
+            for key, value in train.items():
+                if self.writer is not None:
+                    self._guarded(self.writer.add_scalar, key, value, step)
+        self._track(step, {**train, **evals})
         self.print(format_line(step, values))
+
+    def _track(self, step: int, scalars: dict[str, float]) -> None:
+        """The scalars TensorBoard got, to the other trackers; one that fails is dropped with a warning."""
+        for tracker in list(self.trackers) if scalars else []:
+            try:
+                tracker.log(step, scalars)
+            except Exception as e:  # a tracker's network or quota error must not end the run
+                self.trackers.remove(tracker)
+                self.print(
+                    f"warning: logging.report_to {tracker.name} failed ({type(e).__name__}: {e}); dropped"
+                )
 
     def _write_jsonl(self, line: str) -> None:
         self.jsonl.write(line)
@@ -156,7 +184,15 @@ class Metrics:
         for sink in (self.writer, self.jsonl):
             if sink is not None:
                 self._guarded(sink.close)
+        for tracker in self.trackers:
+            try:
+                tracker.close()
+            except Exception as e:  # as in _track: the run's outcome is not the tracker's
+                self.print(
+                    f"warning: logging.report_to {tracker.name}: closing failed ({type(e).__name__}: {e})"
+                )
         self.writer = self.bar = self.jsonl = None
+        self.trackers = []
         if drawn:
             self._draw()
 
@@ -208,6 +244,10 @@ def tensorboard_run_dir(out: Path, resumed: bool) -> Path:
         else next(f"{name}-{i:03d}" for i in range(1, 1000) if f"{name}-{i:03d}" not in taken)
     )
     return root / unique
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def check_dir(log_dir: str) -> None:

@@ -208,7 +208,9 @@ def setup(cfg: Config) -> Run:
         if not prep.weights_only:  # weights-only: step 0 and a fresh data stream
             stream.load_state_dict(state["data"])
             step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
-    metrics = Metrics(cfg.logging, cfg.optim.steps, start_step=step, enabled=rank == 0)
+    metrics = Metrics(
+        cfg.logging, cfg.optim.steps, start_step=step, enabled=rank == 0, run_config=config_to_dict(cfg)
+    )
     if chunk_line:
         metrics.print(chunk_line)
     for line in data_summary(prep.dataset):  # what was split, truncated or dropped: never silently
