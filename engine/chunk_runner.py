@@ -144,10 +144,11 @@ class ChunkRunner:
     @contextlib.contextmanager
     def sequence_grads(self, params):
         """Pass 2 of a plain model under sequence parallelism: the group's .grad summed at the end."""
-        before = [] if self.sp is None else self.sp.grads_before(params)
+        if self.sp is not None:
+            self.sp.begin(params)
         yield
         if self.sp is not None:
-            self.sp.finish(params, before)
+            self.sp.finish(params)
 
     def group_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
         return loss_sum if self.sp is None else self.sp.total_loss(loss_sum)

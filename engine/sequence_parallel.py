@@ -93,19 +93,13 @@ class SequenceGroup:
 
     def sum_grads(self, params) -> None:
         """Plain (non-DeepSpeed) training: each rank's .grad holds its tokens' share; the step's gradient is
-        their sum (one flattened all-reduce per dtype)."""
+        their sum (one all-reduce per tensor, in place: no copy of the gradients is ever made)."""
         if self.size == 1:
             return
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)  # another rank may hold a gradient here: the sum needs a slot
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        for grads in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.group)
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+            dist.all_reduce(p.grad, group=self.group)
 
 
 def check_model(cfg, p: int) -> None:
@@ -335,20 +329,18 @@ class SequenceStep:
         """The group's loss sum for a plain model; DeepSpeed's backend sums over every rank itself."""
         return self.group.all_sum(loss_sum) if self.plain else loss_sum
 
-    def grads_before(self, params) -> list[torch.Tensor | None]:
-        return [None if p.grad is None else p.grad.clone() for p in params] if self.plain else []
+    def begin(self, params) -> None:
+        """Plain model, before pass 2: what .grad already holds (earlier steps, the same on every rank) is
+        divided by P, so that the sum over the group at the end counts it once (no copy of the gradients)."""
+        if self.plain:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(self.group.size)
 
-    def finish(self, params, before: list[torch.Tensor | None]) -> None:
-        """Plain model: sum this step's gradient over the group (what .grad held before is kept once)."""
-        if not self.plain:
-            return
-        for p, old in zip(params, before):
-            if old is not None and p.grad is not None:
-                p.grad.sub_(old)
-        self.group.sum_grads(params)
-        for p, old in zip(params, before):
-            if old is not None:
-                p.grad.add_(old)
+    def finish(self, params) -> None:
+        """Plain model: sum the group's gradients (the step's shares, and P times 1/P of what was there)."""
+        if self.plain:
+            self.group.sum_grads(params)
 
 
 class HeadShardedKVLayer(ChunkKVLayer):

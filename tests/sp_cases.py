@@ -43,6 +43,8 @@ CASES = {
         {"checkpoint_layers": True},
     ),
     "offload_kv": ("LlamaConfig", {}, False, False, dict(chunk_size=8), False, True, {"offload_kv": True}),
+    # two steps accumulate into .grad without zeroing: twice the gradient
+    "accumulate": ("LlamaConfig", {}, False, False, dict(chunk_size=8), False, True, {"steps": 2}),
     # hybrids: recurrent mixers on the gathered chunk, attention layers head-sharded
     "qwen3_next": ("qwen3_next", {}, False, False, dict(chunk_size=8), False, False),
     "qwen3_5_spaco": (
@@ -119,17 +121,19 @@ def run_case(case, group=None) -> dict:
     """One step; `group` None: one process without sequence parallelism."""
     model = build(case)
     ids, labels, mask, position_ids = batch(case)
-    stats = chunkwise_backward(
-        model,
-        ids,
-        labels=labels,
-        attention_mask=mask,
-        position_ids=position_ids,
-        schedule=ChunkSchedule(**case[4]),
-        options=ChunkOptions(fused_loss=case[5], loss_slice=2, **(case[7] if len(case) > 7 else {})),
-        generator=torch.Generator().manual_seed(7),  # SpaCO: every rank (and the reference) draws alike
-        sequence_group=group,
-    )
+    extra = dict(case[7]) if len(case) > 7 else {}
+    for _ in range(extra.pop("steps", 1)):
+        stats = chunkwise_backward(
+            model,
+            ids,
+            labels=labels,
+            attention_mask=mask,
+            position_ids=position_ids,
+            schedule=ChunkSchedule(**case[4]),
+            options=ChunkOptions(fused_loss=case[5], loss_slice=2, **extra),
+            generator=torch.Generator().manual_seed(7),  # SpaCO: every rank (and the reference) draws alike
+            sequence_group=group,
+        )
     return {
         "grads": grads_of(model),
         "loss": stats.loss,
