@@ -105,9 +105,19 @@ def packed_reference(model, ids, labels, mask):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_one_step_matches_single_process(tmp_path, name):
-    args = CASES[name]
+    check_step(CASES[name], launch(CASES[name], tmp_path / "out.pt"))
+
+
+@pytest.mark.slow
+def test_data_times_sequence_zero3(tmp_path):
+    """4 ranks: 2 data-parallel groups of 2 sequence ranks (one row each, uneven lengths), ZeRO-3."""
+    args = ["--zero", "3", "--sp", "2"]
+    check_step(args, launch(args, tmp_path / "out.pt", nprocs=4), rows=1)
+
+
+def check_step(args, got, rows=2):
+    """One step's update and loss against one process's on the global batch; `rows` per sequence group."""
     lora, optim = "--lora" in args, "adamw" if "adamw" in args else "sgd"
-    got = launch(args, tmp_path / "out.pt")
     model_name = args[args.index("--model") + 1] if "--model" in args else "llama"
     sp = int(args[args.index("--sp") + 1]) if "--sp" in args else 1
     ref_loss, ref = reference_step(lora, optim, packed="--packed" in args, model_name=model_name, sp=sp)
@@ -127,7 +137,7 @@ def test_one_step_matches_single_process(tmp_path, name):
     if sp > 1:  # the chunks really were split: each rank held half of the K/V heads
         cfg = build(model_name).config
         head_dim = cfg.hidden_size // cfg.num_attention_heads
-        padded = -(-global_batch()[0].shape[1] // sp) * sp
-        # K, V and their float32 gradients, both rows, every layer, this rank's K/V heads
+        padded = -(-global_batch()[0].shape[1] // sp) * sp  # rank 0's rows: row 0 (37 tokens) is the longest
+        # K, V and their float32 gradients, rank 0's rows, every layer, this rank's K/V heads
         kv_heads = cfg.num_key_value_heads // sp
-        assert got["kv_bytes"] == cfg.num_hidden_layers * 2 * kv_heads * padded * head_dim * 2 * (4 + 4)
+        assert got["kv_bytes"] == cfg.num_hidden_layers * rows * kv_heads * padded * head_dim * 2 * (4 + 4)
