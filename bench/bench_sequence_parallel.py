@@ -90,7 +90,7 @@ def run(p: int, length: int, args) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = RESULTS / f".sp_{p}_{length}.json"
+    out = Path(args.results) / f".sp_{p}_{length}.json"
     env = dict(
         os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(p), OMP_NUM_THREADS="1"
     )
@@ -113,10 +113,12 @@ def main() -> None:
     a.add_argument("--ranks", default="1,2")
     a.add_argument("--repeats", type=int, default=2)
     a.add_argument("--out")
+    a.add_argument("--results", default=str(RESULTS), help="where the JSON and PNG go")
     args = a.parse_args()
     if args.worker:
         return worker(args)
-    RESULTS.mkdir(exist_ok=True)
+    results = Path(args.results)
+    results.mkdir(exist_ok=True)
     rows = []
     for length in [int(x) for x in args.lengths.split(",")]:
         for p in [int(x) for x in args.ranks.split(",")]:
@@ -125,11 +127,11 @@ def main() -> None:
             print(f"P={p} L={length:6d}  peak {r['peak'] / 2**20:8.1f} MiB  kv {r['kv'] / 2**20:7.1f} MiB  "
                   f"step {r['step_s']:6.2f} s  all-to-all {r['a2a_share']:.0%}", flush=True)  # fmt: skip
     meta = {"model": MODEL, "chunk": args.chunk, "dtype": "float32", "device": "cpu", "repeats": args.repeats}
-    (RESULTS / "sequence_parallel_cpu.json").write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
-    plot(rows)
+    (results / "sequence_parallel_cpu.json").write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
+    plot(rows, results)
 
 
-def plot(rows) -> None:
+def plot(rows, results: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +148,7 @@ def plot(rows) -> None:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "sequence_parallel_cpu.png", dpi=100)
+    fig.savefig(results / "sequence_parallel_cpu.png", dpi=100)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,24 @@ def torch_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_bench_sequence_parallel(tmp_path):
+    """Two ranks share a 64-token sequence: rank 0 holds half of the K/V heads."""
+    cmd = [
+        sys.executable,
+        str(BENCH / "bench_sequence_parallel.py"),
+        "--lengths",
+        "64",
+        "--chunk",
+        "32",
+        "--ranks",
+        "2",
+        "--repeats",
+        "1",
+    ]
+    subprocess.run([*cmd, "--results", str(tmp_path)], check=True, timeout=600, capture_output=True)
+    (row,) = json.loads((tmp_path / "sequence_parallel_cpu.json").read_text())["rows"]
+    # 4 layers x 2 of 4 K/V heads x 64 tokens x 32 (head_dim) x K and V x float32 value + gradient
+    assert row["P"] == 2 and row["kv"] == 4 * 2 * 64 * 32 * 2 * 8
+    assert (tmp_path / "sequence_parallel_cpu.png").is_file()
