@@ -161,7 +161,7 @@ class DataConfig:
     shuffled order when it is drawn more often than it has rows."""
 
     text_field: str = "text"
-    """jsonl / parquet column holding the text."""
+    """Documents: the record field (column) holding the text (text files are one document each)."""
 
     tokenizer: str = "byte"
     """`byte` (259 ids, no download), a local tokenizer directory, or a hub id (as model.name_or_path)."""

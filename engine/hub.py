@@ -34,10 +34,27 @@ def check_hub_id(repo_id: str, what: str) -> Path | None:
     from huggingface_hub import constants
 
     snapshot = cached_snapshot(repo_id)
-    if snapshot is not None or not constants.HF_HUB_OFFLINE:
+    if snapshot is not None:
         return snapshot
+    if not constants.HF_HUB_OFFLINE:
+        _check_exists(repo_id, what)
+        return None
     raise ValueError(
         f"{what}: {repo_id!r} is not a local directory, and as a hub id it is not in the HF cache "
         f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; download it where there is network "
         f"(`hf download {repo_id}` with the same HF_HOME) or set {what} to a local directory"
     )
+
+
+def _check_exists(repo_id: str, what: str) -> None:
+    """Online: a mistyped local path reads as a hub id too, and would fail only when the ranks load it."""
+    from huggingface_hub import repo_exists
+
+    try:
+        exists = repo_exists(repo_id)
+    except Exception:  # no network after all, a proxy, a gated repo: from_pretrained will say what it is
+        return
+    if not exists:
+        raise ValueError(
+            f"{what}: {repo_id!r} is neither a local directory nor a repository on the hub (a mistyped path?)"
+        )

@@ -62,3 +62,4 @@ def test_trainer_runs_with_auto_and_prints_the_choice(tmp_path):
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "chunking.chunk_size: auto -> 256 (" in r.stdout and "chunks 1/1" in r.stdout
+    assert "data: rows: 2000 of 256 tokens" in r.stdout  # the start-up data summary

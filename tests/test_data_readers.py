@@ -54,6 +54,9 @@ def write(fmt: str, recs: list[dict], root: Path) -> Path:
     elif fmt == "save_to_disk":
         path = root / "saved"
         ds.save_to_disk(str(path))
+    elif fmt == "arrow":  # one Arrow file (as save_to_disk writes its shards)
+        ds.save_to_disk(str(root / "saved"))
+        (path,) = (root / "saved").glob("*.arrow")
     elif fmt == "hub_layout":  # the hub's layout: two train shards, a test split and a README
         path = root / "repo"
         (path / "data").mkdir(parents=True)
@@ -83,9 +86,9 @@ def build(kind: str, path: Path, **kw):
 
 
 CASES = [
-    ("documents", DOCS, ["json", "parquet", "csv", "text", "save_to_disk", "hub_layout"]),
-    ("chat", CHAT, ["json", "parquet", "save_to_disk", "hub_layout"]),
-    ("prompt_completion", PC, ["json", "parquet", "csv", "save_to_disk", "hub_layout"]),
+    ("documents", DOCS, ["json", "parquet", "csv", "text", "save_to_disk", "arrow", "hub_layout"]),
+    ("chat", CHAT, ["json", "parquet", "save_to_disk", "arrow", "hub_layout"]),
+    ("prompt_completion", PC, ["json", "parquet", "csv", "save_to_disk", "arrow", "hub_layout"]),
 ]
 
 
