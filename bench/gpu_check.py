@@ -18,6 +18,9 @@ What it runs (each part records its own pass/fail and numbers; the exit status i
   table       a Llama-3.2-1B-shaped model (bfloat16) at several lengths: plain, ALST's stack, SeCO (and the
               variants the engine has: checkpointed chunks, fused loss, K/V offload) and SpaCO q=1/8: peak,
               device-side peak and median step time (bench/bench_vs_alst.py's rows, in this process).
+  sequence    with 2+ GPUs visible (or --device cpu, as gloo processes): 2 ranks share each sequence
+              (parallel.sequence 2, bench/sp_check.py): the group's gradient against float64 full backprop
+              (<= 1e-4 of the gradient's scale) and half the K/V bytes per rank; skipped on one GPU.
 CI never runs the CUDA part; tests/test_bench_smoke.py runs --device cpu --dry-run.
 """
 
@@ -193,12 +196,31 @@ def table(device: torch.device, dry_run: bool, lengths: list[int]) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def stem_of(out: str | None, name: str) -> Path:
+    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+    stem = Path(out or RESULTS / f"gpu_check_{slug}")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    return stem
+
+
+def sequence(device: torch.device, stem: Path) -> dict:
+    """bench/sp_check.py on 2 ranks: one GPU each, or gloo processes on CPU; skipped with fewer GPUs."""
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        return {"skipped": f"needs 2 GPUs, {torch.cuda.device_count()} visible", "passed": True}
+    spec = importlib.util.spec_from_file_location("sp_check", HERE / "sp_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.run(device.type, 2, stem.with_suffix(".sequence.json"))
+    print(f"  sequence parallel (2 ranks): {'ok' if res['passed'] else 'FAIL'} {res}", flush=True)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes (the CPU test of this script)")
     p.add_argument("--lengths", default="8192,32768,65536", help="the table's lengths (default for one GPU)")
-    p.add_argument("--parts", default="exactness,offload,table")
+    p.add_argument("--parts", default="exactness,offload,table,sequence")
     p.add_argument("--out", help="output stem (default bench/results/gpu_check_<device name>)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -224,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     if "table" in parts:
         lengths = [64, 128] if a.dry_run else [int(x) for x in a.lengths.split(",")]
         res["table"] = table(device, a.dry_run, lengths)
-    res["passed"] = all(r["passed"] for r in res.get("exactness", [])) and res.get("offload", {}).get(
-        "passed", True
+    if "sequence" in parts:
+        res["sequence"] = sequence(device, stem_of(a.out, name))
+    res["passed"] = (
+        all(r["passed"] for r in res.get("exactness", []))
+        and res.get("offload", {}).get("passed", True)
+        and res.get("sequence", {}).get("passed", True)
     )
     res["wall_s"] = time.perf_counter() - t0
-    slug = "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-    stem = Path(a.out or RESULTS / f"gpu_check_{slug}")
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = stem_of(a.out, name)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     print(
         f"{'passed' if res['passed'] else 'FAILED'} in {res['wall_s']:.0f} s; wrote {stem.with_suffix('.json')}"

@@ -198,3 +198,13 @@ def test_bench_sequence_parallel(tmp_path):
     # 4 layers x 2 of 4 K/V heads x 64 tokens x 32 (head_dim) x K and V x float32 value + gradient
     assert row["P"] == 2 and row["kv"] == 4 * 2 * 64 * 32 * 2 * 8
     assert (tmp_path / "sequence_parallel_cpu.png").is_file()
+
+
+def test_gpu_check_sequence_part_on_cpu(tmp_path):
+    """The GPU acceptance command's sequence-parallel part (2 ranks; gloo processes here): exact and half
+    the K/V bytes per rank."""
+    gpu = _load("gpu_check")
+    stem = tmp_path / "gc"
+    assert gpu.main(["--device", "cpu", "--dry-run", "--parts", "sequence", "--out", str(stem)]) == 0
+    out = json.loads(stem.with_suffix(".json").read_text())["sequence"]
+    assert out["passed"] and out["kv_ratio"] == 0.5 and out["rel_err"] <= 1e-4
