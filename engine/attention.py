@@ -39,7 +39,9 @@ ATTENTION = "seco_sdpa"  # the name models select (config._attn_implementation) 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def chunk_mask(*args, mask_function=causal_mask_function, allow_is_causal_skip: bool = True, **kwargs):
+def chunk_mask_interface(
+    *args, mask_function=causal_mask_function, allow_is_causal_skip: bool = True, **kwargs
+):
     """Mask interface: no mask for the plain causal pattern (see the module docstring for why padding needs
     none either); any other pattern (sliding window, chunked, packed, bidirectional, or-/and-masks) is
     transformers' own sdpa mask as one additive float tensor."""
@@ -162,7 +164,7 @@ def _masked(q, k, v, mask, dropout, scale, groups):
 
 
 AttentionInterface.register(ATTENTION, chunk_attention_forward)
-AttentionMaskInterface.register(ATTENTION, chunk_mask)
+AttentionMaskInterface.register(ATTENTION, chunk_mask_interface)
 
 
 @contextlib.contextmanager

@@ -24,10 +24,10 @@ import torch
 from engine.attention import chunk_attention
 from engine.backend import backend_for
 from engine.chunk_runner import accepts_logits_to_keep, ce_sum, check_model
+from engine.documents import IGNORE, document_mask, documents_of
 from engine.kv_cache import ChunkKVCache, cache_argument
 from engine.loss import FusedLoss
 from engine.options import ChunkOptions
-from engine.packing import IGNORE, chunk_mask, documents_of
 from engine.state_cache import has_states
 from engine.step_plan import check_inputs
 from engine.unwrap import text_config
@@ -43,28 +43,15 @@ class Scores:
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    """How chunks run: the memory-relevant settings of the run's chunking section."""
+    """How chunks run: the chunk size and the training step's ChunkOptions (fused_loss, loss_slice,
+    offload_kv and kv_device_budget apply; the gradient options have nothing to do without a graph)."""
 
     chunk_size: int
-    fused_loss: bool = True
-    loss_slice: int = 128
-    offload_kv: bool | str = False
-    kv_device_budget: int | None = None
-
-    def __post_init__(self):  # the rules of the same fields in ChunkOptions
-        ChunkOptions(
-            offload_kv=self.offload_kv, kv_device_budget=self.kv_device_budget, loss_slice=self.loss_slice
-        )
+    options: ChunkOptions = ChunkOptions()
 
     @classmethod
     def from_config(cls, chunking) -> ScoreOptions:
-        return cls(
-            chunk_size=chunking.chunk_size,
-            fused_loss=chunking.fused_loss,
-            loss_slice=chunking.loss_slice,
-            offload_kv=chunking.offload_kv,
-            kv_device_budget=chunking.kv_device_budget,
-        )
+        return cls(chunking.chunk_size, ChunkOptions.from_config(chunking))
 
 
 def targets_of(input_ids, labels, attention_mask, position_ids) -> torch.Tensor:
@@ -109,15 +96,15 @@ def score(
         cfg.num_hidden_layers,
         seq_len,
         needs_grad=False,
-        offload=options.offload_kv,
-        device_budget=options.kv_device_budget,
+        offload=options.options.offload_kv,
+        device_budget=options.options.kv_device_budget,
         config=cfg if has_states(cfg) else None,
     )
     fused = None
-    if options.fused_loss and not argmax:
+    if options.options.fused_loss and not argmax:
         fused = FusedLoss.build(
             module,
-            options.loss_slice * input_ids.shape[0],
+            options.options.loss_slice * input_ids.shape[0],
             lambda: (
                 model(input_ids=input_ids[:, :1], position_ids=position_ids[:, :1], use_cache=False).logits
             ),
@@ -167,7 +154,7 @@ class _ChunkRunner:
         if self.docs is None:
             mask = None if self.attention_mask is None else self.attention_mask[:, :e]
         else:
-            mask = chunk_mask(
+            mask = document_mask(
                 text_config(self.module.config), self.docs, self.attention_mask, s, e, kv_start, self.dtype
             )
         head = {}

@@ -26,11 +26,11 @@ from engine.concerns import (
     RngConcern,
     RouterConcern,
 )
+from engine.documents import IGNORE, document_mask
 from engine.kv_cache import ChunkKVCache, cache_argument, kv_grad_dtype_of
 from engine.loss import FusedLoss
 from engine.moe import RouterLoss
 from engine.options import ChunkOptions
-from engine.packing import IGNORE, chunk_mask
 from engine.sequence_parallel import HeadShardedKVLayer, SequenceStep
 from engine.state_cache import RECURRENT_LAYER_TYPES, check_family, has_states
 from engine.step_plan import StepPlan
@@ -158,7 +158,7 @@ class ChunkRunner:
         s, e = p.chunks[c]
         if p.docs is None:
             return None if p.attention_mask is None else p.attention_mask[:, :e]
-        return chunk_mask(self.config, p.docs, p.attention_mask, s, e, p.kv_start[c], self.dtype)
+        return document_mask(self.config, p.docs, p.attention_mask, s, e, p.kv_start[c], self.dtype)
 
     def aux_loss(self, ranks) -> float | None:
         """HF's router aux loss over the step (mean over ranks), None without a router term."""

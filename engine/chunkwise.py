@@ -74,7 +74,7 @@ def chunkwise_backward(
     through the engine, and the caller calls `engine.step()` (engine/backend.py). `num_items_in_batch`
     overrides the (global) token count the loss is divided by, as HF's argument of that name. `position_ids`
     in HF's packed convention (restarting at 0 per document) make documents packed into one row independent
-    (engine/packing.py). `generator` draws SpaCO's chunks (the same state on every rank). `sequence_group`
+    (engine/documents.py). `generator` draws SpaCO's chunks (the same state on every rank). `sequence_group`
     (engine/sequence_parallel.py's SequenceGroup) splits every chunk over the ranks that share these rows; a
     DeepSpeed engine initialised with the sequence-parallel mpu brings its own. A model with transformers'
     gradient checkpointing enabled gets `checkpoint_layers` for the step instead (transformers' own drops the

@@ -13,6 +13,7 @@ from engine.checkpoint import TMP_PREFIX, verify
 from engine.config import CheckpointConfig
 from engine.distributed.runtime import any_rank
 from engine.safe_paths import UnsafePath, entry, is_real_dir
+from engine.unwrap import base_model
 
 
 def export(engine, ckpt_cfg: CheckpointConfig, tag: str, tokenizer) -> str | None:
@@ -77,7 +78,7 @@ def _save_adapter(model, state: dict[str, torch.Tensor], out: Path) -> None:
 
 
 def _save_full(model, state: dict[str, torch.Tensor], out: Path) -> None:
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    base = base_model(model)
     if hasattr(model, "peft_config"):
         state = merge_lora(state, model.peft_config["default"])
     dtype = next(iter(base.parameters())).dtype  # the trained dtype, not zero_to_fp32's float32

@@ -114,9 +114,7 @@ class ChunkwiseTrainer(Trainer):
         if not prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
-        options = ScoreOptions(
-            self.schedule.chunk_size, fused_loss=self.options.fused_loss, offload_kv=self.options.offload_kv
-        )
+        options = ScoreOptions(self.schedule.chunk_size, self.options)
         with eval_mode(model):
             s = score(
                 model,

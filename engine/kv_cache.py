@@ -30,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from engine.state_cache import StateCacheMixin, build_layers
+from engine.unwrap import base_model
 
 
 class _AppendKV(torch.autograd.Function):
@@ -292,7 +293,7 @@ def cache_argument(module) -> str:
     goes in 5.40): pass it by the name the installed version's forward declares. Before 5.24 the Mamba-style
     models call it `cache_params`; a name the forward does not declare would vanish into its **kwargs and
     the model would run without our cache (silently wrong gradients), so that is an error."""
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    base = base_model(module)
     declared = inspect.signature(base.forward).parameters
     for name in ("cache", "past_key_values", "cache_params"):
         if name in declared:

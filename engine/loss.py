@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.packing import IGNORE
+from engine.documents import IGNORE
+from engine.unwrap import base_model, text_config
 
 logger = logging.getLogger(__name__)
 _logged: set[str] = set()  # log each fallback reason once per process
@@ -53,8 +54,8 @@ def _log_once(reason: str) -> None:
 
 def logit_transform(model) -> Callable[[torch.Tensor], torch.Tensor]:
     """What the model's forward does to `lm_head(h)` before its loss, for the families that do something."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    base = base_model(model)
+    cfg = text_config(base.config)
     cap = getattr(cfg, "final_logit_softcapping", None)
     scale = getattr(base, "logit_scale", None)  # Cohere keeps it on the CausalLM module
     divide = getattr(cfg, "logits_scaling", None)  # Granite
@@ -190,7 +191,7 @@ class FusedLoss:
         without grad, with the RNG (dropout) state put back afterwards."""
         if isinstance(slice_tokens, bool) or not isinstance(slice_tokens, int) or slice_tokens < 1:
             raise ValueError(f"loss_slice must be an integer >= 1 (tokens per slice), got {slice_tokens!r}")
-        base = module.get_base_model() if hasattr(module, "get_base_model") else module
+        base = base_model(module)
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         if type(head) is not torch.nn.Linear:  # a PEFT adapter on the head, or no head at all
             _log_once(

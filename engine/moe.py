@@ -37,13 +37,11 @@ from transformers import PreTrainedModel
 from transformers.models.mixtral import modeling_mixtral
 from transformers.utils.output_capturing import OutputRecorder
 
+from engine.unwrap import base_model
+
 # The formula split here is the code of transformers' Mixtral `load_balancing_loss_func`; ~30 MoE families
 # carry a verbatim copy. A family whose function is different code is refused, never approximated.
 _STANDARD = modeling_mixtral.load_balancing_loss_func.__code__
-
-
-def _base(module) -> PreTrainedModel:
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
 def _is_standard(fn) -> bool:
@@ -74,7 +72,7 @@ class RouterLoss:
         """The router loss HF's own `.loss` adds for this model, or None when it adds none.
 
         Raises ValueError for a family whose router loss the engine cannot split by chunk."""
-        base = _base(module)
+        base = base_model(module)
         cfg = base.config
         z_loss = getattr(base, "z_loss_coefficient", 0.0) or 0.0
         if z_loss > 0:  # bamba: HF's loss adds z * mean(logsumexp(logits)^2) over every position

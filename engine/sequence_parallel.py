@@ -20,7 +20,7 @@ layout [b, s, h, d], scatter heads / gather sequence and back); it runs on gloo'
 
 Masks: a rank's model forward sees m tokens, but attention sees the whole chunk, so the model's own mask
 (built for m queries) is of no use. The attention registered here ignores it and takes the chunk's mask from
-the step (`ChunkShard.masks`: None for plain causal attention, else the additive masks engine/packing.py
+the step (`ChunkShard.masks`: None for plain causal attention, else the additive masks engine/documents.py
 builds for documents and sliding windows over the whole chunk); the mask interface registered with it
 returns None, so the model builds none.
 """
@@ -38,9 +38,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from engine.attention import _masked, lower_right_causal
+from engine.documents import Documents, document_mask, layer_kinds
 from engine.kv_cache import ChunkKVLayer
-from engine.packing import Documents, chunk_mask, layer_kinds
 from engine.state_cache import has_states
+from engine.unwrap import base_model
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def gathered_mixers(model, cfg, group: SequenceGroup):
     own tokens' share (the relay is linear), summed in the parameters like every other share."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     types, _ = get_layer_types_and_kwargs(cfg)
     mixers = []
     for layer, kind in zip(base.model.layers, types):
@@ -233,7 +234,7 @@ def chunk_masks(cfg, docs: Documents | None, s: int, e: int, lo: int, dtype: tor
     if docs is None:
         ids = torch.zeros(batch, e, dtype=torch.long, device=device)
         docs = Documents(ids, torch.zeros_like(ids))
-    return chunk_mask(cfg, docs, None, s, e, lo, dtype)
+    return document_mask(cfg, docs, None, s, e, lo, dtype)
 
 
 class SequenceStep:

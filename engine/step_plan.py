@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.packing import IGNORE, Documents, check_position_ids, documents_of
+from engine.documents import IGNORE, Documents, check_position_ids, documents_of
 from engine.schedule import ChunkSchedule, Draw, draw_chunks
 
 

@@ -45,6 +45,7 @@ from engine.model import apply_lora, build_model, model_config, model_vocab_size
 from engine.schedule import spaco_generator
 from engine.sequence_parallel import check_model as check_sequence_model
 from engine.sequence_parallel import sequence_mpu
+from engine.unwrap import text_config
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm: scancel / requeue, and --signal=USR1@secs
 
@@ -168,7 +169,7 @@ def _check_sequence_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.sequence: {p} runs its own attention; model.attn_implementation must be sdpa"
         )
     hf = model_config(cfg.model)
-    check_sequence_model(hf.get_text_config() if hasattr(hf, "get_text_config") else hf, p)
+    check_sequence_model(text_config(hf), p)
 
 
 def _batching(cfg: Config) -> dict[str, Any]:

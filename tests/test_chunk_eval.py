@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tiny import tiny_batch, tiny_model
 
 from engine.chunk_eval import ScoreOptions, score
+from engine.options import ChunkOptions
 
 
 def plain(model, ids, labels, mask=None, position_ids=None):
@@ -27,7 +28,13 @@ def test_loss_equals_plain_forward(fused, chunk):
     model = tiny_model("LlamaConfig", torch.float64).eval()
     ids, labels, mask = tiny_batch()
     ref, n, _ = plain(model, ids, labels, mask)
-    got = score(model, ids, labels=labels, attention_mask=mask, options=ScoreOptions(chunk, fused_loss=fused))
+    got = score(
+        model,
+        ids,
+        labels=labels,
+        attention_mask=mask,
+        options=ScoreOptions(chunk, ChunkOptions(fused_loss=fused)),
+    )
     assert got.num_tokens == n
     assert got.loss_sum == pytest.approx(ref, rel=1e-12)
 

@@ -12,7 +12,7 @@ ENGINE = Path(__file__).resolve().parent.parent / "engine"
 # trainer or DeepSpeed's config handling.
 ALGORITHM = (
     "chunkwise", "step_plan", "chunk_runner", "concerns", "kv_cache", "state_cache", "attention", "loss",
-    "moe", "packing", "layer_checkpoint", "step_state", "schedule", "backend", "options", "unwrap",
+    "moe", "documents", "layer_checkpoint", "step_state", "schedule", "backend", "options", "unwrap",
     "sequence_parallel",
 )  # fmt: skip
 APPLICATION = ("engine.trainer", "engine.config", "engine.config_load", "engine.distributed")

@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
+from engine.unwrap import base_model
 
 # 4 experts, top-2, and a large coefficient so the aux term is a sizeable part of every router gradient: a
 # wrong f_e or normalisation shows up as ~1e-2, far above the tolerances below.
@@ -52,7 +53,7 @@ def moe_model(family: str, dtype=torch.float64, **kw):
 
 
 def coef_of(model) -> float:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return getattr(base, "router_aux_loss_coef", getattr(base, "aux_loss_coef", None))
 
 

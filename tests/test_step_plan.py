@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.backend import LocalBackend
-from engine.packing import IGNORE, documents_of
+from engine.documents import IGNORE, documents_of
 from engine.schedule import ChunkSchedule
 from engine.step_plan import plan_step
 

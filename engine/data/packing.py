@@ -36,7 +36,7 @@ class PackedDataset(_TokenStore):
 
     The remainder after the last full block is dropped (counted in ``dropped_tokens``). Documents keep to themselves: `position_ids`
     restart at 0 where a document starts (and at a block's start, for a document continued from the
-    previous block), which chunkwise_backward turns into document masks (engine/packing.py), so no
+    previous block), which chunkwise_backward turns into document masks (engine/documents.py), so no
     document attends to another one and no token is trained to predict the next document's first.
     """
 

@@ -2,7 +2,7 @@
 
 With `data.packing`, consecutive samples share a row as separate documents: each sample's `position_ids`
 restart at 0 (HF's packed convention), which `chunkwise_backward(position_ids=...)` turns into document
-masks, so samples never attend to each other (engine/packing.py). Without it, one sample per row. Rows are
+masks, so samples never attend to each other (engine/documents.py). Without it, one sample per row. Rows are
 right-padded; padding carries no label and continues the last document's positions.
 """
 

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.unwrap import text_config
+
 PRESETS: dict[str, dict] = {
     k: v for k, v in json.loads((Path(__file__).with_name("presets.json")).read_text()).items() if k[0] != "_"
 }
@@ -54,7 +56,7 @@ class ModelShape:
                 raise ValueError(f"unknown preset {cfg!r}; known: {', '.join(PRESETS)}")
             cfg = PRESETS[cfg]
         if not isinstance(cfg, Mapping):  # a transformers PretrainedConfig
-            cfg = (cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg).to_dict()
+            cfg = text_config(cfg).to_dict()
         cfg = cfg.get("text_config") or cfg  # multimodal wrappers keep the decoder under text_config
         missing = [
             k

@@ -1,4 +1,5 @@
-"""Packed rows for chunk-wise training: several documents in one row that never see each other.
+"""Documents in packed rows: several documents in one row that never see each other (the packing of rows
+itself is engine/data/packing.py's).
 
 Convention (HF's, as `DataCollatorWithFlattening` produces it): `position_ids` restart at 0 where a document
 starts; a document boundary is wherever a position is not the previous one plus 1
@@ -96,7 +97,7 @@ def layer_kinds(cfg) -> list[str]:
     return ["sliding_attention" if sliding else "full_attention"] * cfg.num_hidden_layers
 
 
-def chunk_mask(
+def document_mask(
     cfg,
     docs: Documents,
     attention_mask: torch.Tensor | None,
