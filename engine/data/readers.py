@@ -110,7 +110,7 @@ def is_hub_id(path: str) -> bool:
 def _file_format(file: Path, fmt: str, what: str) -> tuple[str, str]:
     """The file's format and why it is expected (for error messages)."""
     if fmt != "auto":
-        return fmt, f"expected {fmt}: data.format or data.kind"
+        return fmt, f"expected {fmt}, as data.kind or data.format says"
     found = _EXTENSIONS.get(file.suffix.lower())
     if found is None:
         raise ValueError(
