@@ -99,8 +99,8 @@ class LauncherWatch:
         self._ppid = os.getppid()
         self._on_lost, self._poll_s = on_lost, poll_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="seco-launcher-watch", daemon=True)
-        self._thread.start()
+        if self.chain != []:  # nothing to watch without a launcher
+            threading.Thread(target=self._watch, name="seco-launcher-watch", daemon=True).start()
 
     def _check(self) -> str | None:
         if self.chain is None:  # no /proc: the parent only

@@ -15,6 +15,8 @@ under mpirun without RANK in the environment DeepSpeed's MPI discovery (mpi4py) 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -108,11 +110,24 @@ class Rendezvous:
             )
 
     def _wait_for_acks(self, ranks: set[int]) -> None:
-        # A rank still preparing will come: wait for it as long as for a verdict, then a short grace.
-        deadline = time.monotonic() + self.timeout.total_seconds()
-        while ranks and time.monotonic() < deadline:
-            ranks = {r for r in ranks if not self.store.check([f"{self.prefix}ack/{r}"])}
-            time.sleep(_POLL_S)
+        """Until every other rank has read the verdicts (a rank still preparing will come: as long as for a
+        verdict). A TERM / INT meanwhile (a launcher ending the job) ends the wait, not the process, so that
+        this rank's own error is still reported."""
+        deadline, ended = time.monotonic() + self.timeout.total_seconds(), []
+        in_main = threading.current_thread() is threading.main_thread()
+        stops = (signal.SIGTERM, signal.SIGINT)
+        previous = (
+            {s: signal.signal(s, lambda signum, frame: ended.append(signum)) for s in stops}
+            if in_main
+            else {}
+        )
+        try:
+            while ranks and not ended and time.monotonic() < deadline:
+                ranks = {r for r in ranks if not self.store.check([f"{self.prefix}ack/{r}"])}
+                time.sleep(_POLL_S)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def join(timeout: timedelta) -> Rendezvous:
