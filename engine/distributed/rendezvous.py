@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 _POLL_S = 0.1
-_ACK_WAIT_S = 30.0  # rank 0 serves the store: how long it stays for the others to read a failure
+_GRACE_S = 3.0  # rank 0, after the others have read a failure: time for them to report theirs
 
 
 class PeerFailed(ValueError):
@@ -48,9 +48,12 @@ class Rendezvous:
         try:
             result = prepare()
         except BaseException as e:
-            try:
-                self._post(f"failed: {type(e).__name__}: {e}"[:2000])
+            try:  # a user error (ValueError, OSError: exit 2) as its message, anything else with its type
+                what = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+                self._post(f"failed: {what}"[:2000])
                 self._finish(self._verdicts(), own_failure=True)
+            except Exception:  # the exchange failing must not hide this rank's own error
+                pass
             finally:
                 self.store = None  # the server (rank 0) closes: its port is free again
             raise
@@ -105,9 +108,7 @@ class Rendezvous:
                 pass
         if not own_failure:
             r, v = min(failed.items())
-            raise PeerFailed(
-                f"rank {r} {v.removeprefix('failed: ')} (every rank stops before the run starts)"
-            )
+            raise PeerFailed(f"rank {r} {v} (every rank stops before the run starts)")
 
     def _wait_for_acks(self, ranks: set[int]) -> None:
         """Until every other rank has read the verdicts (a rank still preparing will come: as long as for a
@@ -124,6 +125,11 @@ class Rendezvous:
         try:
             while ranks and not ended and time.monotonic() < deadline:
                 ranks = {r for r in ranks if not self.store.check([f"{self.prefix}ack/{r}"])}
+                time.sleep(_POLL_S)
+            # The others print their error after their ack: let them, before a launcher that sees this
+            # rank exit terminates them (DeepSpeed's does, on the first non-zero exit).
+            grace = time.monotonic() + _GRACE_S
+            while not ended and time.monotonic() < grace:
                 time.sleep(_POLL_S)
         finally:
             for s, handler in previous.items():
