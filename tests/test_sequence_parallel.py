@@ -151,5 +151,14 @@ def test_planner_per_rank_kv_and_activations():
     )
     with pytest.raises(ValueError, match="must divide chunk_size"):
         plan("llama3-8b", seq_len=1 << 16, **{**kw, "chunk_size": 1000}, sequence=16)
-    with pytest.raises(ValueError, match="hybrid"):
-        plan("qwen3-next-80b-a3b", seq_len=1 << 16, **kw, sequence=2)
+    # a hybrid: the attention layers' K/V halve, the recurrent layers' boundary states stay (replicated)
+    from engine.plan import ModelShape
+
+    shape, n = ModelShape.from_config("qwen3-next-80b-a3b"), 1 << 16
+    hybrid = {**kw, "offload_optimizer": True}
+    sp, ref = plan(shape, seq_len=n, **hybrid, sequence=2), plan(shape, seq_len=n, **hybrid)
+    attention_kv = 2 * shape.attn_layers * shape.kv_width * n * 2  # bf16
+    assert ref.kv - sp.kv == attention_kv // 2 and shape.linear_layers > 0
+    assert longest_sequence(shape, device_memory="80GB", sequence=8, **hybrid) > longest_sequence(
+        shape, device_memory="80GB", **hybrid
+    )

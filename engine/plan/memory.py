@@ -135,18 +135,23 @@ def _sequence_parallel(shape: ModelShape, o: Setup, seq_len: int, device_budget:
     H/P heads, in bytes), and the K/V (+ gradients) of its K/V heads over the whole sequence: the plan of a
     rank with chunks of C/P tokens and `rank_shape`'s K/V heads, with the whole model's parameters (ZeRO
     partitions over all world_size ranks). On top: o_proj's input, which the all-to-all back makes a tensor
-    of its own (without sequence parallelism it is the attention kernel's saved output). Not modelled: the
-    all-to-all buffers (one chunk's q, k, v or output in flight at a time) and hybrids (their mixers run
-    replicated on the gathered chunk)."""
-    if shape.linear_layers:
-        raise ValueError("sequence > 1: the planner does not model hybrid models' gathered mixers")
+    of its own (without sequence parallelism it is the attention kernel's saved output). Hybrids' recurrent
+    mixers run replicated on the whole chunk (engine/sequence_parallel.py): their saved tensors count C
+    tokens, their boundary states the real chunk boundaries (an estimate from shapes, not measured). Not
+    modelled:
+    the all-to-all buffers (one chunk's q, k, v or output in flight at a time), the mixers' gather."""
     p, c = o.sequence, o.chunk_size // o.sequence
     dt, ldt = DTYPE_BYTES[o.dtype], DTYPE_BYTES[o.lora_dtype]
     kept = dt if o.lora_rank == 0 else (ldt if "o_proj" in o.lora_targets else 0)
     layers = 1 if o.checkpoint_layers else shape.attn_layers  # checkpointed: only the recomputed layer's
     extra = o.batch * c * shape.q_width * kept * layers
+    # Hybrids (estimated, not measured): the recurrent mixers run on the whole chunk on every rank, their
+    # norms and MLPs on the rank's C/P tokens; boundary states are replicated, at the real chunk boundaries.
+    mixers = min(1, shape.linear_layers) if o.checkpoint_layers else shape.linear_layers  # recomputed: one
+    extra += o.batch * (o.chunk_size - c) * _linear_side(shape, o) * mixers
     room = None if device_budget is None else device_budget - extra  # what offload_kv "auto" may fill
-    b = evaluate(rank_shape(shape, p), o.replace(sequence=1, chunk_size=c), seq_len, room, shape)
+    rank = o.replace(sequence=1, chunk_size=c, state_chunk=o.chunk_size)  # states at the real boundaries
+    b = evaluate(rank_shape(shape, p), rank, seq_len, room, shape)
     b.activations += extra
     return b
 
@@ -225,7 +230,9 @@ def kv_bytes(shape: ModelShape, o: Setup, seq_len: int) -> tuple[int, int]:
     elems = 2 * shape.attn_layers * shape.kv_width * seq_len * o.batch
     states = shape.linear_layers * shape.state_bytes(DTYPE_BYTES[o.dtype]) * o.batch
     state_grads = shape.linear_layers * 4 * (shape.rec_state + shape.conv_state) * o.batch if seq_len else 0
-    boundaries = max(0, math.ceil(seq_len / o.chunk_size) - 1)  # the first chunk starts from zero states
+    boundaries = max(
+        0, math.ceil(seq_len / (o.state_chunk or o.chunk_size)) - 1
+    )  # the first starts from zero
     kv = elems * DTYPE_BYTES[o.dtype] + boundaries * states
     return kv, elems * DTYPE_BYTES[o.kv_grad_dtype] + state_grads
 
@@ -283,7 +290,7 @@ def _activations(shape: ModelShape, o: Setup, seq_len: int) -> tuple[int, dict[s
     else:
         mlp_side = norm_x + normed + input_kept(("gate_proj", "up_proj"))
         mlp_side += 3 * dt * i + input_kept(("down_proj",))  # gate, up, silu(gate); gate*up for down_proj
-    linear_side = norm_x + normed + dt * (shape.linear_width + (h if full else 0))
+    linear_side = _linear_side(shape, o)
 
     # Terms growing with the sequence: per attention layer, for keys over the whole sequence (none for sdpa
     # and flash-attn, which get no mask and grouped K/V heads).
@@ -304,6 +311,13 @@ def _activations(shape: ModelShape, o: Setup, seq_len: int) -> tuple[int, dict[s
         layers = shape.attn_layers * attn_layer + shape.linear_layers * linear_layer
     acts = b * (layers + fixed)
     return acts, {"top_mlp": b * c * mlp_side, "head": b * c * head, "recomputed": b * recomputed}
+
+
+def _linear_side(shape: ModelShape, o: Setup) -> int:
+    """Bytes per token a linear (recurrent) mixer layer keeps: its norm's input and 1/rms, the normalised
+    tensor when the norm trains, and what the mixer's graph saves (its input when its weights train)."""
+    dt, h, full = DTYPE_BYTES[o.dtype], shape.hidden, o.lora_rank == 0
+    return 4 * h + 4 + (dt * h if full else 0) + dt * (shape.linear_width + (h if full else 0))
 
 
 def _phases(shape: ModelShape, o: Setup, seq_len: int, acts: int, parts: dict[str, int]) -> dict[str, int]:

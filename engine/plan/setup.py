@@ -54,6 +54,9 @@ class Setup:
         _OPTIONS.kv_device_budget
     )  # offload_kv "auto": K/V (+ grads) bytes on device
     sequence: int = 1  # parallel.sequence: ranks sharing one sequence (world_size counts all ranks)
+    state_chunk: int | None = (
+        None  # where linear layers' states are kept: every state_chunk tokens (chunk_size)
+    )
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
