@@ -304,7 +304,8 @@ class SequenceStep:
     def check_draw(self, selected: list[int], k: int) -> None:
         """SpaCO: every rank of the group must visit the same chunks (one seed); a difference is a deadlock
         or a wrong gradient, so it is an error."""
-        flags = torch.zeros(2, k, dtype=torch.float64)
+        device = next(self.module.parameters()).device  # NCCL reduces device tensors only
+        flags = torch.zeros(2, k, dtype=torch.float64, device=device)
         flags[0, selected] = 1.0
         flags[1] = -flags[0]
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group.group)

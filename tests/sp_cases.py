@@ -57,6 +57,17 @@ CASES = {
         False,
     ),
     "nemotron_h": ("nemotron_h", {}, False, False, dict(chunk_size=8), False, False),
+    # checkpointed layers recompute the gathered mixers (and their collectives) inside backward
+    "qwen3_next_checkpoint_layers": (
+        "qwen3_next",
+        {},
+        False,
+        False,
+        dict(chunk_size=8),
+        False,
+        False,
+        {"checkpoint_layers": True},
+    ),
 }
 
 # Refused by name before any chunk runs: name -> (case, words the error must contain)
