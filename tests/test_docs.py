@@ -8,12 +8,14 @@ import dataclasses
 import glob
 import importlib
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
 import pytest
 
 from engine import config
+from engine.chunkwise import chunkwise_backward
 from engine.options import ChunkOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,6 +134,13 @@ def test_engine_imports_and_modules_resolve(page):
         assert absent == [], f"{_rel(page)}: `from {module} import` names what {module} lacks"
     for module in set(re.findall(r"python -m (engine[\w.]*)", text)):
         assert importlib.util.find_spec(module) is not None, f"{_rel(page)}: no module {module}"
+
+
+def test_the_readme_api_block_shows_every_parameter_of_the_call():
+    readme = (ROOT / "README.md").read_text()
+    (call,) = re.findall(r"^stats = chunkwise_backward\(\n(.*?)^\)", readme, re.S | re.M)
+    shown = [re.match(r"\s*(\w+)", line).group(1) for line in call.splitlines()]
+    assert shown == list(inspect.signature(chunkwise_backward).parameters)
 
 
 # ------------------------------------------------------------------------------------- stated defaults
