@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Subset
 
-from engine.chunk_eval import ScoreOptions, score
+from engine.chunk_eval import score
 from engine.config import Config, EvalConfig
+from engine.options import ChunkOptions
 
 SPLIT_SEED = 0x5EC0E7  # mixed with data.seed: the held-out rows are not the first rows of an epoch's draw
 
@@ -165,7 +166,9 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def eval_loss(model, dataset: Dataset, rows: Sequence[int], batch_size: int, options: ScoreOptions) -> dict:
+def eval_loss(
+    model, dataset: Dataset, rows: Sequence[int], batch_size: int, chunk_size: int, options: ChunkOptions
+) -> dict:
     """{'eval/loss', 'eval/ppl', 'eval/tokens'} over `rows` of `dataset`, all ranks together."""
     rank, world = rank_world()
     device = device_of(model)
@@ -179,6 +182,7 @@ def eval_loss(model, dataset: Dataset, rows: Sequence[int], batch_size: int, opt
                 labels=b["labels"],
                 attention_mask=b["attention_mask"],
                 position_ids=b.get("position_ids"),
+                chunk_size=chunk_size,
                 options=options,
             )
             loss_sum, tokens = loss_sum + s.loss_sum, tokens + s.num_tokens
@@ -203,7 +207,7 @@ class Evaluator:
             if not self.rows:
                 raise ValueError("eval: the held-out set has no rows")
         self.batch_size = ev.batch_size or cfg.data.batch_size
-        self.options = ScoreOptions.from_config(cfg.chunking)
+        self.chunk_size, self.options = cfg.chunking.chunk_size, ChunkOptions.from_config(cfg.chunking)
         self.losses: dict[int, float] = {}
 
     def due(self, step: int, last_step: int) -> bool:
@@ -213,12 +217,14 @@ class Evaluator:
     def __call__(self, model, step: int) -> dict[str, Any]:
         t0, record = time.perf_counter(), {}
         if self.eval_set is not None:
-            record.update(eval_loss(model, self.eval_set, self.rows, self.batch_size, self.options))
+            record.update(
+                eval_loss(model, self.eval_set, self.rows, self.batch_size, self.chunk_size, self.options)
+            )
             self.losses[step] = record["eval/loss"]
         if self.items is not None:
             from engine.retrieval import evaluate_items
 
-            record.update(evaluate_items(model, self.items, self.batch_size, self.options))
+            record.update(evaluate_items(model, self.items, self.batch_size, self.chunk_size, self.options))
         record["eval/time_s"] = time.perf_counter() - t0
         return record
 

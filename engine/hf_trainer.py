@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from engine.chunk_eval import ScoreOptions, score
+from engine.chunk_eval import score
 from engine.chunkwise import DEFAULT_OPTIONS, ChunkOptions, ChunkStats, chunkwise_backward
 from engine.evaluate import eval_mode
 from engine.schedule import ChunkSchedule, spaco_generator
@@ -114,7 +114,6 @@ class ChunkwiseTrainer(Trainer):
         if not prediction_loss_only:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
-        options = ScoreOptions(self.schedule.chunk_size, self.options)
         with eval_mode(model):
             s = score(
                 model,
@@ -122,7 +121,8 @@ class ChunkwiseTrainer(Trainer):
                 labels=inputs.get("labels"),
                 attention_mask=inputs.get("attention_mask"),
                 position_ids=inputs.get("position_ids"),
-                options=options,
+                chunk_size=self.schedule.chunk_size,
+                options=self.options,
             )
         loss = s.loss_sum / s.num_tokens if s.num_tokens else float("nan")
         return torch.tensor(loss, device=self.args.device), None, None

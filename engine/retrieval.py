@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from engine.chunk_eval import ScoreOptions, score
+from engine.chunk_eval import score
 from engine.config import RetrievalConfig
 from engine.evaluate import batch_of, device_of, eval_mode, rank_world, reduce_sum, shard_batches
+from engine.options import ChunkOptions
 
 _WORDS_SEED = 0x5EC0  # the pseudo-word pool is part of the task definition, not of the run's seed
 _NUM_WORDS = 512
@@ -175,7 +176,9 @@ def _filler(p: _Pieces, text: np.ndarray | None, n: int, rng: np.random.Generato
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def evaluate_items(model, items: RetrievalSet, batch_size: int, options: ScoreOptions) -> dict:
+def evaluate_items(
+    model, items: RetrievalSet, batch_size: int, chunk_size: int, options: ChunkOptions
+) -> dict:
     """{'eval/retrieval': [{length, depth, accuracy, items}, ...], 'eval/retrieval_acc': the mean}, all
     ranks together (the model is put in eval mode for the duration)."""
     rank, world = rank_world()
@@ -186,7 +189,14 @@ def evaluate_items(model, items: RetrievalSet, batch_size: int, options: ScoreOp
             answered = total = 0
             for rows in shard_batches(range(len(cell.items)), rank, world, batch_size):
                 b = batch_of(cell.items, rows, 0, device)
-                s = score(model, b["input_ids"], labels=b["labels"], options=options, argmax=True)
+                s = score(
+                    model,
+                    b["input_ids"],
+                    labels=b["labels"],
+                    chunk_size=chunk_size,
+                    options=options,
+                    argmax=True,
+                )
                 hit = (s.row_correct == s.row_tokens) & (s.row_tokens > 0)
                 answered, total = answered + int(hit.sum()), total + len(rows)
             counts += [answered, total]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_batch, tiny_model
 
-from engine.chunk_eval import ScoreOptions, score
+from engine.chunk_eval import score
 from engine.options import ChunkOptions
 
 
@@ -33,7 +33,8 @@ def test_loss_equals_plain_forward(fused, chunk):
         ids,
         labels=labels,
         attention_mask=mask,
-        options=ScoreOptions(chunk, ChunkOptions(fused_loss=fused)),
+        chunk_size=chunk,
+        options=ChunkOptions(fused_loss=fused),
     )
     assert got.num_tokens == n
     assert got.loss_sum == pytest.approx(ref, rel=1e-12)
@@ -48,7 +49,7 @@ def test_argmax_hits_equal_plain_forward():
     labels[:, 1::2] = torch.where(labels[:, 1::2] == -100, -100, preds[:, 0:-1:2])
     ref, _, hits = plain(model, ids, labels, mask)
     assert 10 <= int(hits.min()) and int(hits.sum()) < 61
-    got = score(model, ids, labels=labels, attention_mask=mask, options=ScoreOptions(8), argmax=True)
+    got = score(model, ids, labels=labels, attention_mask=mask, chunk_size=8, argmax=True)
     assert got.loss_sum == pytest.approx(ref, rel=1e-12)
     assert torch.equal(got.row_correct, hits) and got.row_tokens.tolist() == [32, 29]
 
@@ -57,7 +58,7 @@ def test_packed_rows_score_as_documents_alone():
     model = tiny_model("LlamaConfig", torch.float64).eval()
     ids, _, _ = tiny_batch(batch=1, seq=40, pad_from=None, ignore=())
     pos = torch.cat([torch.arange(25), torch.arange(15)]).unsqueeze(0)
-    got = score(model, ids, position_ids=pos, options=ScoreOptions(8))
+    got = score(model, ids, position_ids=pos, chunk_size=8)
     a, na, _ = plain(model, ids[:, :25], ids[:, :25])
     b, nb, _ = plain(model, ids[:, 25:], ids[:, 25:])
     assert got.num_tokens == na + nb

@@ -265,7 +265,7 @@ def test_eval_path_loss_is_hf_loss_token_weighted(tmp_path):
     n = len(rows)  # documents longer than a row continue in the next one
     assert n >= 7 and rows[0]["input_ids"].numel() == 48
     model = build_model(cfg.model, seed=0).eval()
-    got = eval_loss(model, rows, list(range(n)), 3, evaluator.options)
+    got = eval_loss(model, rows, list(range(n)), 3, evaluator.chunk_size, evaluator.options)
     batch = collate([rows[i] for i in range(n)])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_model
 
-from engine.chunk_eval import ScoreOptions, score
+from engine.chunk_eval import score
 from engine.memory import MemoryTracker
 
 CAP = 12 * 2**20  # measured: chunk-wise 4K ~5.4 MiB, plain 1K ~6.3 MiB, plain 4K ~25 MiB (tiny float64 Llama)
@@ -43,7 +43,7 @@ def test_chunkwise_eval_fits_a_cap_plain_forward_does_not():
     with pytest.raises(MemoryError), CappedTracker(CAP):
         plain_loss(model, long)
     with CappedTracker(CAP) as capped:
-        got = score(model, long, options=ScoreOptions(256))
+        got = score(model, long, chunk_size=256)
     assert capped.peak_bytes <= CAP
     assert got.num_tokens == 4095
     assert got.loss_sum / got.num_tokens == pytest.approx(plain_loss(model, long), rel=1e-12)

@@ -38,7 +38,7 @@ def test_chunkwise_eval_loss_equals_the_plain_trainers(tmp_path, chunk, monkeypa
     calls = []
     real = engine.hf_trainer.score
     monkeypatch.setattr(
-        engine.hf_trainer, "score", lambda *a, **k: calls.append(k["options"]) or real(*a, **k)
+        engine.hf_trainer, "score", lambda *a, **k: calls.append(k["chunk_size"]) or real(*a, **k)
     )
 
     def eval_loss(cls, **extra):
@@ -53,4 +53,4 @@ def test_chunkwise_eval_loss_equals_the_plain_trainers(tmp_path, chunk, monkeypa
     # HF's loss is computed from float32-cast logits; ours keeps float64: equal to float32's precision.
     assert chunked == pytest.approx(plain, rel=1e-6)
     assert plain > 4.0  # a random model over 97 tokens: ~ln(97)
-    assert len(calls) == 3 and calls[0].chunk_size == chunk  # 3 batches, each scored chunk-wise
+    assert len(calls) == 3 and calls[0] == chunk  # 3 batches, each scored chunk-wise

@@ -10,9 +10,9 @@ import torch
 import transformers
 
 from engine import report
-from engine.chunk_eval import ScoreOptions
 from engine.config import RetrievalConfig
 from engine.data import ByteTokenizer, collate
+from engine.options import ChunkOptions
 from engine.retrieval import build_items, evaluate_items, filler_text
 
 TOK = ByteTokenizer()
@@ -88,9 +88,9 @@ def test_a_length_too_short_is_an_error_naming_it():
 
 def test_trained_model_scores_high_random_at_chance(tmp_path):
     """Plain backprop on items of other lengths and seeds (fast), scored chunk-wise on the grid."""
-    items, options = build_items(GRID, TOK, None), ScoreOptions(chunk_size=32)
+    items, options = build_items(GRID, TOK, None), ChunkOptions()
     model = tiny_byte_llama()
-    random_acc = evaluate_items(model, items, 8, options)
+    random_acc = evaluate_items(model, items, 8, 32, options)
     assert random_acc["eval/retrieval_acc"] <= 0.3  # chance: 0.1
 
     by_length: dict[int, list] = {}
@@ -104,9 +104,11 @@ def test_trained_model_scores_high_random_at_chance(tmp_path):
         optim.zero_grad()
         loss.backward()
         optim.step()
-    trained = evaluate_items(model, items, 8, options)
+    trained = evaluate_items(model, items, 8, 32, options)
     assert trained["eval/retrieval_acc"] >= 0.9, trained
-    assert evaluate_items(model, build_items(GRID, TOK, None), 3, options) == trained  # rerun: same scores
+    assert (
+        evaluate_items(model, build_items(GRID, TOK, None), 3, 32, options) == trained
+    )  # rerun: same scores
 
     # The heatmap of a run whose metrics hold the evaluation (as the trainer writes them).
     record = {"step": 7, "loss": 1.0, **trained}
