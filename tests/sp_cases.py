@@ -152,3 +152,42 @@ def run_case(case, group=None) -> dict:
         "kv_bytes": stats.kv_bytes,
         "selected": stats.selected,
     }
+
+
+# SpaCO's unbiasedness over a sequence group: every selection of chunks 1..3 (chunks 0 and 4 always kept)
+# with its probability; the expectation of the estimates is SeCO's gradient.
+ENUMERATION_PROBS = (1.0, 0.5, 0.3, 0.8, 1.0)
+
+
+def spaco_expectation(group, compensate: bool = True) -> dict:
+    """E[SpaCO estimate] on the "llama" case, each selection's estimate computed by the group; without
+    `compensate` the estimates carry weight 1 (a biased estimator the test must tell apart)."""
+    import itertools
+    import math
+
+    case = CASES["llama"]
+    model = build(case)
+    ids, labels, mask, _ = batch(case)
+    free = [c for c, q in enumerate(ENUMERATION_PROBS) if q < 1]
+    total = None
+    for bits in itertools.product([0, 1], repeat=len(free)):
+        sel = [c for c in range(len(ENUMERATION_PROBS)) if c not in free or bits[free.index(c)]]
+        p = math.prod(ENUMERATION_PROBS[c] if c in sel else 1 - ENUMERATION_PROBS[c] for c in free)
+        probs = ENUMERATION_PROBS if compensate else (1.0,) * len(ENUMERATION_PROBS)
+        model.zero_grad(set_to_none=True)
+        chunkwise_backward(
+            model,
+            ids,
+            labels=labels,
+            attention_mask=mask,
+            schedule=ChunkSchedule(8, mode="spaco", chunk_probs=probs, selected=sel),
+            options=ChunkOptions(fused_loss=False),
+            sequence_group=group,
+        )
+        grads = grads_of(model)
+        total = (
+            {n: p * g for n, g in grads.items()}
+            if total is None
+            else {n: total[n] + p * grads[n] for n in total}
+        )
+    return {"grads": total}

@@ -19,6 +19,7 @@ from tiny import reference_grads, rel_error
 from tiny_hybrid import HYBRIDS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+EXPECTATIONS = ("spaco_expectation", "spaco_expectation_uncompensated")
 
 
 def free_port() -> int:
@@ -49,8 +50,9 @@ def launch(out, cases, nprocs=2) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp")
-    launch(out, [*CASES, *REFUSALS])
-    return {name: [torch.load(out / f"{name}.{r}.pt") for r in range(2)] for name in [*CASES, *REFUSALS]}
+    names = [*CASES, *REFUSALS, *EXPECTATIONS]
+    launch(out, names)
+    return {name: [torch.load(out / f"{name}.{r}.pt") for r in range(2)] for name in names}
 
 
 def reference(case) -> dict:
@@ -162,3 +164,15 @@ def test_planner_per_rank_kv_and_activations():
     assert longest_sequence(shape, device_memory="80GB", sequence=8, **hybrid) > longest_sequence(
         shape, device_memory="80GB", **hybrid
     )
+
+
+def test_spaco_is_unbiased_over_a_sequence_group(results):
+    """Every selection with its probability (chunk q_c = 1, 0.5, 0.3, 0.8, 1): the expectation of the group's
+    SpaCO estimates is the full-sequence gradient; without the 1/q_c weights it is not."""
+    case = CASES["llama"]
+    model = build(case)
+    ids, labels, mask, _ = batch(case)
+    _, full = reference_grads(model, ids, labels, mask)
+    for got in results["spaco_expectation"]:
+        assert rel_error(got["grads"], full) <= 1e-6  # float32 RMSNorm backward (tests/test_spaco.py)
+    assert rel_error(results["spaco_expectation_uncompensated"][0]["grads"], full) > 0.1

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sp_cases import CASES, REFUSALS, run_case  # noqa: E402
+from sp_cases import CASES, REFUSALS, run_case, spaco_expectation  # noqa: E402
 
 from engine.sequence_parallel import SequenceGroup  # noqa: E402
 
@@ -27,7 +27,9 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 group = SequenceGroup()
 for name in args.cases.split(","):
-    if name in REFUSALS:
+    if name.startswith("spaco_expectation"):  # spaco_expectation or spaco_expectation_uncompensated
+        result = spaco_expectation(group, compensate=not name.endswith("uncompensated"))
+    elif name in REFUSALS:
         try:
             run_case(REFUSALS[name][0], group)
             result = {"error": None}
