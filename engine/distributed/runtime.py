@@ -143,8 +143,8 @@ def _free_port() -> int:
 
 def unlink_shm_comm_buffers() -> None:
     """DeepSpeed's CPU shared-memory all-reduce (all ranks on one host) creates one 64 MiB file per rank in
-    /dev/shm and never unlinks it, so every CPU job leaked its buffers into RAM-backed tmpfs (we found 17 GiB
-    after a day of tests). Once every rank has mapped every buffer the names are no longer needed: unlink
+    /dev/shm and never unlinks it, so every CPU job would leave its buffers in RAM-backed tmpfs (a day of tests
+    leaves 17 GiB there). Once every rank has mapped every buffer the names are no longer needed: unlink
     ours, and the memory goes away with the last process, even one that crashes."""
     if torch.cuda.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return
