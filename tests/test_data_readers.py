@@ -241,6 +241,24 @@ def test_bad_files_are_named_with_the_format_expected(tmp_path, name, content, e
         build(kind, path)
 
 
+@pytest.mark.parametrize("kind", ["documents", "prompt_completion"])
+def test_other_splits_are_left_out_and_said(tmp_path, kind):
+    """A hub layout's test split is not training data, and the summary says it was left out."""
+    from engine.data.summary import summary
+
+    recs = DOCS if kind == "documents" else PC
+    ds = build(kind, write("hub_layout", recs, tmp_path))
+    lines = summary(ds)
+    assert (
+        lines[-1]
+        == f"{tmp_path / 'repo'}: the train split's 2 file(s) read; 1 file(s) of split 'test' left out"
+    )
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    write("jsonl", recs, flat)
+    assert not build(kind, flat).notes  # one split: nothing left out, nothing said
+
+
 def test_directory_without_a_train_split(tmp_path):
     path = tmp_path / "repo"
     (path / "data").mkdir(parents=True)

@@ -102,10 +102,14 @@ def load_file_dataset(
     with contextlib.ExitStack() as stack:
         if cache_dir is None:
             cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="seco-datasets-"))
-        sources = open_sources(str(path), fmt, cache_dir, what=f"{kind} data")
+        notes: list[str] = []
+        sources = open_sources(str(path), fmt, cache_dir, what=f"{kind} data", notes=notes)
         too_long = seq_len if truncation == "error" and not packing else None
         tokens, offsets = _tokenize(sources, text_field, tokenizer, too_long)
     source = f"{kind} data {str(path)!r}"
     if packing:
-        return PackedDataset(tokens, offsets, seq_len, source)
-    return PaddedDataset(tokens, offsets, seq_len, _pad_id(tokenizer), source, truncation)
+        dataset: PackedDataset | PaddedDataset = PackedDataset(tokens, offsets, seq_len, source)
+    else:
+        dataset = PaddedDataset(tokens, offsets, seq_len, _pad_id(tokenizer), source, truncation)
+    dataset.notes = notes
+    return dataset

@@ -17,6 +17,9 @@ class _TokenStore(Dataset):
         self.doc_offsets = doc_offsets
         self.seq_len = seq_len
         self.source = source
+        self.notes: list[
+            str
+        ] = []  # what of the source was not read (engine/data/readers.py), for the summary
 
     @property
     def num_documents(self) -> int:

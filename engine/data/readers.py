@@ -85,8 +85,11 @@ def quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def open_sources(path: str, fmt: str, cache_dir: str, what: str = "data.path") -> list[Source]:
-    """The sources ``path`` stands for (see the module docstring), each read by ``datasets``."""
+def open_sources(
+    path: str, fmt: str, cache_dir: str, what: str = "data.path", notes: list[str] | None = None
+) -> list[Source]:
+    """The sources ``path`` stands for (see the module docstring), each read by ``datasets``. ``notes`` gets a
+    line for what of ``path`` is not read (the files of other splits), for the data summary."""
     p = Path(path)
     with quiet_datasets():
         if p.is_file():
@@ -95,7 +98,8 @@ def open_sources(path: str, fmt: str, cache_dir: str, what: str = "data.path") -
             if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
                 return [_read_saved(p, what)]
             return [
-                _read_file(f, *_file_format(f, fmt, what), cache_dir, what) for f in _split_files(p, what)
+                _read_file(f, *_file_format(f, fmt, what), cache_dir, what)
+                for f in _split_files(p, what, notes if notes is not None else [])
             ]
         if is_hub_id(path):
             return [_read_hub(path, what)]
@@ -120,8 +124,9 @@ def _file_format(file: Path, fmt: str, what: str) -> tuple[str, str]:
     return found, f"expected {found} from the extension {file.suffix}; set data.format if it is another"
 
 
-def _split_files(directory: Path, what: str) -> list[Path]:
-    """The files of the directory's train split as ``datasets`` resolves them (hub layout or all files)."""
+def _split_files(directory: Path, what: str, notes: list[str]) -> list[Path]:
+    """The files of the directory's train split as ``datasets`` resolves them (hub layout or all files); the
+    other splits' files are named in ``notes``."""
     from datasets.data_files import DataFilesDict, get_data_patterns
 
     try:
@@ -134,6 +139,10 @@ def _split_files(directory: Path, what: str) -> list[Path]:
             f"{what}: directory {str(directory)!r} has no train split (splits found: {sorted(files)}); "
             "point data.path at the split's files"
         )
+    others = {split: len(names) for split, names in files.items() if split != "train"}
+    if others:
+        left = ", ".join(f"{n} file(s) of split {split!r}" for split, n in sorted(others.items()))
+        notes.append(f"{directory}: the train split's {len(files['train'])} file(s) read; {left} left out")
     return [Path(f) for f in sorted(files["train"])]
 
 
@@ -223,13 +232,14 @@ def _jsonl_line(file: Path, record: int) -> int | None:
     return None
 
 
-def read_records(path: str, fmt: str, what: str) -> list[tuple[str, dict]]:
-    """(where, record) of every record under ``path`` (chat / prompt_completion records: they are small)."""
+def read_records(path: str, fmt: str, what: str, notes: list[str] | None = None) -> list[tuple[str, dict]]:
+    """(where, record) of every record under ``path`` (chat / prompt_completion records: they are small);
+    ``notes`` as for open_sources."""
     import tempfile
 
     out: list[tuple[str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="seco-datasets-") as cache_dir:
-        for source in open_sources(path, fmt, cache_dir, what):
+        for source in open_sources(path, fmt, cache_dir, what, notes):
             # A field a record lacks reads as null in Arrow (columns are the union of all records' keys):
             # null fields are left out, so the record reads as written.
             out += [

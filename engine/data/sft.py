@@ -28,10 +28,10 @@ from engine.data.tokenizers import IGNORE_INDEX, Sample, Tokenizer, _pad_id
 
 
 def render_samples(
-    data_cfg: DataConfig, tokenizer: Tokenizer, path: str, fmt: str
+    data_cfg: DataConfig, tokenizer: Tokenizer, path: str, fmt: str, notes: list[str]
 ) -> tuple[list[Rendered], Counter, int]:
     """Every record of ``path`` validated first (errors name the record and field), then rendered and fitted."""
-    records = read_records(path, fmt, f"{data_cfg.kind} data")
+    records = read_records(path, fmt, f"{data_cfg.kind} data", notes)
     if data_cfg.kind == "chat":
         field = messages_field(data_cfg.chat_format, data_cfg.messages_field)
         fmt_args = (field, data_cfg.chat_format, data_cfg.chat_keys, data_cfg.chat_roles)
@@ -71,6 +71,9 @@ class SftDataset(Dataset):
         self.samples, self.seq_len, self.pad_id, self.packing = samples, seq_len, pad_id, packing
         self.source, self.dropped = source, dropped or Counter()  # reason -> samples dropped
         self.dropped_tokens = dropped_tokens  # the tokens of the samples dropped
+        self.notes: list[
+            str
+        ] = []  # what of the source was not read (engine/data/readers.py), for the summary
         self.rows: list[list[int]] = []
         fill = seq_len + 1
         for i, s in enumerate(samples):
@@ -121,6 +124,11 @@ def build_sft_dataset(
     """The SftDataset of ``path`` (default data.path) read as ``fmt`` (default data.format)."""
     path = path if path is not None else data_cfg.path
     assert path is not None, "DataConfig requires a path or a mixture"
-    samples, dropped, dropped_tokens = render_samples(data_cfg, tokenizer, path, fmt or data_cfg.format)
+    notes: list[str] = []
+    samples, dropped, dropped_tokens = render_samples(
+        data_cfg, tokenizer, path, fmt or data_cfg.format, notes
+    )
     pad = _pad_id(tokenizer)
-    return SftDataset(samples, data_cfg.seq_len, pad, data_cfg.packing, str(path), dropped, dropped_tokens)
+    dataset = SftDataset(samples, data_cfg.seq_len, pad, data_cfg.packing, str(path), dropped, dropped_tokens)
+    dataset.notes = notes
+    return dataset

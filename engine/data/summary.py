@@ -33,7 +33,7 @@ def summary(dataset) -> list[str]:
         lines.append(_padded(dataset))
     elif isinstance(dataset, SftDataset):
         lines += _sft(dataset)
-    return lines
+    return lines + list(getattr(dataset, "notes", []))
 
 
 def _padded(ds: PaddedDataset) -> str:
