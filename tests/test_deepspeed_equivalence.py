@@ -45,7 +45,9 @@ CASES = {
     "zero2-hybrid": ["--zero", "2", "--model", "nemotron_h"],
     # Sequence parallelism: both ranks share both rows (P = 2, one data-parallel group), each chunk split
     # over them (engine/sequence_parallel.py); DeepSpeed reduces over data x sequence ranks.
+    "zero0-sp2": ["--zero", "0", "--sp", "2"],
     "zero2-sp2": ["--zero", "2", "--sp", "2"],
+    "zero3-sp2-offload-param": ["--zero", "3", "--sp", "2", "--offload-optimizer", "--offload-param"],
     "zero3-sp2": ["--zero", "3", "--sp", "2"],
     "zero3-sp2-lora-packed": ["--zero", "3", "--sp", "2", "--lora", "--packed"],
     "zero3-sp2-moe-aux": ["--zero", "3", "--sp", "2", "--model", "moe"],
