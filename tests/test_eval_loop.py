@@ -146,6 +146,24 @@ def test_eval_under_zero3_two_ranks(tmp_path):
     assert last["eval/tokens"] == n
     assert last["eval/loss"] == pytest.approx(ref, rel=1e-6)
     assert len(last["eval/retrieval"]) == 4
+    # python -m engine.evaluate on the ZeRO-3 checkpoint: its shards consolidated (float32 too).
+    out = tmp_path / "cli"
+    assert (
+        evaluate_main(
+            [
+                "--config",
+                str(CONFIG),
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--out",
+                str(out),
+                *RUN,
+                "--deepspeed.zero_stage=3",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "evaluation.json").read_text())["eval/loss"] == pytest.approx(ref, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------- units
