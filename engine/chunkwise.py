@@ -25,7 +25,7 @@ from engine.layer_checkpoint import checkpointed_layers, hf_checkpointing_taken_
 from engine.options import ChunkOptions
 from engine.schedule import MODES, SAMPLERS, ChunkSchedule, draw_chunks
 from engine.sequence_parallel import SequenceStep
-from engine.step_plan import StepPlan, plan_step
+from engine.step_plan import StepPlan, check_arguments, plan_step
 from engine.step_state import Fp32GradAccumulation
 from engine.unwrap import text_config
 
@@ -80,6 +80,7 @@ def chunkwise_backward(
     gradient checkpointing enabled gets `checkpoint_layers` for the step instead (transformers' own drops the
     cache), its flags restored after.
     """
+    check_arguments(schedule, options)
     backend = backend_for(model)
     cfg = text_config(backend.module.config)
     check_model(backend.module)

@@ -84,14 +84,7 @@ class ChunkwiseTrainer(Trainer):
             # num_items_in_batch is not passed on: the Trainer counts labels before the shift by one;
             # chunk-wise backprop counts the shifted targets over all ranks itself (HF's loss definition).
             stats = chunkwise_backward(
-                model,
-                inputs["input_ids"],
-                labels=inputs.get("labels"),
-                attention_mask=inputs.get("attention_mask"),
-                position_ids=inputs.get("position_ids"),
-                schedule=self.schedule,
-                options=self.options,
-                generator=generator,
+                model, **_batch(inputs), schedule=self.schedule, options=self.options, generator=generator
             )
         if self.is_deepspeed_enabled:
             # accelerate steps the DeepSpeed engine inside accelerator.backward, which chunk-wise backprop
@@ -115,14 +108,12 @@ class ChunkwiseTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with eval_mode(model):
-            s = score(
-                model,
-                inputs["input_ids"],
-                labels=inputs.get("labels"),
-                attention_mask=inputs.get("attention_mask"),
-                position_ids=inputs.get("position_ids"),
-                chunk_size=self.schedule.chunk_size,
-                options=self.options,
-            )
+            s = score(model, **_batch(inputs), chunk_size=self.schedule.chunk_size, options=self.options)
         loss = s.loss_sum / s.num_tokens if s.num_tokens else float("nan")
         return torch.tensor(loss, device=self.args.device), None, None
+
+
+def _batch(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The tensors of a collated batch that a chunk-wise step takes (`input_ids` required)."""
+    names = ("labels", "attention_mask", "position_ids")
+    return {"input_ids": inputs["input_ids"], **{n: inputs.get(n) for n in names}}

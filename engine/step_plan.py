@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.documents import IGNORE, Documents, check_position_ids, documents_of
+from engine.options import ChunkOptions
 from engine.schedule import ChunkSchedule, Draw, draw_chunks
 
 
@@ -109,6 +110,15 @@ def plan_step(
         input_ids, targets, attention_mask, position_ids, docs, num_tokens, size, chunks, has_loss, draw,
         kv_start, read_later, frozenset(draw.selected), order,
     )  # fmt: skip
+
+
+def check_arguments(schedule, options) -> None:
+    """The chunking is a ChunkSchedule and the memory options a ChunkOptions (no loose keywords)."""
+    for name, value, cls in (("schedule", schedule, ChunkSchedule), ("options", options, ChunkOptions)):
+        if not isinstance(value, cls):
+            raise ValueError(
+                f"{name}: expected an {cls.__module__}.{cls.__name__}, got {type(value).__name__}"
+            )
 
 
 def check_inputs(input_ids, labels, attention_mask, position_ids) -> None:

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+from tiny import chunkwise_grads, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.kv_cache import ChunkKVCache, cache_argument
@@ -33,16 +33,15 @@ def test_checkpointed_chunks_are_exact(family, attn, kw):
     model = tiny_model(family, attn=attn, **kw)
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
-    model.zero_grad(set_to_none=True)
-    chunkwise_backward(
+    _, got = chunkwise_grads(
         model,
         ids,
-        labels=labels,
-        attention_mask=mask,
+        labels,
+        mask,
         schedule=ChunkSchedule(chunk_size=5),
         options=ChunkOptions(checkpoint_layers=True),
     )
-    assert rel_error(grads_of(model), ref) <= tol(model)
+    assert rel_error(got, ref) <= tol(model)
     assert "forward" not in vars(model.model.layers[0])  # the wrapping is gone after the step
 
 
@@ -56,18 +55,17 @@ def test_checkpointed_chunks_with_lora_offload_and_fused_loss():
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     for offload in (True, "auto"):
-        model.zero_grad(set_to_none=True)
-        chunkwise_backward(
+        _, got = chunkwise_grads(
             model,
             ids,
-            labels=labels,
-            attention_mask=mask,
+            labels,
+            mask,
             schedule=ChunkSchedule(chunk_size=8),
             options=ChunkOptions(
                 checkpoint_layers=True, fused_loss=True, offload_kv=offload, kv_device_budget=0
             ),
         )
-        assert rel_error(grads_of(model), ref) <= 1e-12
+        assert rel_error(got, ref) <= 1e-12
 
 
 def test_checkpointed_chunks_replay_dropout_bit_for_bit():
@@ -78,16 +76,15 @@ def test_checkpointed_chunks_replay_dropout_bit_for_bit():
     runs = []
     for checkpoint_layers in (False, True):
         torch.manual_seed(123)
-        model.zero_grad(set_to_none=True)
-        chunkwise_backward(
+        _, got = chunkwise_grads(
             model,
             ids,
-            labels=labels,
-            attention_mask=mask,
+            labels,
+            mask,
             schedule=ChunkSchedule(chunk_size=8),
             options=ChunkOptions(checkpoint_layers=checkpoint_layers),
         )
-        runs.append((grads_of(model), torch.rand(1)))
+        runs.append((got, torch.rand(1)))
     (plain, after_plain), (ckpt, after_ckpt) = runs
     assert all(torch.equal(plain[n], ckpt[n]) for n in plain)
     assert torch.equal(after_plain, after_ckpt)
@@ -177,16 +174,15 @@ def test_offload_auto_keeps_what_fits_on_the_device():
     assert {idx for _, idx, *_ in cache._device_copies} == {1}
     _, ref = reference_grads(model, ids, labels, mask)
     for budget in (0, per_layer, 2 * per_layer):
-        model.zero_grad(set_to_none=True)
-        chunkwise_backward(
+        _, got = chunkwise_grads(
             model,
             ids,
-            labels=labels,
-            attention_mask=mask,
+            labels,
+            mask,
             schedule=ChunkSchedule(chunk_size=8),
             options=ChunkOptions(offload_kv="auto", kv_device_budget=budget),
         )
-        assert rel_error(grads_of(model), ref) <= 1e-12
+        assert rel_error(got, ref) <= 1e-12
     with pytest.raises(ValueError, match="offload_kv"):
         chunkwise_backward(
             model, ids, schedule=ChunkSchedule(chunk_size=8), options=ChunkOptions(offload_kv="host")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+from tiny import chunkwise_grads, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 from transformers import DynamicCache
 
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
@@ -30,12 +30,6 @@ def tol(model) -> float:
     cfg = model.config
     fp32_inside = cfg._attn_implementation == "eager" or cfg.model_type.startswith("gemma")
     return 1e-12 if next(model.parameters()).dtype == torch.float64 and not fp32_inside else 1e-6
-
-
-def chunkwise_grads(model, ids, labels, mask, **kw):
-    model.zero_grad(set_to_none=True)
-    stats = chunkwise_backward(model, ids, labels=labels, attention_mask=mask, **kw)
-    return stats, grads_of(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from tiny import grads_of, reference_grads, rel_error, tiny_batch
+from tiny import chunkwise_grads, reference_grads, rel_error, tiny_batch
 from tiny_hybrid import HYBRIDS, tiny_hybrid
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -64,12 +64,6 @@ def _no_onednn():
     # box); the reference and the chunk-wise run use the same kernels either way.
     with torch.backends.mkldnn.flags(enabled=False):
         yield
-
-
-def chunkwise_grads(model, ids, labels, mask, **kw):
-    model.zero_grad(set_to_none=True)
-    stats = chunkwise_backward(model, ids, labels=labels, attention_mask=mask, **kw)
-    return stats, grads_of(model)
 
 
 def batch(seq: int = SEQ):

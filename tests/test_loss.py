@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+from tiny import chunkwise_grads, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.memory import MemoryTracker
@@ -87,16 +87,15 @@ def test_unknown_post_processing_falls_back_logged_once(caplog):
     _, ref = reference_grads(model, ids, labels, mask)
     with caplog.at_level(logging.WARNING, logger="engine.loss"):
         for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            chunkwise_backward(
+            _, got = chunkwise_grads(
                 model,
                 ids,
-                labels=labels,
-                attention_mask=mask,
+                labels,
+                mask,
                 schedule=ChunkSchedule(chunk_size=8),
                 options=ChunkOptions(fused_loss=True),
             )
-            assert rel_error(grads_of(model), ref) <= 1e-12
+            assert rel_error(got, ref) <= 1e-12
     assert sum("fused loss" in r.message for r in caplog.records) == 1
 
 
@@ -105,16 +104,10 @@ def test_lora_on_the_head_falls_back():
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
-    model.zero_grad(set_to_none=True)
-    chunkwise_backward(
-        model,
-        ids,
-        labels=labels,
-        attention_mask=mask,
-        schedule=ChunkSchedule(chunk_size=8),
-        options=ChunkOptions(fused_loss=True),
+    _, got = chunkwise_grads(
+        model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=8), options=ChunkOptions(fused_loss=True)
     )
-    assert rel_error(grads_of(model), ref) <= 1e-12
+    assert rel_error(got, ref) <= 1e-12
 
 
 def test_fused_loss_lowers_the_chunk_peak():
@@ -149,14 +142,13 @@ def test_fused_loss_in_bfloat16_is_as_close_as_the_whole_chunk_loss(family, kw):
     model = model.to(torch.bfloat16)
     errors = {}
     for fused in (False, True):
-        model.zero_grad(set_to_none=True)
-        chunkwise_backward(
+        _, got = chunkwise_grads(
             model,
             ids,
-            labels=labels,
-            attention_mask=mask,
+            labels,
+            mask,
             schedule=ChunkSchedule(chunk_size=8),
             options=ChunkOptions(fused_loss=fused),
         )
-        errors[fused] = rel_error(grads_of(model), ref)
+        errors[fused] = rel_error(got, ref)
     assert errors[True] <= 1.5 * errors[False] + 1e-3, errors

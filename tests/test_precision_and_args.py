@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
-from engine.chunkwise import ChunkSchedule, chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.kv_cache import ChunkKVCache
 
 
@@ -81,3 +81,20 @@ def test_bad_tensors_name_the_argument(model):
         chunkwise_backward(model, ids.float(), schedule=ChunkSchedule(chunk_size=4))
     with pytest.raises(ValueError, match="input_ids"):
         chunkwise_backward(model, ids[:, :1], schedule=ChunkSchedule(chunk_size=4))
+
+
+def test_the_chunking_is_a_schedule_and_the_options_chunk_options(model):
+    """No loose chunking keywords: schedule= and options= are the only way in, and each is its dataclass."""
+    ids, labels, mask = tiny_batch()
+    with pytest.raises(TypeError, match="chunk_size"):
+        chunkwise_backward(model, ids, chunk_size=4)
+    with pytest.raises(TypeError, match="fused_loss"):
+        chunkwise_backward(model, ids, schedule=ChunkSchedule(chunk_size=4), fused_loss=False)
+    with pytest.raises(ValueError, match="schedule: expected"):
+        chunkwise_backward(model, ids, schedule={"chunk_size": 4})
+    with pytest.raises(ValueError, match="options: expected"):
+        chunkwise_backward(model, ids, schedule=ChunkSchedule(chunk_size=4), options={"fused_loss": False})
+    with pytest.raises(ValueError, match="loss_slice"):
+        ChunkOptions(loss_slice=0)
+    with pytest.raises(ValueError, match="offload_kv"):
+        ChunkOptions(offload_kv="host")

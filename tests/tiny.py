@@ -67,6 +67,16 @@ def grads_of(model) -> dict[str, torch.Tensor]:
     }
 
 
+def chunkwise_grads(model, ids, labels=None, mask=None, **kw):
+    """One chunk-wise step from cleared gradients (`kw`: schedule=, options=, ...): its ChunkStats and the
+    gradients it left."""
+    from engine.chunkwise import chunkwise_backward
+
+    model.zero_grad(set_to_none=True)
+    stats = chunkwise_backward(model, ids, labels=labels, attention_mask=mask, **kw)
+    return stats, grads_of(model)
+
+
 def rel_error(got: dict, ref: dict) -> float:
     assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
     num = sum(((got[n].double() - ref[n].double()) ** 2).sum() for n in ref)
