@@ -310,7 +310,7 @@ LLAMA_24GB_KW = dict(
     lora_rank=8,
     zero_stage=2,
     offload_optimizer=True,
-    attn="flash_attention_2",
+    attn="sdpa",
     fused_loss=True,
 )
 
