@@ -74,14 +74,19 @@ class DeepSpeedBackend:
     def step_context(self):
         # ZeRO 1/2/3 can defer all reduction to one flush at the end of the step; stage 0 and the bf16/fp16
         # optimizer wrappers reduce at the accumulation boundary we set on the last backward instead.
+        # A step context the caller already holds (micro-batches of one optimizer step) is joined, not nested.
         e = self.engine
+        if getattr(e.optimizer, "_coalesce_grad_reduction", False):
+            return contextlib.nullcontext()
         if e.zero_optimization_stage() in (1, 2, 3) and hasattr(e.optimizer, "_coalesce_grad_reduction"):
             return e.coalesce_grad_reduction()
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, is_last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(is_last)
-        self.engine.backward(loss)
+        # The loss is already normalised by the step's global token count: DeepSpeed must not also divide it by
+        # its own gradient_accumulation_steps (which HF's Trainer sets to its accumulation).
+        self.engine.backward(loss, scale_wrt_gas=False)
 
 
 def backend_for(model):

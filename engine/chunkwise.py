@@ -65,6 +65,7 @@ def chunkwise_backward(
     generator: torch.Generator | None = None,
     num_items_in_batch: int | None = None,
     sequence_group=None,
+    last_micro_batch: bool = True,
 ) -> ChunkStats:
     """Add to every trainable parameter's .grad the gradient (SeCO) or an unbiased estimate of it (SpaCO) of
     `model(input_ids, labels=labels, attention_mask=attention_mask).loss`, one chunk's graph at a time.
@@ -78,7 +79,10 @@ def chunkwise_backward(
     (engine/sequence_parallel.py's SequenceGroup) splits every chunk over the ranks that share these rows; a
     DeepSpeed engine initialised with the sequence-parallel mpu brings its own. A model with transformers'
     gradient checkpointing enabled gets `checkpoint_layers` for the step instead (transformers' own drops the
-    cache), its flags restored after.
+    cache), its flags restored after. Gradient accumulation (engine/accumulation.py): the caller holds the
+    backend's step context open over an optimizer step's micro-batches, passes their global token count as
+    `num_items_in_batch` and `last_micro_batch=False` to all but the last, so that only the last backward of
+    the step is an accumulation boundary (one gradient reduction per optimizer step).
     """
     check_arguments(schedule, options)
     backend = backend_for(model)
@@ -120,7 +124,7 @@ def chunkwise_backward(
             ce = runner.run(c, grad=True, last=last)
             if c in plan.recomputed and plan.has_loss[c]:
                 loss_sum += ce.detach()
-            backend.backward(plan.weight(c) * runner.objective(ce * scale), is_last=last)
+            backend.backward(plan.weight(c) * runner.objective(ce * scale), is_last=last and last_micro_batch)
     return _stats(plan, runner, backend, backend.total(float(runner.group_loss(loss_sum))))
 
 

@@ -388,8 +388,17 @@ class ChunkingConfig:
 
 @dataclass
 class OptimConfig:
-    steps: int = 1000
-    """Optimizer steps of the run."""
+    steps: int | None = None
+    """Optimizer steps of the run (set exactly one of this and `epochs`)."""
+
+    epochs: float | None = None
+    """Passes over the training rows instead of `steps`: steps = ceil(epochs x micro-batches per epoch per
+    rank / grad_accum_steps) (set exactly one of this and `steps`)."""
+
+    grad_accum_steps: int | None = None
+    """Micro-batches of `data.batch_size` rows per optimizer step on each rank (effective batch = data.batch_size
+    x this x data-parallel ranks; the gradient is exactly that of the loss over the whole effective batch).
+    null: the ds_config's gradient_accumulation_steps if it sets one, else 1."""
 
     lr: float = 1e-4
     """AdamW peak learning rate."""
@@ -422,17 +431,29 @@ class OptimConfig:
     """Abort after this many non-finite losses in a row (a single one is skipped and logged)."""
 
     def __post_init__(self):
-        _require(self.steps >= 1, f"optim.steps: must be >= 1, got {self.steps}")
+        _require(
+            (self.steps is None) != (self.epochs is None),
+            "optim: set exactly one of optim.steps (optimizer steps) and optim.epochs (passes over the data); "
+            + ("got both (set the other to null)" if self.steps is not None else "got neither"),
+        )
+        _require(self.steps is None or self.steps >= 1, f"optim.steps: must be >= 1, got {self.steps}")
+        _require(
+            self.epochs is None or (math.isfinite(self.epochs) and self.epochs > 0),
+            f"optim.epochs: must be > 0, got {self.epochs}",
+        )
+        _require(
+            self.grad_accum_steps is None or self.grad_accum_steps >= 1,
+            f"optim.grad_accum_steps: must be >= 1 or null, got {self.grad_accum_steps}",
+        )
         _require(math.isfinite(self.lr) and self.lr > 0, f"optim.lr: must be > 0, got {self.lr}")
         _require(self.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
         _require(
             all(0.0 <= b < 1.0 for b in self.betas), f"optim.betas: each must be in [0, 1), got {self.betas}"
         )
         _require(self.eps > 0, f"optim.eps: must be > 0, got {self.eps}")
-        _require(
-            0 <= self.warmup_steps <= self.steps,
-            f"optim.warmup_steps: must be in [0, optim.steps={self.steps}], got {self.warmup_steps}",
-        )
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.steps is not None:
+            self.total_steps(micro_batches_per_epoch=1, grad_accum_steps=1)  # warmup_steps <= steps
         _require(
             0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}"
         )
@@ -445,6 +466,22 @@ class OptimConfig:
             self.max_nonfinite_steps >= 1,
             f"optim.max_nonfinite_steps: must be >= 1, got {self.max_nonfinite_steps}",
         )
+
+    def total_steps(self, micro_batches_per_epoch: int, grad_accum_steps: int) -> int:
+        """Optimizer steps of the run: `steps`, or `epochs` over an epoch of `micro_batches_per_epoch` batches
+        per rank taken `grad_accum_steps` at a time (the last step of a fractional epoch is a whole one)."""
+        if self.steps is not None:
+            total = self.steps
+        else:
+            # rounded first: a float product such as 0.1 x 30 must not become 4 steps
+            total = max(1, math.ceil(round(self.epochs * micro_batches_per_epoch / grad_accum_steps, 9)))
+        _require(
+            self.warmup_steps <= total,
+            f"optim.warmup_steps: must be in [0, {total}] (the run's optimizer steps"
+            + ("" if self.steps is not None else f" from optim.epochs = {self.epochs}")
+            + f"), got {self.warmup_steps}",
+        )
+        return total
 
 
 @dataclass
@@ -460,8 +497,8 @@ class DeepSpeedConfig:
 
     config_file: str | None = None
     """Your own ds_config JSON, used unchanged except the keys the engine owns (micro batch,
-    train_batch_size, gradient_accumulation_steps = 1, gradient_clipping, bf16/fp16, optimizer, no scheduler),
-    whose contradictions are errors."""
+    train_batch_size, gradient_clipping, bf16/fp16, optimizer, no scheduler), whose contradictions are errors;
+    its gradient_accumulation_steps maps onto optim.grad_accum_steps."""
 
     config: dict[str, Any] | None = None
     """The same as `config_file`, inline (at most one of the two)."""
@@ -524,8 +561,16 @@ class LoggingConfig:
     """mlflow: where runs go (a server, sqlite:///FILE, ...); null: MLFLOW_TRACKING_URI, else a file store in
     `dir`/mlruns (mlflow 3 accepts it only with MLFLOW_ALLOW_FILE_STORE=true)."""
 
+    peak_tflops: float | None = None
+    """Peak dense TFLOPS of one device, which MFU is measured against; null: the known bf16 peak of the CUDA
+    device (none on CPU or an unknown device: no MFU)."""
+
     def __post_init__(self):
         _require(bool(self.dir), "logging.dir: must not be empty")
+        _require(
+            self.peak_tflops is None or (math.isfinite(self.peak_tflops) and self.peak_tflops > 0),
+            f"logging.peak_tflops: must be > 0 or null, got {self.peak_tflops}",
+        )
         _require(self.every >= 1, f"logging.every: must be >= 1, got {self.every}")
         _require(
             self.report_to is None or self.tensorboard,

@@ -15,19 +15,23 @@ unbiased estimate of it (SpaCO) in the parameters' `.grad`, or in DeepSpeed's bu
 Batches are dicts with `input_ids` and optionally `labels`, `attention_mask` (right padding) and
 `position_ids` (packed rows, HF's convention: positions restart at 0 per document).
 
-Gradient accumulation: the chunks of a batch already replace it, and chunk-wise backprop normalises by the
-batch's exact target count across ranks; `gradient_accumulation_steps` must therefore be 1 (raise the batch
-size instead, its memory cost is one chunk's). Multi-process training goes through DeepSpeed (DDP-wrapped
-models are refused: DDP reduces gradients after every backward, i.e. once per chunk).
+Gradient accumulation (`gradient_accumulation_steps`) with the Trainer's own normalisation: every
+micro-batch's loss is divided by the `num_items_in_batch` the Trainer counted over the step's micro-batches
+(and ranks), or, where the Trainer counts none, by the micro-batch's own token count times the number of
+micro-batches. Under DeepSpeed the coalesced gradient reduction spans the step's micro-batches and the
+engine steps once, after the last. Multi-process training goes through DeepSpeed (DDP-wrapped models are
+refused: DDP reduces gradients after every backward, i.e. once per chunk).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from transformers import Trainer
 
+from engine.accumulation import count_step_tokens, step_context
 from engine.chunk_eval import score
 from engine.chunkwise import DEFAULT_OPTIONS, ChunkOptions, ChunkStats, chunkwise_backward
 from engine.evaluate import eval_mode
@@ -59,14 +63,10 @@ class ChunkwiseTrainer(Trainer):
                 f"options: expected an engine.options.ChunkOptions, got {type(options).__name__}"
             )
         super().__init__(*args, **kwargs)
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(
-                f"gradient_accumulation_steps: must be 1 with ChunkwiseTrainer (got "
-                f"{self.args.gradient_accumulation_steps}); the chunks of a batch replace accumulation, so "
-                "raise per_device_train_batch_size instead"
-            )
         self.schedule, self.options, self.seed = schedule, options, seed
         self.last_stats: ChunkStats | None = None
+        self._step = contextlib.ExitStack()  # the open optimizer step's gradient-reduction context
+        self._micro = 0  # micro-batches of the open optimizer step done so far
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -78,18 +78,29 @@ class ChunkwiseTrainer(Trainer):
             )
         model.train()
         inputs = self._prepare_inputs(inputs)
-        # The project trainer's draw of the same step (its steps count from 1, the Trainer's from 0).
-        generator = spaco_generator(self.seed, self.state.global_step + 1)
+        # The project trainer's draw of the same micro-batch (its steps count from 1, the Trainer's from 0).
+        generator = spaco_generator(self.seed, self.state.global_step + 1, self._micro)
+        last = self.accelerator.sync_gradients  # the Trainer's flag: this micro-batch ends the step
+        if self._micro == 0:  # one gradient reduction for all of the step's micro-batches
+            self._step.enter_context(step_context(model))
         with self.compute_loss_context_manager():
-            # num_items_in_batch is not passed on: the Trainer counts labels before the shift by one;
-            # chunk-wise backprop counts the shifted targets over all ranks itself (HF's loss definition).
             stats = chunkwise_backward(
-                model, **_batch(inputs), schedule=self.schedule, options=self.options, generator=generator
+                model,
+                **_batch(inputs),
+                schedule=self.schedule,
+                options=self.options,
+                generator=generator,
+                num_items_in_batch=self._loss_tokens(model, inputs, num_items_in_batch),
+                last_micro_batch=last,
             )
-        if self.is_deepspeed_enabled:
-            # accelerate steps the DeepSpeed engine inside accelerator.backward, which chunk-wise backprop
-            # replaces (one engine.backward per chunk); the Trainer's optimizer.step is then a no-op.
-            model.step()
+        self._micro += 1
+        if last:
+            self._step.close()
+            self._micro = 0
+            if self.is_deepspeed_enabled:
+                # accelerate steps the DeepSpeed engine inside accelerator.backward, which chunk-wise backprop
+                # replaces (one engine.backward per chunk); the Trainer's optimizer.step is then a no-op.
+                model.step()
         self.last_stats = stats
         return torch.tensor(stats.loss, device=self.args.device)
 
@@ -111,6 +122,17 @@ class ChunkwiseTrainer(Trainer):
             s = score(model, **_batch(inputs), chunk_size=self.schedule.chunk_size, options=self.options)
         loss = s.loss_sum / s.num_tokens if s.num_tokens else float("nan")
         return torch.tensor(loss, device=self.args.device), None, None
+
+    def _loss_tokens(self, model, inputs: dict[str, Any], num_items_in_batch: Any) -> int:
+        """What this micro-batch's summed cross-entropy is divided by, as the Trainer divides its loss: its
+        num_items_in_batch (shifted labels over the step's micro-batches; summed over ranks, or this rank's
+        count when average_tokens_across_devices is off, then DeepSpeed's average over ranks divides once
+        more), else the micro-batch's own count times the micro-batches of the step."""
+        world = self.args.world_size
+        if num_items_in_batch is not None:
+            per_rank = world > 1 and not self.args.average_tokens_across_devices
+            return int(num_items_in_batch) * (world if per_rank else 1)
+        return count_step_tokens(model, [inputs]).loss_tokens * self.current_gradient_accumulation_steps
 
 
 def _batch(inputs: dict[str, Any]) -> dict[str, Any]:

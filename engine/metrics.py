@@ -35,6 +35,7 @@ from engine.config import LoggingConfig
 from engine.memory import peak_rss_bytes
 from engine.run_lock import LOCK_FILE
 from engine.safe_paths import entry, refuse_links
+from engine.throughput import format_duration
 from engine.trackers import open_trackers
 
 TENSORBOARD_DIR = "tensorboard"  # logging.dir/tensorboard/run-<UTC start time>: one subdirectory per run
@@ -54,6 +55,8 @@ SCALARS = (
     "lr",
     "grad_norm",
     "tokens_per_s",
+    "tokens_per_s_padded",
+    "mfu",
     "step_time_s",
     "peak_memory_bytes",
     "kv_bytes",
@@ -265,12 +268,19 @@ def format_line(step: int, v: dict[str, Any]) -> str:
     parts = [f"step {step}/{v['total_steps']}", f"loss {v['loss']:.4f}", f"lr {v['lr']:.2e}"]
     if v.get("grad_norm") is not None:
         parts.append(f"grad_norm {v['grad_norm']:.3f}")
+    speed = f"{v['tokens_per_s']:.0f} tok/s"
+    if v.get("tokens_per_s_padded") is not None:
+        speed += f" ({v['tokens_per_s_padded']:.0f} with padding)"
+    parts += [speed]
+    if v.get("mfu") is not None:
+        parts.append(f"MFU {100 * v['mfu']:.1f}%")
     parts += [
-        f"{v['tokens_per_s']:.0f} tok/s",
         f"{v['step_time_s']:.2f} s/step",
         f"chunks {v['chunks_backpropagated']}/{v['num_chunks']}",
         f"mem {v['peak_memory_bytes'] / 2**20:.0f} MiB",
     ]
+    if v.get("eta_s") is not None:
+        parts.append(f"ETA {format_duration(v['eta_s'])}")
     if v.get("skipped"):
         parts.append("SKIPPED (non-finite)")
     return " | ".join(parts)

@@ -226,11 +226,14 @@ def draw_chunks(
     return Draw(chosen, [weights[c] if cap is None else min(weights[c], cap) for c in chosen], probs)
 
 
-def spaco_generator(seed: int, step: int):
-    """The SpaCO draw of `step` (a torch.Generator): identical on every rank (ZeRO deadlocks otherwise)
-    and after a resume."""
+def spaco_generator(seed: int, step: int, micro: int = 0):
+    """The SpaCO draw of micro-batch `micro` of optimizer step `step` (a torch.Generator): identical on every
+    rank (ZeRO deadlocks otherwise) and after a resume; each micro-batch of a step draws independently."""
     import numpy as np
     import torch  # here, not at module level: see the module docstring
 
-    (state,) = np.random.SeedSequence((seed, step)).generate_state(1, dtype=np.uint64)
+    entropy = (
+        (seed, step) if micro == 0 else (seed, step, micro)
+    )  # micro-batch 0: the draw without accumulation
+    (state,) = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)
     return torch.Generator().manual_seed(int(state))

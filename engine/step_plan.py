@@ -70,15 +70,7 @@ def plan_step(
 ) -> StepPlan:
     """The plan of one step; `ranks` agrees on the padded length and token count and ORs per-chunk flags."""
     check_inputs(input_ids, labels, attention_mask, position_ids)
-    if labels is None:  # like a causal-LM collator: learn every real token, never padding
-        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE)
-    targets = torch.full_like(labels, IGNORE)
-    targets[:, :-1] = labels[:, 1:]
-    docs = None if position_ids is None else documents_of(position_ids)
-    if docs is not None and docs.doc_ids is None:
-        docs = None  # one document per row: plain causal masks
-    if docs is not None:
-        targets = docs.cut_targets(targets)
+    targets, docs = loss_targets(input_ids, labels, attention_mask, position_ids)
     seq_len, num_tokens = ranks.agree(input_ids.shape[1], int((targets != IGNORE).sum()))
     if sequence is not None:
         seq_len, num_tokens = sequence.padded_length(seq_len), sequence.row_tokens(num_tokens)
@@ -110,6 +102,27 @@ def plan_step(
         input_ids, targets, attention_mask, position_ids, docs, num_tokens, size, chunks, has_loss, draw,
         kv_start, read_later, frozenset(draw.selected), order,
     )  # fmt: skip
+
+
+def loss_targets(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, Documents | None]:
+    """Token i's target (IGNORE: none) and the rows' documents (None: one per row): labels shifted by one on
+    the whole sequence, no target across a packed document boundary. Gradient accumulation counts a step's
+    loss tokens with it before the step's first backward (engine/accumulation.py)."""
+    if labels is None:  # like a causal-LM collator: learn every real token, never padding
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE)
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]
+    docs = None if position_ids is None else documents_of(position_ids)
+    if docs is not None and docs.doc_ids is None:
+        docs = None  # one document per row: plain causal masks
+    if docs is not None:
+        targets = docs.cut_targets(targets)
+    return targets, docs
 
 
 def check_arguments(schedule, options) -> None:

@@ -4,8 +4,10 @@
               ds_config for the world size the launcher announced: a user error costs seconds, not a hang
     setup     process group, model (partitioned at load under ZeRO-3) + LoRA, deepspeed.initialize,
               resume, this rank's data stream, metrics
-    run       per step: LR from the schedule -> batch -> chunk-wise backward through the engine -> step
-              (or skip it when the loss is non-finite) -> metrics -> checkpoint / preemption
+    run       per step: LR from the schedule -> the step's micro-batches and their global token count ->
+              chunk-wise backward of each through the engine (one gradient reduction for all of them,
+              engine/accumulation.py) -> step (or skip it when the loss is non-finite) -> metrics ->
+              checkpoint / preemption
     close     flush metrics, release the process group
 
 Everything DeepSpeed / torch.distributed (joining the group, the ds_config, deepspeed.initialize, the
@@ -28,9 +30,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint, distributed, retention, run_dirs, run_guard
+from engine import checkpoint, distributed, retention, run_dirs, run_guard, throughput
+from engine.accumulation import StepTokens, count_step_tokens, step_context
 from engine.chunk_auto import resolve_chunk_size
-from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
+from engine.chunkwise import ChunkOptions, ChunkSchedule, ChunkStats, chunkwise_backward
 from engine.config import Config, OptimConfig
 from engine.config_load import config_to_dict
 from engine.data import DataStream, load_tokenizer
@@ -77,6 +80,9 @@ class Prepared:
     world_size: int
     claim: run_dirs.Claim | None = None  # the output directories' locks (rank 0), released by close()
     evaluator: Any = None  # engine/evaluate.py's Evaluator when the eval section asks for anything
+    grad_accum_steps: int = 1  # micro-batches per optimizer step on each rank
+    micro_batches_per_epoch: int = 1  # per data-parallel rank
+    total_steps: int = 1  # optim.steps, or from optim.epochs
     weights_only: bool = False  # checkpoint.resume_weights_only: start from `resume`'s weights at step 0
     resume_optimizer: bool = True  # with weights_only: the world size matches, so its optimizer states too
 
@@ -89,6 +95,11 @@ class Run:
     metrics: Metrics
     tokenizer: Any
     step: int  # steps done (the next one is step + 1)
+    grad_accum_steps: int = 1
+    total_steps: int = 1
+    flops: throughput.FlopModel | None = None
+    peak_tflops: float | None = None  # one device's, for MFU (None: no MFU)
+    eta: throughput.Eta | None = None
     nonfinite_streak: int = 0
     saved_step: int | None = None
     zero3_ctx: Any = None  # transformers only weakly references it: must live as long as the engine
@@ -128,7 +139,13 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
     if resume is not None:  # every file safe to load, same ranks: on every rank, before any collective
         same_world = checkpoint.verify(*resume, world_size, weights_only) == world_size
     # DeepSpeed's batch arithmetic counts data-parallel ranks: the P ranks of a sequence group share a batch
-    ds_config = distributed.run_ds_config(cfg, world_size // cfg.parallel.sequence)
+    data_parallel = world_size // cfg.parallel.sequence
+    ds_config = distributed.run_ds_config(cfg, data_parallel)
+    accum = distributed.grad_accum_steps(cfg)
+    # Rank 0's stream has every rank's epoch length; it raises here when an epoch has no batch.
+    per_epoch = DataStream(
+        dataset, cfg.data.batch_size, 0, data_parallel, seed=cfg.data.seed
+    ).batches_per_epoch
     return Prepared(
         tokenizer=tokenizer,
         dataset=dataset,
@@ -139,6 +156,9 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
         world_size=world_size,
         claim=claim,
         evaluator=evaluator,
+        grad_accum_steps=accum,
+        micro_batches_per_epoch=per_epoch,
+        total_steps=cfg.optim.total_steps(per_epoch, accum),
     )
 
 
@@ -210,12 +230,13 @@ def setup(cfg: Config) -> Run:
             stream.load_state_dict(state["data"])
             step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
     metrics = Metrics(
-        cfg.logging, cfg.optim.steps, start_step=step, enabled=rank == 0, run_config=config_to_dict(cfg)
+        cfg.logging, prep.total_steps, start_step=step, enabled=rank == 0, run_config=config_to_dict(cfg)
     )
     if chunk_line:
         metrics.print(chunk_line)
     for line in data_summary(prep.dataset):  # what was split, truncated or dropped: never silently
         metrics.print(f"data: {line}")
+    _print_summary(metrics, cfg, prep, engine.module)
     if prep.weights_only:
         what = (
             "weights and optimizer states"
@@ -238,6 +259,11 @@ def setup(cfg: Config) -> Run:
         metrics=metrics,
         tokenizer=prep.tokenizer,
         step=step,
+        grad_accum_steps=prep.grad_accum_steps,
+        total_steps=prep.total_steps,
+        flops=throughput.FlopModel(engine.module),
+        peak_tflops=throughput.peak_tflops(cfg.logging.peak_tflops),
+        eta=throughput.Eta(prep.total_steps, step),
         nonfinite_streak=streak,
         saved_step=step or None,
         zero3_ctx=zero3_ctx,
@@ -246,6 +272,25 @@ def setup(cfg: Config) -> Run:
         evaluator=prep.evaluator,
         watch=watch,
     )
+
+
+def _print_summary(metrics: Metrics, cfg: Config, prep: Prepared, module) -> None:
+    trainable, total = throughput.parameter_counts(module)
+    lines = throughput.summary_lines(
+        trainable=trainable,
+        total=total,
+        rows=len(prep.dataset),
+        tokens=throughput.dataset_tokens(prep.dataset),
+        world=prep.world_size // cfg.parallel.sequence,
+        micro=cfg.data.batch_size,
+        accum=prep.grad_accum_steps,
+        seq_len=cfg.data.seq_len,
+        chunk_size=cfg.chunking.chunk_size,
+        micro_batches_per_epoch=prep.micro_batches_per_epoch,
+        total_steps=prep.total_steps,
+    )
+    for line in lines:
+        metrics.print(line)
 
 
 def _warn_config_changes(metrics: Metrics, saved: dict, now: dict, prefix: str = "") -> None:
@@ -265,7 +310,7 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
     first_step, losses, preempted = run.step, [], False
     if faults.log_full_from is not None:
         run.metrics.write_line = _full_disk_from(faults.log_full_from, run.metrics.write_line)
-    while run.step < cfg.optim.steps:
+    while run.step < run.total_steps:
         run.step += 1
         record = train_step(
             run, poison=run.step in faults.nan_steps, no_loss=run.step in faults.no_loss_steps
@@ -313,50 +358,78 @@ def run_loop(run: Run, faults: Faults = Faults()) -> dict[str, Any]:
 
 
 def train_step(run: Run, poison: bool = False, no_loss: bool = False) -> dict[str, Any]:
-    """One optimizer step (LR, batch, chunk-wise backward, update or skip); returns its metrics record."""
-    cfg, engine, t0 = run.cfg, run.engine, time.perf_counter()
-    lr = lr_at(run.step, cfg.optim)
+    """One optimizer step (LR, the step's micro-batches, chunk-wise backward of each, update or skip); returns
+    its metrics record."""
+    engine, t0 = run.engine, time.perf_counter()
+    lr = lr_at(run.step, run.cfg.optim, run.total_steps)
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    batch = {k: v.to(engine.device) for k, v in next(run.stream).items()}
+    micro = [
+        {k: v.to(engine.device) for k, v in next(run.stream).items()} for _ in range(run.grad_accum_steps)
+    ]
     if no_loss:  # Faults.no_loss_steps
-        batch["labels"] = torch.full_like(batch["labels"], -100)
-    chunking = cfg.chunking
-    with _poisoned_logits(engine.module) if poison else contextlib.nullcontext():
-        stats = chunkwise_backward(
-            engine,
-            batch["input_ids"],
-            labels=batch["labels"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),  # packed rows with document boundaries (data.packing)
-            schedule=ChunkSchedule.from_config(chunking),
-            options=ChunkOptions.from_config(chunking),
-            generator=spaco_generator(cfg.optim.seed, run.step),
-        )
+        for batch in micro:
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+    # before the first backward: every loss is divided by it (the P ranks of a sequence group share their rows)
+    tokens = count_step_tokens(engine, micro, copies=run.cfg.parallel.sequence)
+    with _poisoned_logits(engine.module) if poison else contextlib.nullcontext(), step_context(engine):
+        stats = [_micro_backward(run, batch, i, tokens.loss_tokens) for i, batch in enumerate(micro)]
     # No loss token in the whole step (every rank): the mean loss is 0 / 0, the gradient exactly zero. The
     # step goes on with that zero gradient and reports loss 0 rather than NaN (which would read as divergence).
-    loss = 0.0 if stats.num_tokens == 0 else stats.loss
-    applied = distributed.optimizer_step(engine, loss, stats.num_tokens)
-    elapsed = time.perf_counter() - t0
-    grad_norm = engine.get_global_grad_norm() if applied else None
+    loss = 0.0 if tokens.loss_tokens == 0 else sum(s.loss for s in stats)  # micro-batches' shares of the mean
+    applied = distributed.optimizer_step(engine, loss, tokens.loss_tokens)
+    return _step_record(run, stats, tokens, loss, lr, applied, time.perf_counter() - t0)
+
+
+def _micro_backward(run: Run, batch: dict[str, torch.Tensor], micro: int, loss_tokens: int) -> ChunkStats:
+    chunking = run.cfg.chunking
+    return chunkwise_backward(
+        run.engine,
+        batch["input_ids"],
+        labels=batch["labels"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch.get("position_ids"),  # packed rows with document boundaries (data.packing)
+        schedule=ChunkSchedule.from_config(chunking),
+        options=ChunkOptions.from_config(chunking),
+        generator=spaco_generator(run.cfg.optim.seed, run.step, micro),
+        num_items_in_batch=loss_tokens,
+        last_micro_batch=micro == run.grad_accum_steps - 1,
+    )
+
+
+def _step_record(
+    run: Run,
+    stats: list[ChunkStats],
+    tokens: StepTokens,
+    loss: float,
+    lr: float,
+    applied: bool,
+    elapsed: float,
+) -> dict[str, Any]:
+    world = dist.get_world_size()
+    grad_norm = run.engine.get_global_grad_norm() if applied else None
+    padded = sum(s.seq_len for s in stats) * run.cfg.data.batch_size * world // run.cfg.parallel.sequence
+    flops = run.flops.step_flops(tokens.real_tokens, tokens.attention_pairs)
+    aux = [s.aux_loss for s in stats if s.aux_loss is not None]
     return {
-        "total_steps": cfg.optim.steps,
+        "total_steps": run.total_steps,
         "loss": loss,
-        "loss_tokens": stats.num_tokens,
+        "loss_tokens": tokens.loss_tokens,
         "lr": lr,
         "grad_norm": None if grad_norm is None else float(grad_norm),
-        "tokens_per_s": stats.seq_len
-        * cfg.data.batch_size
-        * dist.get_world_size()
-        // cfg.parallel.sequence
-        / elapsed,
+        "tokens_per_s": tokens.real_tokens / elapsed,  # non-padding tokens of all data-parallel ranks
+        "tokens_per_s_padded": padded / elapsed,  # what the ranks computed on, padding included
+        "mfu": throughput.mfu(flops, elapsed, run.peak_tflops, world),
+        "eta_s": run.eta.seconds_left(run.step),
         "step_time_s": elapsed,
         "peak_memory_bytes": peak_memory_bytes(),
-        "kv_bytes": stats.kv_bytes,  # this rank's K/V checkpoints + K/V gradients (1/P with parallel.sequence)
-        "num_chunks": stats.num_chunks,
-        "chunks_backpropagated": len(stats.selected),
-        "compensation": stats.compensation,
-        "aux_loss": stats.aux_loss,  # MoE router load-balancing loss (None without one), engine/moe.py
+        "kv_bytes": max(
+            s.kv_bytes for s in stats
+        ),  # this rank's K/V + K/V gradients (1/P with parallel.sequence)
+        "num_chunks": sum(s.num_chunks for s in stats),  # over the step's micro-batches
+        "chunks_backpropagated": sum(len(s.selected) for s in stats),
+        "compensation": max(s.compensation for s in stats),
+        "aux_loss": sum(aux) / len(aux) if aux else None,  # MoE router load-balancing loss (engine/moe.py)
         "skipped": not applied,
     }
 
@@ -400,13 +473,14 @@ def _count_nonfinite(run: Run, record: dict[str, Any]) -> None:
         )
 
 
-def lr_at(step: int, optim: OptimConfig) -> float:
-    """LR of (1-based) `step`: linear warmup to optim.lr, then constant / linear / cosine decay to
-    optim.lr * optim.min_lr_ratio at optim.steps."""
+def lr_at(step: int, optim: OptimConfig, total_steps: int | None = None) -> float:
+    """LR of (1-based) optimizer step `step`: linear warmup to optim.lr, then constant / linear / cosine decay
+    to optim.lr * optim.min_lr_ratio at the last step (`total_steps`, by default optim.steps)."""
+    total = optim.steps if total_steps is None else total_steps
     if step <= optim.warmup_steps:
         return optim.lr * step / optim.warmup_steps
     # 0 on the first step after warmup, 1 on the last: the run starts at the peak and ends at the floor.
-    progress = (step - optim.warmup_steps - 1) / max(1, optim.steps - optim.warmup_steps - 1)
+    progress = (step - optim.warmup_steps - 1) / max(1, total - optim.warmup_steps - 1)
     floor = optim.min_lr_ratio
     if optim.schedule == "cosine":
         return optim.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -76,3 +76,16 @@ PACKED_DOCS = [[10, 15, 12], [20, 9]]
 
 def packed_positions():
     return tiny_packed_positions(PACKED_DOCS, global_batch()[0].shape[1])
+
+
+# Gradient accumulation: 2 ranks x 2 micro-batches of one sequence each, of uneven true lengths (rank r's
+# micro-batch i is row 2 * i + r), the -100 span of tiny_batch in row 0.
+ACCUM_LENGTHS = [37, 29, 33, 21]
+
+
+def accum_batch():
+    ids, labels, _ = tiny_batch(batch=4, seq=37, seed=4, pad_from=None, ignore=(5, 9))
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(ACCUM_LENGTHS):
+        mask[r, :n] = 1
+    return ids.masked_fill(mask == 0, 0), labels.masked_fill(mask == 0, -100), mask

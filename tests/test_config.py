@@ -267,7 +267,6 @@ def test_ds_config_batch_size_contradiction():
     [
         ({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, "optimizer.params.lr", "0.1", "0.003"),
         ({"optimizer": {"type": "SGD"}}, "optimizer.type", "'SGD'", "'AdamW'"),
-        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps", "4", "1"),
         ({"train_micro_batch_size_per_gpu": 2}, "train_micro_batch_size_per_gpu", "2", "1"),
         ({"gradient_clipping": 0.5}, "gradient_clipping", "0.5", "1.0"),
         ({"bf16": {"enabled": True}}, "bf16.enabled", "True", "False"),
@@ -360,3 +359,57 @@ def test_cli_exit_code_2_on_config_error():
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown key 'optim.lr_rate'")
     assert proc.stdout == ""
+
+
+# ------------------------------------------------------------------------------- accumulation and epochs
+
+
+def test_grad_accum_steps_from_the_config_or_the_ds_config():
+    from engine.distributed import grad_accum_steps
+
+    assert grad_accum_steps(tiny()) == 1
+    assert grad_accum_steps(tiny("--optim.grad_accum_steps=3")) == 3
+    mapped = tiny(ds_override({"gradient_accumulation_steps": 4}))
+    assert mapped.optim.grad_accum_steps is None and grad_accum_steps(mapped) == 4
+    assert (
+        grad_accum_steps(tiny("--optim.grad_accum_steps=4", ds_override({"gradient_accumulation_steps": 4})))
+        == 4
+    )
+    assert grad_accum_steps(tiny(ds_override({"gradient_accumulation_steps": "auto"}))) == 1
+    # DeepSpeed's own accumulation stays 1 (its backward would divide by it); its batch is micro x world, the
+    # user's train_batch_size the effective batch (micro x accumulation x world).
+    ds = derive_ds_config(
+        tiny("--data.batch_size=2", ds_override({"gradient_accumulation_steps": 4, "train_batch_size": 24})),
+        3,
+    )
+    assert ds["gradient_accumulation_steps"] == 1 and ds["train_batch_size"] == 6
+    msg = error_of("--optim.grad_accum_steps=2", ds_override({"gradient_accumulation_steps": 4}))
+    assert "'gradient_accumulation_steps' = 4" in msg and "optim.grad_accum_steps = 2" in msg
+    assert "positive int" in error_of(ds_override({"gradient_accumulation_steps": 0}))
+    assert "optim.grad_accum_steps: must be >= 1" in error_of("--optim.grad_accum_steps=0")
+    with pytest.raises(ConfigError, match="x optim.grad_accum_steps = 2 x world size 3"):
+        derive_ds_config(tiny("--optim.grad_accum_steps=2", ds_override({"train_batch_size": 4})), 3)
+
+
+def test_steps_or_epochs_exactly_one():
+    assert "got both" in error_of("--optim.epochs=2")
+    assert "got neither" in error_of("--optim.steps=null")
+    assert "optim.epochs: must be > 0" in error_of("--optim.steps=null", "--optim.epochs=0")
+    cfg = tiny("--optim.steps=null", "--optim.epochs=1.5", "--optim.warmup_steps=5")
+    # 40 micro-batches per epoch and rank, 4 per optimizer step: 10 steps an epoch, 15 in 1.5 epochs
+    assert cfg.optim.total_steps(micro_batches_per_epoch=40, grad_accum_steps=4) == 15
+    assert cfg.optim.total_steps(micro_batches_per_epoch=30, grad_accum_steps=1) == 45
+    # a fraction of a step rounds up; float products do not add a step
+    assert cfg.optim.total_steps(micro_batches_per_epoch=41, grad_accum_steps=4) == 16
+    assert (
+        tiny("--optim.steps=null", "--optim.epochs=0.1", "--optim.warmup_steps=0").optim.total_steps(30, 1)
+        == 3
+    )
+    with pytest.raises(ConfigError, match="optim.warmup_steps: must be in \\[0, 2\\].*optim.epochs = 1.5"):
+        cfg.optim.total_steps(micro_batches_per_epoch=4, grad_accum_steps=3)
+    assert tiny().optim.total_steps(micro_batches_per_epoch=1, grad_accum_steps=7) == 60
+
+
+def test_peak_tflops_must_be_positive():
+    assert "logging.peak_tflops: must be > 0" in error_of("--logging.peak_tflops=0")
+    assert tiny("--logging.peak_tflops=312").logging.peak_tflops == 312.0

@@ -11,7 +11,15 @@ import subprocess
 
 import pytest
 import torch
-from ds_reference import PACKED_DOCS, build, global_batch, lora_wrap, make_optimizer, moe_reference
+from ds_reference import (
+    PACKED_DOCS,
+    accum_batch,
+    build,
+    global_batch,
+    lora_wrap,
+    make_optimizer,
+    moe_reference,
+)
 from tiny import per_document_grads, reference_grads, rel_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,3 +151,38 @@ def check_step(args, got, rows=2):
         # K, V and their float32 gradients, rank 0's rows, every layer, this rank's K/V heads
         kv_heads = cfg.num_key_value_heads // sp
         assert got["kv_bytes"] == cfg.num_hidden_layers * rows * kv_heads * padded * head_dim * 2 * (4 + 4)
+
+
+# ------------------------------------------------------------------------------------ gradient accumulation
+
+ACCUM_CASES = {
+    "zero2-accum2": ["--zero", "2"],
+    "zero3-accum2": ["--zero", "3"],
+    "zero2-offload-accum2": ["--zero", "2", "--offload-optimizer"],
+}
+
+
+@pytest.mark.parametrize("name", list(ACCUM_CASES))
+def test_accumulation_matches_single_process_on_the_global_batch(tmp_path, name):
+    """2 ranks x 2 micro-batches (sequences of four lengths) in one optimizer step: SGD's update is one
+    process's full backprop on all four sequences, and the gradients were reduced over the ranks once."""
+    got = launch([*ACCUM_CASES[name], "--accum", "2"], tmp_path / "out.pt")
+    model = initial(lora=False)
+    ids, labels, mask = accum_batch()
+    ref_loss, grads = reference_grads(model, ids, labels, mask)
+    assert got["loss"] == pytest.approx(ref_loss, rel=1e-5)
+    assert got["tokens"] == int((labels[:, 1:] != -100).sum())
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = grads[n]
+    make_optimizer("sgd", list(model.parameters())).step()  # float32 rounding as the ranks' SGD step has
+    ref_update = {n: p.detach() - init[n] for n, p in model.named_parameters()}
+    got_update = {n: got["params"][n] - init[n] for n in ref_update}
+    assert rel_error(got_update, ref_update) <= 1e-5
+    assert len(got["reductions"]) == 1, got["reductions"]  # one reduction pass for the whole step
+
+
+def test_accumulation_without_the_spanning_step_context_reduces_per_micro_batch(tmp_path):
+    """Negative control of the reduction count: each micro-batch in its own step context reduces twice."""
+    got = launch(["--zero", "2", "--accum", "2", "--no-span"], tmp_path / "out.pt")
+    assert len(got["reductions"]) == 2, got["reductions"]

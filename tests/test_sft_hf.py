@@ -11,12 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import TrainingArguments
 from workers.hf_trainer import train
-
-from engine.hf_trainer import ChunkwiseTrainer
-from engine.schedule import ChunkSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -90,12 +85,3 @@ def test_chunkwise_trainer_under_the_trainers_deepspeed(project_losses, tmp_path
     assert losses == pytest.approx(project_losses, rel=1e-5)
     # DeepSpeed's own checkpoint inside the Trainer's (model + ZeRO optimizer states)
     assert list((tmp_path / f"checkpoint-{STEPS}").glob("global_step*/*optim_states.pt"))
-
-
-def test_gradient_accumulation_is_refused(tmp_path):
-    model = torch.nn.Linear(2, 2)
-    args = TrainingArguments(
-        output_dir=str(tmp_path), gradient_accumulation_steps=2, report_to=[], use_cpu=True
-    )
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        ChunkwiseTrainer(model=model, args=args, schedule=ChunkSchedule(chunk_size=8))

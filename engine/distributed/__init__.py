@@ -12,7 +12,7 @@ algorithm.
 Checkpoints (DeepSpeed's save/load with our atomic commit) are engine/checkpoint.py's.
 """
 
-from engine.distributed.ds_config import check_ds_config, derive_ds_config
+from engine.distributed.ds_config import check_ds_config, derive_ds_config, grad_accum_steps
 from engine.distributed.runtime import (
     announced_rank,
     announced_world_size,
@@ -33,6 +33,7 @@ __all__ = [
     "any_rank",
     "check_ds_config",
     "derive_ds_config",
+    "grad_accum_steps",
     "init_distributed",
     "initialize",
     "join_rendezvous",

@@ -16,17 +16,41 @@ def derive_ds_config(cfg: Config, world_size: int) -> dict:
     """The ds_config for deepspeed.initialize / HfDeepSpeedConfig: the user's own (deepspeed.config_file or
     deepspeed.config) with the keys the engine owns filled in from this config.
 
-    Engine-owned keys: train_micro_batch_size_per_gpu, train_batch_size, gradient_accumulation_steps (always
-    1: the chunks of one batch replace accumulation), gradient_clipping, bf16/fp16.enabled, optimizer (AdamW),
-    scheduler (none: the engine steps its own LR schedule), zero_optimization.stage and the offload devices.
-    An owned key the user set to the same value (or "auto") is fine; a different value is a ConfigError naming
-    both. Every other key passes through unchanged.
+    Engine-owned keys: train_micro_batch_size_per_gpu, train_batch_size, gradient_accumulation_steps,
+    gradient_clipping, bf16/fp16.enabled, optimizer (AdamW), scheduler (none: the engine steps its own LR
+    schedule), zero_optimization.stage and the offload devices. An owned key the user set to the same value (or
+    "auto") is fine; a different value is a ConfigError naming both. Every other key passes through unchanged.
+
+    Accumulation: the user's gradient_accumulation_steps is optim.grad_accum_steps (grad_accum_steps), and
+    train_batch_size must equal the effective batch (micro batch x accumulation x world size). The trainer runs
+    the micro-batches itself inside one DeepSpeed step, so DeepSpeed's own gradient_accumulation_steps is 1
+    (its backward would otherwise divide every micro-batch's gradient by it) and its train_batch_size is
+    micro batch x world size.
     """
     _require(
         type(world_size) is int and world_size >= 1,
         f"world size: must be a positive int, got {world_size!r}",
     )
     return _derive(cfg, world_size)
+
+
+def grad_accum_steps(cfg: Config) -> int:
+    """Micro-batches per optimizer step: optim.grad_accum_steps, else the user's ds_config
+    gradient_accumulation_steps, else 1; the two set to different values is a ConfigError naming both."""
+    ours = cfg.optim.grad_accum_steps
+    theirs = _user_ds_config(cfg.deepspeed).get("gradient_accumulation_steps", "auto")
+    if theirs in ("auto", None):
+        return 1 if ours is None else ours
+    _require(
+        type(theirs) is int and theirs >= 1,
+        f"ds_config key 'gradient_accumulation_steps': must be a positive int or 'auto', got {theirs!r}",
+    )
+    if ours is not None and ours != theirs:
+        raise ConfigError(
+            f"ds_config key 'gradient_accumulation_steps' = {theirs} contradicts optim.grad_accum_steps = {ours}; "
+            "set one of them (or make the two agree)"
+        )
+    return theirs
 
 
 def check_ds_config(cfg: Config) -> None:
@@ -90,13 +114,15 @@ def _user_ds_config(ds_cfg: DeepSpeedConfig) -> dict:
 def _derive(cfg: Config, world_size: int | None) -> dict:
     ds = _user_ds_config(cfg.deepspeed)
     micro, dtype, optim = cfg.data.batch_size, cfg.model.dtype, cfg.optim
+    accum = grad_accum_steps(cfg)
+    ds.pop("gradient_accumulation_steps", None)  # the user's value is `accum` (DeepSpeed's own is 1)
     if "bfloat16" in ds:  # DeepSpeed's alias of "bf16"
         _require("bf16" not in ds, "ds_config: set only one of 'bf16' and its alias 'bfloat16'")
         ds["bf16"] = ds.pop("bfloat16")
 
     owned = [  # (ds_config key, the engine's value, where that value comes from)
         ("train_micro_batch_size_per_gpu", micro, f"data.batch_size = {micro}"),
-        ("gradient_accumulation_steps", 1, "chunk-wise backprop, which replaces gradient accumulation"),
+        ("gradient_accumulation_steps", 1, "the trainer's micro-batch loop inside one DeepSpeed step"),
         ("gradient_clipping", optim.grad_clip or 0.0, f"optim.grad_clip = {optim.grad_clip} (0: no clipping)"),
         ("bf16.enabled", dtype == "bfloat16", f"model.dtype = {dtype!r}"),
         ("fp16.enabled", dtype == "float16", f"model.dtype = {dtype!r}"),
@@ -129,15 +155,15 @@ def _derive(cfg: Config, world_size: int | None) -> dict:
     total = ds.get("train_batch_size")
     if total is not None:
         _require(
-            type(total) is int and total % micro == 0,
-            f"ds_config key 'train_batch_size' = {total!r} is not a multiple of data.batch_size = {micro} "
-            "(it must equal data.batch_size x world size, since gradient_accumulation_steps is 1)",
+            type(total) is int and total % (micro * accum) == 0,
+            f"ds_config key 'train_batch_size' = {total!r} is not a multiple of data.batch_size = {micro} x "
+            f"gradient accumulation {accum} (it must equal data.batch_size x optim.grad_accum_steps x world size)",
         )
-        if world_size is not None and total != micro * world_size:
+        if world_size is not None and total != micro * accum * world_size:
             raise ConfigError(
-                f"ds_config key 'train_batch_size' = {total} contradicts the engine's value {micro * world_size} "
-                f"(data.batch_size = {micro} x world size {world_size}, gradient_accumulation_steps 1); "
-                "remove it from the ds_config or make the two agree"
+                f"ds_config key 'train_batch_size' = {total} contradicts the engine's value "
+                f"{micro * accum * world_size} (data.batch_size = {micro} x optim.grad_accum_steps = {accum} x "
+                f"world size {world_size}); remove it from the ds_config or make the two agree"
             )
     if world_size is not None:
         ds["train_batch_size"] = micro * world_size

@@ -2,10 +2,15 @@
 
 Usage: deepspeed --num_gpus 2 tests/workers/ds_step.py --zero 2 [--offload-optimizer] [--offload-param]
        [--lora] [--mode seco|spaco] [--optim sgd|adamw] [--packed] [--loss-chunks always]
-       [--model llama|moe|nemotron_h] --out result.pt
+       [--model llama|moe|nemotron_h] [--accum N [--no-span]] --out result.pt
+
+--accum N: N micro-batches per rank in one optimizer step (engine/accumulation.py), on ds_reference's
+accum_batch; the result also holds the number of gradient reductions the step made (`reductions`).
+--no-span (negative control): each micro-batch in its own step context, as without the trainer's.
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -13,8 +18,16 @@ import deepspeed
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ds_reference import build, global_batch, lora_wrap, make_optimizer, packed_positions  # noqa: E402
+from ds_reference import (  # noqa: E402
+    accum_batch,
+    build,
+    global_batch,
+    lora_wrap,
+    make_optimizer,
+    packed_positions,
+)
 
+from engine.accumulation import count_step_tokens, step_context  # noqa: E402
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward  # noqa: E402
 from engine.distributed import unlink_shm_comm_buffers  # noqa: E402
 
@@ -30,6 +43,8 @@ p.add_argument("--loss-chunks", default="sampled")
 p.add_argument("--model", default="llama")  # llama | moe (Mixtral + router aux loss) | a tiny_hybrid family
 p.add_argument("--memory", action="store_true")  # checkpoint_layers + fused_loss (2 tokens per slice)
 p.add_argument("--sp", type=int, default=1)  # ranks per sequence (DeepSpeed's sequence-parallel mpu)
+p.add_argument("--accum", type=int, default=0)
+p.add_argument("--no-span", action="store_true")
 p.add_argument("--out", required=True)
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
@@ -61,38 +76,81 @@ if args.sp > 1:
 
     mpu.initialize_sequence_parallel(args.sp)
 engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=mpu)
-# The ranks of a sequence group share their rows; data-parallel groups split the global batch.
-dp, dp_rank = world // args.sp, rank // args.sp
-rows = slice(dp_rank, None, dp)
-ids, labels, mask = (t[rows] for t in global_batch())
-pos = packed_positions()[rows] if args.packed else None
-if ids.shape[0] == 1:
-    n = int(mask[0].sum())  # uneven lengths: each rank sees only its own unpadded length
-    ids, labels, mask = ids[:, :n], labels[:, :n], mask[:, :n]
-    pos = None if pos is None else pos[:, :n]
 kw = {"sample_prob": 1.0, "loss_chunks": args.loss_chunks} if args.mode == "spaco" else {}
-stats = chunkwise_backward(
-    engine,
-    ids,
-    labels=labels,
-    attention_mask=mask,
-    position_ids=pos,
-    schedule=ChunkSchedule(chunk_size=8, mode=args.mode, **kw),
-    # --memory: checkpointed chunks and the fused loss; else the whole-chunk loss
-    options=ChunkOptions(checkpoint_layers=True, loss_slice=2)
-    if args.memory
-    else ChunkOptions(fused_loss=False),
+schedule = ChunkSchedule(chunk_size=8, mode=args.mode, **kw)
+# --memory: checkpointed chunks and the fused loss; else the whole-chunk loss
+options = (
+    ChunkOptions(checkpoint_layers=True, loss_slice=2) if args.memory else ChunkOptions(fused_loss=False)
 )
+
+
+def count_reductions(optimizer) -> list[int] | None:
+    """Spy on the ZeRO optimizer's bucket reduction (one call reduces every gradient in its bucket; the tiny
+    model fits one bucket): the sizes of the non-empty buckets it reduced."""
+    if args.zero == 0:
+        return None  # stage 0 reduces in the engine at the accumulation boundary
+    name = (
+        "reduce_ipg_grads"
+        if args.zero in (1, 2)
+        else "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads"
+    )
+    real, seen = getattr(optimizer, name), []
+
+    def spy(*a, **k):
+        n = sum(len(b.params) for b in optimizer.ipg_buckets.values())
+        if n:
+            seen.append(n)
+        return real(*a, **k)
+
+    setattr(optimizer, name, spy)
+    return seen
+
+
+def accumulated_step():
+    """N micro-batches per rank, their loss tokens counted over all of them and both ranks first."""
+    ids, labels, mask = accum_batch()
+    micro = []
+    for i in range(args.accum):
+        row = 2 * i + rank
+        n = int(mask[row].sum())
+        micro.append({"input_ids": ids[row : row + 1, :n], "labels": labels[row : row + 1, :n]})
+    tokens = count_step_tokens(engine, micro)
+    reductions = count_reductions(engine.optimizer)
+    loss = 0.0
+    with contextlib.nullcontext() if args.no_span else step_context(engine):
+        for i, b in enumerate(micro):
+            stats = chunkwise_backward(
+                engine, **b, schedule=schedule, options=options, num_items_in_batch=tokens.loss_tokens,
+                last_micro_batch=i == args.accum - 1,
+            )  # fmt: skip
+            loss += stats.loss
+    return {"loss": loss, "tokens": tokens.loss_tokens, "reductions": reductions}
+
+
+def one_step():
+    # The ranks of a sequence group share their rows; data-parallel groups split the global batch.
+    dp, dp_rank = world // args.sp, rank // args.sp
+    rows = slice(dp_rank, None, dp)
+    ids, labels, mask = (t[rows] for t in global_batch())
+    pos = packed_positions()[rows] if args.packed else None
+    if ids.shape[0] == 1:
+        n = int(mask[0].sum())  # uneven lengths: each rank sees only its own unpadded length
+        ids, labels, mask = ids[:, :n], labels[:, :n], mask[:, :n]
+        pos = None if pos is None else pos[:, :n]
+    stats = chunkwise_backward(
+        engine, ids, labels=labels, attention_mask=mask, position_ids=pos, schedule=schedule, options=options
+    )
+    return {"loss": stats.loss, "tokens": stats.num_tokens, "kv_bytes": stats.kv_bytes}
+
+
+result = accumulated_step() if args.accum else one_step()
 engine.step()
 state = {}
 for name, p in engine.module.named_parameters():
     with deepspeed.zero.GatheredParameters([p], enabled=args.zero == 3):
         state[name] = p.detach().clone().float()
 if rank == 0:
-    torch.save(
-        {"params": state, "loss": stats.loss, "tokens": stats.num_tokens, "kv_bytes": stats.kv_bytes},
-        args.out,
-    )
+    torch.save({"params": state, **result}, args.out)
 # Leave together and tear the process group down before exit: ZeRO-3's offload threads otherwise race the
 # interpreter's shutdown ("terminate called without an active exception", seen once in CI).
 torch.distributed.barrier()
