@@ -126,7 +126,7 @@ def summary_lines(
     avg = "" if tokens is None or not rows else f" (~{_count(tokens / rows * effective)} non-padding)"
     return [
         f"parameters: {_count(trainable)} trainable of {_count(total)} ({100 * trainable / max(total, 1):.2f}%)",
-        f"data: {rows} rows of {seq_len} token slots{real}",
+        f"train set: {rows} rows of up to {seq_len} tokens{real}",
         f"effective batch: {effective} rows = data.batch_size {micro} x {accum} micro-batches x {world} "
         f"data-parallel ranks, "
         f"{_count(effective * seq_len)} token slots{avg}",
@@ -141,9 +141,8 @@ def dataset_tokens(dataset) -> int | None:
 
     if isinstance(dataset, (PackedDataset, SyntheticDataset)):
         return len(dataset) * dataset.seq_len  # full rows
-    if isinstance(dataset, PaddedDataset):
-        lengths = dataset.doc_offsets[1:] - dataset.doc_offsets[:-1]
-        return int(lengths.clamp(max=dataset.seq_len).sum())
+    if isinstance(dataset, PaddedDataset):  # every document's tokens, in one row or split over several
+        return dataset.tokens.numel() - dataset.dropped_tokens
     if isinstance(dataset, SftDataset):
         return sum(len(s.ids) for s in dataset.samples)
-    return None
+    return None  # a mixture or a subset (eval.split): not known without reading the rows
