@@ -12,7 +12,7 @@ before it: engine.memory.MemoryTracker) and `kv_bytes` (the K/V checkpoints + gr
 held). One process, no DeepSpeed: what is measured is chunk-wise backprop's per-call cost (a pass 1 and a
 pass 2 per micro-batch), not DeepSpeed's. The machine is shared: its load average is recorded.
 
-    python bench/bench_accum.py                     # N = 1, 2, 4, 8 rows of 1024 tokens, chunk 256
+    python bench/bench_accum.py                     # N = 1, 2, 4, 8 rows of 512 tokens, chunk 128
     python bench/bench_accum.py --seq-len 512 --sizes 2,4 --repeats 2
 """
 
@@ -42,14 +42,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def tiny_llama(seed: int = 0):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-        vocab_size=4096, max_position_embeddings=8192, pad_token_id=0,
+        hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1024, max_position_embeddings=8192, pad_token_id=0,
     )  # fmt: skip
     return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
 
 
 def rows(n: int, seq_len: int) -> torch.Tensor:
-    return torch.randint(1, 4096, (n, seq_len), generator=torch.Generator().manual_seed(n))
+    return torch.randint(1, 1024, (n, seq_len), generator=torch.Generator().manual_seed(n))
 
 
 def step(model, opt, ids: torch.Tensor, micro: int, schedule: ChunkSchedule) -> int:
@@ -61,7 +61,7 @@ def step(model, opt, ids: torch.Tensor, micro: int, schedule: ChunkSchedule) -> 
         for i, b in enumerate(batches):
             stats = chunkwise_backward(
                 model, b["input_ids"], schedule=schedule, num_items_in_batch=tokens.loss_tokens,
-                last_micro_batch=i == micro - 1, fused_loss=True,
+                last_micro_batch=i == micro - 1,
             )  # fmt: skip
             kv = max(kv, stats.kv_bytes)
     opt.step()
@@ -128,8 +128,8 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1,2,4,8", help="rows per optimizer step (N)")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--name", default="accum_cpu", help="bench/results/NAME.json and NAME.png")
     args = p.parse_args(argv)

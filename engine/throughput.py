@@ -2,9 +2,11 @@
 start-up summary (parameters, rows, tokens, steps per epoch, effective batch, chunks per row).
 
 MFU counts model FLOPs, not the work chunk-wise backprop does (its pass-1 forward and any recompute are
-overhead, as activation recomputation is in every MFU figure): per real token 6 x the parameters that do
-matmuls (all but the input embedding lookup), plus causal attention, 6 x layers x attention width x the
-document's length per token (forward and backward over the lower triangle of the score matrix).
+overhead, as activation recomputation is in every MFU figure). Per real token: 2 x the parameters that do
+matmuls (all but the input embedding lookup) for the forward, 2 x them again for the gradients of the
+activations, 2 x the trainable ones for their weight gradients (6 x N for a full fine-tune; frozen weights
+under LoRA cost 4 x), plus causal attention, 6 x layers x attention width x the document's length (forward
+and backward over the lower triangle of the score matrix).
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ class FlopModel:
 
     def __init__(self, module: torch.nn.Module):
         cfg = module.config.get_text_config() if hasattr(module.config, "get_text_config") else module.config
-        _, total = parameter_counts(module)
+        trainable, total = parameter_counts(module)
         embed = module.get_input_embeddings()
         tied = embed is not None and embed.weight is getattr(module.get_output_embeddings(), "weight", None)
         lookup = 0 if embed is None or tied else _numel(embed.weight)
-        self.per_token = 6 * (total - lookup)
+        trained_lookup = lookup if lookup and embed.weight.requires_grad else 0
+        self.per_token = 4 * (total - lookup) + 2 * (trainable - trained_lookup)
         heads = getattr(cfg, "num_attention_heads", 0) or 0
         head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else 0)
         kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
