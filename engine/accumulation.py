@@ -19,7 +19,7 @@ import torch
 
 from engine import step_plan
 from engine.backend import backend_for
-from engine.packing import IGNORE, documents_of
+from engine.documents import IGNORE, documents_of
 
 
 def loss_targets(
