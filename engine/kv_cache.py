@@ -29,7 +29,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from engine.state_cache import StateCacheMixin, build_layers
+from engine.state_cache import OwnerRef, StateCacheMixin, build_layers
 from engine.unwrap import base_model
 
 
@@ -75,6 +75,7 @@ class ChunkKVLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
+    cache = OwnerRef()  # weakly: no reference cycle keeps the step's K/V alive after it
 
     def __init__(self, cache: ChunkKVCache, idx: int):
         super().__init__()

@@ -27,6 +27,7 @@ final state back from it, and `protect` keeps the value autograd saved before th
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -115,12 +116,34 @@ class _Relay(torch.autograd.Function):
         return (grad, None, None, *relayed)
 
 
+class OwnerRef:
+    """A cache layer's `cache` attribute, held weakly: a strong reference makes the cache and its layers a
+    reference cycle, and the step's K/V, states and their gradients would stay allocated after the step until
+    Python's cyclic collector happens to run (measured: one step's K/V alive in every later micro-batch of an
+    accumulated step)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = f"_{name}_ref"
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        cache = obj.__dict__[self.slot]()
+        assert cache is not None, "a cache layer outlived its cache"
+        return cache
+
+    def __set__(self, obj, cache) -> None:
+        obj.__dict__[self.slot] = weakref.ref(cache)
+
+
 class ChunkStateLayer(LinearAttentionCacheLayerMixin):
     """One recurrent layer's conv / recurrent states at every chunk boundary, and their gradients in pass 2.
 
     `at[b][key]` is the state at boundary b (before token b), key = ("conv" | "rec", state_idx);
     `grad_at[b][key]` what the chunk starting at b deposited on it in pass 2.
     """
+
+    cache = OwnerRef()
 
     def __init__(self, cache, idx: int, number_of_states: int = 1, **kwargs):
         LinearAttentionCacheLayerMixin.__init__(self, number_of_states=number_of_states)
