@@ -159,6 +159,8 @@ ACCUM_CASES = {
     "zero2-accum2": ["--zero", "2"],
     "zero3-accum2": ["--zero", "3"],
     "zero2-offload-accum2": ["--zero", "2", "--offload-optimizer"],
+    "zero1-accum2": ["--zero", "1"],
+    "zero3-offload-accum2": ["--zero", "3", "--offload-optimizer", "--offload-param"],
 }
 
 
