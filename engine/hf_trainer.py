@@ -99,7 +99,10 @@ class ChunkwiseTrainer(Trainer):
             self._micro = 0
             if self.is_deepspeed_enabled:
                 # accelerate steps the DeepSpeed engine inside accelerator.backward, which chunk-wise backprop
-                # replaces (one engine.backward per chunk); the Trainer's optimizer.step is then a no-op.
+                # replaces (one engine.backward per chunk); the Trainer's optimizer.step is then a no-op. The
+                # boundary is set here: the coalesced reduction's context restores the flag it found on entry,
+                # and the engine's own counter (its gradient_accumulation_steps, the Trainer's) would not step.
+                model.set_gradient_accumulation_boundary(True)
                 model.step()
         self.last_stats = stats
         return torch.tensor(stats.loss, device=self.args.device)

@@ -4,6 +4,8 @@ normalisation over the step's micro-batches of uneven lengths, padding and -100 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,3 +116,42 @@ def test_chunkwise_trainer_accumulates_as_the_plain_trainer(tmp_path, mode):
     for got, ref in zip(ours.grads, plain.grads, strict=True):
         assert rel_error(got, ref) < 1e-10
     assert ours.losses == pytest.approx(plain.losses, rel=1e-10) and len(ours.losses) == STEPS
+
+
+def test_chunkwise_trainer_accumulates_as_the_project_trainer_under_deepspeed(tmp_path):
+    """The Trainer's own DeepSpeed integration (ZeRO-2) with gradient_accumulation_steps=2 against launch/train.py
+    with optim.grad_accum_steps=2 on the same rows, SpaCO draws and AdamW: the same per-step losses."""
+    import json
+    import subprocess
+    import sys
+
+    from test_sft_hf import OVERRIDES, REPO, _env
+
+    accum = [*OVERRIDES, "--optim.grad_accum_steps=2"]
+    project = tmp_path / "project"
+    project.mkdir()
+    args = [
+        sys.executable,
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny-cpu.yaml"),
+    ]
+    args += [*accum, f"--logging.dir={project}/log", f"--checkpoint.dir={project}/ckpt"]
+    done = subprocess.run(
+        args, env=_env(29700 + os.getpid() % 300), cwd=project, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(x) for x in (project / "log" / "metrics.jsonl").read_text().splitlines()]
+    expected = [r["loss"] for r in records]
+    worker = [
+        sys.executable,
+        str(REPO / "tests" / "workers" / "hf_trainer.py"),
+        str(tmp_path / "hf"),
+        "--deepspeed",
+    ]
+    done = subprocess.run(
+        [*worker, "--", *accum], env=_env(30500 + os.getpid() % 300), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    losses = json.loads(done.stdout.split("LOSSES ")[-1])
+    assert len(losses) == len(expected) == 4 and losses == pytest.approx(expected, rel=1e-5)

@@ -42,13 +42,14 @@ def train(
     cfg = load_config(str(REPO / "configs" / "tiny-cpu.yaml"), overrides, check_paths=False)
     dataset = build_dataset(cfg.data, load_tokenizer(cfg.data.tokenizer), model_vocab_size(cfg.model))
     stream = DataStream(dataset, cfg.data.batch_size, 0, 1, seed=cfg.data.seed)
-    steps = cfg.optim.steps
-    samples = [{k: v[0] for k, v in next(stream).items()} for _ in range(steps)]
+    steps, accum = cfg.optim.steps, cfg.optim.grad_accum_steps or 1
+    samples = [{k: v[0] for k, v in next(stream).items()} for _ in range(steps * accum)]
     model = build_model(cfg.model, seed=cfg.optim.seed)
     args = TrainingArguments(
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=cfg.data.batch_size,
+        gradient_accumulation_steps=accum,
         learning_rate=cfg.optim.lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
@@ -69,14 +70,19 @@ def train(
         disable_tqdm=True,
     )
     losses: list[float] = []
+    micro: list[float] = []  # the open optimizer step's micro-batch losses (shares of the step's mean)
 
     class InOrder(ChunkwiseTrainer):
         def _get_train_sampler(self, *a, **kw):
             return SequentialSampler(self.train_dataset)
 
         def training_step(self, *a, **kw):
+            last = self.accelerator.sync_gradients  # this micro-batch ends the optimizer step
             loss = super().training_step(*a, **kw)
-            losses.append(self.last_stats.loss)
+            micro.append(self.last_stats.loss)
+            if last:
+                losses.append(sum(micro))
+                micro.clear()
             return loss
 
     trainer = InOrder(
