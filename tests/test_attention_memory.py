@@ -8,9 +8,8 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import chunkwise_grads, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+from tiny import chunk_grads, chunk_step, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
-from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.kv_cache import ChunkKVCache, cache_argument
 from engine.memory import MemoryTracker
 
@@ -33,14 +32,7 @@ def test_checkpointed_chunks_are_exact(family, attn, kw):
     model = tiny_model(family, attn=attn, **kw)
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
-    _, got = chunkwise_grads(
-        model,
-        ids,
-        labels,
-        mask,
-        schedule=ChunkSchedule(chunk_size=5),
-        options=ChunkOptions(checkpoint_layers=True),
-    )
+    _, got = chunk_grads(model, ids, labels, mask, 5, checkpoint_layers=True)
     assert rel_error(got, ref) <= tol(model)
     assert "forward" not in vars(model.model.layers[0])  # the wrapping is gone after the step
 
@@ -55,16 +47,8 @@ def test_checkpointed_chunks_with_lora_offload_and_fused_loss():
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     for offload in (True, "auto"):
-        _, got = chunkwise_grads(
-            model,
-            ids,
-            labels,
-            mask,
-            schedule=ChunkSchedule(chunk_size=8),
-            options=ChunkOptions(
-                checkpoint_layers=True, fused_loss=True, offload_kv=offload, kv_device_budget=0
-            ),
-        )
+        opts = dict(checkpoint_layers=True, fused_loss=True, offload_kv=offload, kv_device_budget=0)
+        _, got = chunk_grads(model, ids, labels, mask, 8, **opts)
         assert rel_error(got, ref) <= 1e-12
 
 
@@ -76,14 +60,7 @@ def test_checkpointed_chunks_replay_dropout_bit_for_bit():
     runs = []
     for checkpoint_layers in (False, True):
         torch.manual_seed(123)
-        _, got = chunkwise_grads(
-            model,
-            ids,
-            labels,
-            mask,
-            schedule=ChunkSchedule(chunk_size=8),
-            options=ChunkOptions(checkpoint_layers=checkpoint_layers),
-        )
+        _, got = chunk_grads(model, ids, labels, mask, 8, checkpoint_layers=checkpoint_layers)
         runs.append((got, torch.rand(1)))
     (plain, after_plain), (ckpt, after_ckpt) = runs
     assert all(torch.equal(plain[n], ckpt[n]) for n in plain)
@@ -100,12 +77,7 @@ def test_checkpointed_chunks_lower_the_chunk_peak():
     peaks = {}
     for ckpt in (False, True):
         with MemoryTracker("cpu") as t:
-            stats = chunkwise_backward(
-                model,
-                ids,
-                schedule=ChunkSchedule(chunk_size=128),
-                options=ChunkOptions(checkpoint_layers=ckpt),
-            )
+            stats = chunk_step(model, ids, 128, checkpoint_layers=ckpt)
         peaks[ckpt] = t.peak_bytes - stats.kv_bytes
     print(f"chunk peak: {peaks[False] / 2**20:.2f} MiB, checkpointed {peaks[True] / 2**20:.2f} MiB")
     assert peaks[True] <= 0.75 * peaks[False]
@@ -124,14 +96,7 @@ def test_bf16_kv_grads_error_within_1_5x_of_plain_bf16_backprop():
     e_plain = rel_error(plain, exact)
     for dtype in ("float32",):  # bfloat16: tests/test_precision_and_args.py (the default)
         bf16.zero_grad(set_to_none=True)
-        chunkwise_backward(
-            bf16,
-            ids,
-            labels=labels,
-            attention_mask=mask,
-            schedule=ChunkSchedule(chunk_size=4),
-            options=ChunkOptions(kv_grad_dtype=dtype),
-        )
+        chunk_step(bf16, ids, 4, labels, mask, kv_grad_dtype=dtype)
         ratio = rel_error(grads_of(bf16), exact) / e_plain
         print(f"kv_grad_dtype={dtype}: error {ratio:.2f}x plain bf16 backprop's ({e_plain:.2e})")
         assert ratio <= 1.5
@@ -149,12 +114,7 @@ def test_kv_grad_dtype_sets_the_accumulator():
         cache.layers[0].update(k, k)
         assert cache.layers[0].k_grad.dtype == expected
     with pytest.raises(ValueError, match="kv_grad_dtype"):
-        chunkwise_backward(
-            tiny_model("LlamaConfig"),
-            tiny_batch()[0],
-            schedule=ChunkSchedule(chunk_size=8),
-            options=ChunkOptions(kv_grad_dtype="float16"),
-        )
+        chunk_step(tiny_model("LlamaConfig"), tiny_batch()[0], 8, kv_grad_dtype="float16")
 
 
 def test_offload_auto_keeps_what_fits_on_the_device():
@@ -174,16 +134,7 @@ def test_offload_auto_keeps_what_fits_on_the_device():
     assert {idx for _, idx, *_ in cache._device_copies} == {1}
     _, ref = reference_grads(model, ids, labels, mask)
     for budget in (0, per_layer, 2 * per_layer):
-        _, got = chunkwise_grads(
-            model,
-            ids,
-            labels,
-            mask,
-            schedule=ChunkSchedule(chunk_size=8),
-            options=ChunkOptions(offload_kv="auto", kv_device_budget=budget),
-        )
+        _, got = chunk_grads(model, ids, labels, mask, 8, offload_kv="auto", kv_device_budget=budget)
         assert rel_error(got, ref) <= 1e-12
     with pytest.raises(ValueError, match="offload_kv"):
-        chunkwise_backward(
-            model, ids, schedule=ChunkSchedule(chunk_size=8), options=ChunkOptions(offload_kv="host")
-        )
+        chunk_step(model, ids, 8, offload_kv="host")

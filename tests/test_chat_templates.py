@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny import hf_assistant_mask
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -107,17 +108,7 @@ MARKED_TOK = PreTrainedTokenizerFast(
 
 
 def hf_mask(tok, messages, template, last_only=False):
-    out = tok.apply_chat_template(
-        messages, chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    ids, mask = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-    if last_only:
-        last = max(i for i, m in enumerate(mask) if m)
-        first = last
-        while first > 0 and mask[first - 1]:
-            first -= 1
-        mask = [first <= i <= last for i in range(len(mask))]
-    return ids, mask
+    return hf_assistant_mask(tok, messages, last_only, chat_template=template)
 
 
 @pytest.mark.parametrize("last_only", [False, True])

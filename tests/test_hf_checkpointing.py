@@ -8,9 +8,9 @@ import contextlib
 
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+from tiny import chunk_grads, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
-from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
+from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.layer_checkpoint import hf_checkpointing_taken_over  # noqa
 
 
@@ -28,16 +28,7 @@ def _lora(model):
 
 
 def _step(model, ids, labels, mask, **options):
-    model.zero_grad(set_to_none=True)
-    stats = chunkwise_backward(
-        model,
-        ids,
-        labels=labels,
-        attention_mask=mask,
-        schedule=ChunkSchedule(chunk_size=8),
-        options=ChunkOptions(**options),
-    )
-    return stats, grads_of(model)
+    return chunk_grads(model, ids, labels, mask, 8, **options)
 
 
 def test_hf_gradient_checkpointing_is_exact_and_restored():

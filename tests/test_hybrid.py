@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
-from tiny import chunkwise_grads, reference_grads, rel_error, tiny_batch
+from tiny import chunk_grads, chunkwise_grads, reference_grads, rel_error, tiny_batch
 from tiny_hybrid import HYBRIDS, tiny_hybrid
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -282,14 +282,7 @@ def test_checkpoint_layers_with_recurrent_layers():
     model = tiny_hybrid("falcon_h1")
     ids, labels, mask = batch(seq=7)
     _, ref = reference_grads(model, ids, labels, mask)
-    _, got = chunkwise_grads(
-        model,
-        ids,
-        labels,
-        mask,
-        schedule=ChunkSchedule(chunk_size=3),
-        options=ChunkOptions(checkpoint_layers=True),
-    )
+    _, got = chunk_grads(model, ids, labels, mask, 3, checkpoint_layers=True)
     assert rel_error(got, ref) <= tol(model)
     with pytest.raises(ValueError, match="falcon_h1: checkpoint_layers with chunk_size 1"):
         chunkwise_backward(

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import chunkwise_grads, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+from tiny import chunk_grads, chunk_step, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.memory import MemoryTracker
@@ -39,17 +39,9 @@ def test_fused_loss_is_the_models_loss(family, attn, kw, bound):
     ids, labels, mask = tiny_batch()
     ref_loss, ref = reference_grads(model, ids, labels, mask)
     seen, hook = head_inputs(model)
-    model.zero_grad(set_to_none=True)
-    stats = chunkwise_backward(
-        model,
-        ids,
-        labels=labels,
-        attention_mask=mask,
-        schedule=ChunkSchedule(chunk_size=8),
-        options=ChunkOptions(fused_loss=True, loss_slice=3),
-    )
+    stats, got = chunk_grads(model, ids, labels, mask, 8, fused_loss=True, loss_slice=3)
     hook.remove()
-    assert rel_error(grads_of(model), ref) <= bound
+    assert rel_error(got, ref) <= bound
     assert stats.loss == pytest.approx(ref_loss, rel=bound)
     # One 1-token check forward, then every chunk's head sees nothing (pass 1 projects one token per row
     # for chunks pass 2 recomputes): no chunk's logits ever exist.
@@ -87,14 +79,7 @@ def test_unknown_post_processing_falls_back_logged_once(caplog):
     _, ref = reference_grads(model, ids, labels, mask)
     with caplog.at_level(logging.WARNING, logger="engine.loss"):
         for _ in range(2):
-            _, got = chunkwise_grads(
-                model,
-                ids,
-                labels,
-                mask,
-                schedule=ChunkSchedule(chunk_size=8),
-                options=ChunkOptions(fused_loss=True),
-            )
+            _, got = chunk_grads(model, ids, labels, mask, 8, fused_loss=True)
             assert rel_error(got, ref) <= 1e-12
     assert sum("fused loss" in r.message for r in caplog.records) == 1
 
@@ -104,9 +89,7 @@ def test_lora_on_the_head_falls_back():
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
-    _, got = chunkwise_grads(
-        model, ids, labels, mask, schedule=ChunkSchedule(chunk_size=8), options=ChunkOptions(fused_loss=True)
-    )
+    _, got = chunk_grads(model, ids, labels, mask, 8, fused_loss=True)
     assert rel_error(got, ref) <= 1e-12
 
 
@@ -120,12 +103,7 @@ def test_fused_loss_lowers_the_chunk_peak():
     peaks = {}
     for fused in (False, True):
         with MemoryTracker("cpu") as t:
-            chunkwise_backward(
-                model,
-                ids,
-                schedule=ChunkSchedule(chunk_size=128),
-                options=ChunkOptions(fused_loss=fused, loss_slice=16),
-            )
+            chunk_step(model, ids, 128, fused_loss=fused, loss_slice=16)
         peaks[fused] = t.peak_bytes
     logits = 128 * 4096 * 4
     print(f"chunk peak: whole-chunk loss {peaks[False] / 2**20:.2f} MiB, fused {peaks[True] / 2**20:.2f} MiB")
@@ -142,13 +120,6 @@ def test_fused_loss_in_bfloat16_is_as_close_as_the_whole_chunk_loss(family, kw):
     model = model.to(torch.bfloat16)
     errors = {}
     for fused in (False, True):
-        _, got = chunkwise_grads(
-            model,
-            ids,
-            labels,
-            mask,
-            schedule=ChunkSchedule(chunk_size=8),
-            options=ChunkOptions(fused_loss=fused),
-        )
+        _, got = chunk_grads(model, ids, labels, mask, 8, fused_loss=fused)
         errors[fused] = rel_error(got, ref)
     assert errors[True] <= 1.5 * errors[False] + 1e-3, errors

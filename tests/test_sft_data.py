@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from tiny import grads_of, per_document_grads, rel_error, tiny_model
+from tiny import grads_of, hf_assistant_mask, per_document_grads, rel_error, tiny_model
 
 from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.config import ConfigError, DataConfig
@@ -34,18 +34,7 @@ def records(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
-def hf_mask(tok, messages, last_only=False):
-    out = tok.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    ids, mask = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-    if last_only:  # keep only the last run of assistant tokens
-        last = max(i for i, m in enumerate(mask) if m)
-        first = last
-        while first > 0 and mask[first - 1]:
-            first -= 1
-        mask = [first <= i <= last for i in range(len(mask))]
-    return ids, mask
+hf_mask = hf_assistant_mask
 
 
 def dataset(kind, path, **kw):

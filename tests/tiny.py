@@ -77,6 +77,41 @@ def chunkwise_grads(model, ids, labels=None, mask=None, **kw):
     return stats, grads_of(model)
 
 
+def chunk_step(model, ids, chunk_size, labels=None, mask=None, **options):
+    """chunkwise_backward with ChunkSchedule(chunk_size=chunk_size) and ChunkOptions(**options), adding to
+    the gradients the model holds."""
+    from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
+
+    schedule = ChunkSchedule(chunk_size=chunk_size)
+    return chunkwise_backward(
+        model, ids, labels=labels, attention_mask=mask, schedule=schedule, options=ChunkOptions(**options)
+    )
+
+
+def chunk_grads(model, ids, labels, mask, chunk_size, **options):
+    """chunkwise_grads with ChunkSchedule(chunk_size=chunk_size) and ChunkOptions(**options)."""
+    from engine.chunkwise import ChunkOptions, ChunkSchedule
+
+    schedule = ChunkSchedule(chunk_size=chunk_size)
+    return chunkwise_grads(model, ids, labels, mask, schedule=schedule, options=ChunkOptions(**options))
+
+
+def hf_assistant_mask(tok, messages, last_only=False, **kwargs):
+    """HF's own assistant-token mask of a conversation (`kwargs` to apply_chat_template, e.g. chat_template=);
+    with last_only, only its last run of assistant tokens."""
+    out = tok.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
+    )
+    ids, mask = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
+    if last_only:
+        last = max(i for i, m in enumerate(mask) if m)
+        first = last
+        while first > 0 and mask[first - 1]:
+            first -= 1
+        mask = [first <= i <= last for i in range(len(mask))]
+    return ids, mask
+
+
 def rel_error(got: dict, ref: dict) -> float:
     assert got.keys() == ref.keys(), sorted(set(got) ^ set(ref))
     num = sum(((got[n].double() - ref[n].double()) ** 2).sum() for n in ref)
