@@ -222,6 +222,7 @@ def test_inspect_prints_marked_samples_and_a_summary(tmp_path, capsys):
     cfg.write_text(
         "model: {hf_config: {model_type: llama, vocab_size: 400, pad_token_id: 0}, dtype: float32}\n"
         f"data: {{kind: chat, path: {CHAT}, tokenizer: {TOKENIZER}, seq_len: 60}}\n"
+        "optim: {steps: 1}\n"  # a run config names its length: optim.steps or optim.epochs
     )
     assert inspect_main(["--config", str(cfg), "--inspect", "2"]) == 0
     out = capsys.readouterr().out
