@@ -12,6 +12,8 @@ from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
 QWEN2_SLIDING = dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)
 PACKED_DOCS = [[10, 15, 12], [20, 17]]
+SPACO = dict(chunk_size=8, mode="spaco", sample_prob=0.5)
+LAYERS = {"checkpoint_layers": True}
 
 # name -> (config class or tiny_hybrid family, config overrides, LoRA, packed rows, schedule, fused loss,
 #          full-backprop reference[, more chunkwise_backward arguments])
@@ -20,42 +22,17 @@ CASES = {
     "llama_kv1": ("LlamaConfig", {"num_key_value_heads": 1}, False, False, dict(chunk_size=8), False, True),
     "lora": ("LlamaConfig", {}, True, False, dict(chunk_size=8), False, True),
     "fused": ("LlamaConfig", {}, False, False, dict(chunk_size=8), True, True),
-    "spaco": (
-        "LlamaConfig",
-        {},
-        False,
-        False,
-        dict(chunk_size=8, mode="spaco", sample_prob=0.5),
-        False,
-        False,
-    ),
+    "spaco": ("LlamaConfig", {}, False, False, SPACO, False, False),
     "packed": ("LlamaConfig", {}, False, True, dict(chunk_size=8), False, False),
     "qwen2_sliding": ("Qwen2Config", QWEN2_SLIDING, False, False, dict(chunk_size=8), False, True),
     "moe": ("MixtralConfig", MOE, False, False, dict(chunk_size=8), False, False),
-    "checkpoint_layers": (
-        "LlamaConfig",
-        {},
-        False,
-        False,
-        dict(chunk_size=8),
-        True,
-        True,
-        {"checkpoint_layers": True},
-    ),
+    "checkpoint_layers": ("LlamaConfig", {}, False, False, dict(chunk_size=8), True, True, LAYERS),
     "offload_kv": ("LlamaConfig", {}, False, False, dict(chunk_size=8), False, True, {"offload_kv": True}),
     # two steps accumulate into .grad without zeroing: twice the gradient
     "accumulate": ("LlamaConfig", {}, False, False, dict(chunk_size=8), False, True, {"steps": 2}),
     # hybrids: recurrent mixers on the gathered chunk, attention layers head-sharded
     "qwen3_next": ("qwen3_next", {}, False, False, dict(chunk_size=8), False, False),
-    "qwen3_5_spaco": (
-        "qwen3_5_text",
-        {},
-        False,
-        False,
-        dict(chunk_size=8, mode="spaco", sample_prob=0.5),
-        False,
-        False,
-    ),
+    "qwen3_5_spaco": ("qwen3_5_text", {}, False, False, SPACO, False, False),
     "nemotron_h": ("nemotron_h", {}, False, False, dict(chunk_size=8), False, False),
     # checkpointed layers recompute the gathered mixers (and their collectives) inside backward
     "qwen3_next_checkpoint_layers": (
@@ -66,7 +43,7 @@ CASES = {
         dict(chunk_size=8),
         False,
         False,
-        {"checkpoint_layers": True},
+        LAYERS,
     ),
 }
 

@@ -61,46 +61,26 @@ def case_files(root: Path) -> dict[str, tuple[list[str], str]]:
     (root / "tok" / "tokenizer.json").write_bytes(b'{"model": "caf\xe9')
     docs = ["--data.kind=documents"]
     chat, pc = ["--data.kind=chat", *CHAT_MODEL], ["--data.kind=prompt_completion", *CHAT_MODEL]
+
+    def at(name: str) -> str:
+        return f"--data.path={root}/{name}"
+
     return {
-        "non-UTF-8 jsonl": (
-            [*docs, f"--data.path={root}/bad_utf8.jsonl"],
-            "bad_utf8.jsonl' is not UTF-8 text",
-        ),
-        "non-UTF-8 text": (["--data.kind=text", f"--data.path={root}/bad_utf8.txt"], "not UTF-8"),
-        "non-parquet": (
-            [*docs, f"--data.path={root}/json.parquet"],
-            "json.parquet' is not a readable parquet",
-        ),
-        "missing field": (
-            [*docs, f"--data.path={root}/no_field.jsonl"],
-            "no_field.jsonl, line 2: field 'text'",
-        ),
+        "non-UTF-8 jsonl": ([*docs, at("bad_utf8.jsonl")], "bad_utf8.jsonl' is not UTF-8 text"),
+        "non-UTF-8 text": (["--data.kind=text", at("bad_utf8.txt")], "not UTF-8"),
+        "non-parquet": ([*docs, at("json.parquet")], "json.parquet' is not a readable parquet"),
+        "missing field": ([*docs, at("no_field.jsonl")], "no_field.jsonl, line 2: field 'text'"),
         "too long": (
-            [*docs, f"--data.path={root}/long.jsonl", "--data.packing=false", "--data.truncation=error"],
+            [*docs, at("long.jsonl"), "--data.packing=false", "--data.truncation=error"],
             "long.jsonl, line 1: document of 202 tokens",
         ),
-        "missing path": ([*docs, f"--data.path={root}/nope.jsonl"], "nope.jsonl' not found"),
-        "broken json": ([*docs, f"--data.path={root}/broken.json"], "broken.json' as json"),
-        "chat as parquet": (
-            [*chat, f"--data.path={root}/chat.parquet"],
-            "chat.parquet' is not a readable parquet",
-        ),
-        "chat without answer": (
-            [*chat, f"--data.path={root}/no_answer.jsonl"],
-            "no_answer.jsonl, line 2: messages",
-        ),
-        "chat unknown role": (
-            [*chat, f"--data.path={root}/robot.jsonl"],
-            "robot.jsonl, line 1: messages[0].role",
-        ),
-        "pc missing field": (
-            [*pc, f"--data.path={root}/pc.jsonl"],
-            "pc.jsonl, line 2: no field 'completion'",
-        ),
-        "pc csv empty value": (
-            [*pc, f"--data.path={root}/pc.csv"],
-            "pc.csv, record 1 (0-based): no field 'completion'",
-        ),
+        "missing path": ([*docs, at("nope.jsonl")], "nope.jsonl' not found"),
+        "broken json": ([*docs, at("broken.json")], "broken.json' as json"),
+        "chat as parquet": ([*chat, at("chat.parquet")], "chat.parquet' is not a readable parquet"),
+        "chat without answer": ([*chat, at("no_answer.jsonl")], "no_answer.jsonl, line 2: messages"),
+        "chat unknown role": ([*chat, at("robot.jsonl")], "robot.jsonl, line 1: messages[0].role"),
+        "pc missing field": ([*pc, at("pc.jsonl")], "pc.jsonl, line 2: no field 'completion'"),
+        "pc csv empty value": ([*pc, at("pc.csv")], "pc.csv, record 1 (0-based): no field 'completion'"),
         "bad tokenizer": ([f"--data.tokenizer={root}/tok"], "tokenizer.json"),
     }
 
