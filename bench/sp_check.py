@@ -86,15 +86,9 @@ def run(device_type: str, ranks: int, out: Path) -> dict:
         port = s.getsockname()[1]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(ranks))
     cmd = [sys.executable, __file__, "--worker", "--device", device_type, "--out", str(out)]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     procs = [
-        subprocess.Popen(
-            cmd,
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(ranks)
+        subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), **pipes) for r in range(ranks)
     ]
     logs = [p.communicate(timeout=900)[0] for p in procs]
     if any(p.returncode for p in procs):
