@@ -524,16 +524,24 @@ def preemptible(root: Path) -> subprocess.Popen:
     )
 
 
+def _before_step_two(root: Path, proc: subprocess.Popen) -> str | None:
+    """Waits for the run's second logged step; the reason when it ended first or 600 s passed."""
+    log = root / "log" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        if proc.poll() is not None or time.time() > deadline:
+            return "run ended before step 2: " + (root / "out.log").read_text()[-300:]
+        time.sleep(0.05)
+    return None
+
+
 def _signal_case(root: Path, target: str, sig: int) -> tuple[bool, str]:
     import psutil
 
     proc = preemptible(root)
     log = root / "log" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        if proc.poll() is not None or time.time() > deadline:
-            return False, "run ended before step 2: " + (root / "out.log").read_text()[-300:]
-        time.sleep(0.05)
+    if late := _before_step_two(root, proc):
+        return False, late
     runner = psutil.Process(proc.pid).children()[0]
     inner = runner.children()[0]
     pid = {"supervisor": proc.pid, "deepspeed": runner.pid, "launcher": inner.pid}.get(target)
@@ -557,18 +565,10 @@ for _target, _sig in [("supervisor", signal.SIGTERM), ("deepspeed", signal.SIGTE
 def _(root):
     port = str(free_port())
     procs = []
+    cmd = [sys.executable, str(TRAIN), "--config", str(CONFIG), *FAST, *outputs(root), "--optim.steps=300"]
     for rank in range(2):
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        cmd = [
-            sys.executable,
-            str(TRAIN),
-            "--config",
-            str(CONFIG),
-            *FAST,
-            *outputs(root),
-            "--optim.steps=300",
-        ]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
     log = root / "log" / "metrics.jsonl"
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):
@@ -766,14 +766,13 @@ def _deepspeed(root: Path, *args: str, port: int | None = None) -> tuple[int, st
 def _(root):
     (root / "empty.jsonl").write_text("")
     port, procs, t0 = str(free_port()), [], time.time()
-    for rank in range(2):
+    per_rank = [[], ["--data.kind=jsonl", f"--data.path={root}/empty.jsonl"]]  # rank 1 reads the empty file
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for rank, data in enumerate(per_rank):
         env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        data = ["--data.kind=jsonl", f"--data.path={root}/empty.jsonl"] if rank == 1 else []
         cmd = [sys.executable, str(TRAIN), "--config", str(CONFIG), *FAST, *outputs(root), *data]
-        procs.append(
-            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        )
+        procs.append(subprocess.Popen(cmd, env=env, **pipes))
     try:
         outs = [p.communicate(timeout=300)[0] for p in procs]
     except subprocess.TimeoutExpired:
@@ -836,11 +835,8 @@ def _orphan_case(root: Path, target: str, sig: int, supervised: bool) -> tuple[b
 
     proc = _bare_deepspeed(root, supervised)
     log = root / "log" / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        if proc.poll() is not None or time.time() > deadline:
-            return False, "run ended before step 2: " + (root / "out.log").read_text()[-300:]
-        time.sleep(0.05)
+    if late := _before_step_two(root, proc):
+        return False, late
     tree = psutil.Process(proc.pid).children(recursive=True)
     inner = [p for p in tree if "deepspeed.launcher.launch" in " ".join(p.cmdline())][0]
     ranks = inner.children()

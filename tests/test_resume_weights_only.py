@@ -5,13 +5,13 @@ resumes its own checkpoint exactly."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from one_rank import free_port
 
 from engine.config import CheckpointConfig, ConfigError
 from engine.safe_load import load_file
@@ -21,12 +21,6 @@ TRAIN = REPO / "launch" / "train.py"
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 FAST = ["--data.seq_len=128", "--chunking.chunk_size=64", "--optim.warmup_steps=0", "--data.num_samples=32"]
 FAST += ["--logging.progress_bar=false", "--logging.tensorboard=false"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(root: Path, *args: str, ranks: int = 1) -> str:

@@ -12,13 +12,12 @@ import errno
 import os
 import random
 import shutil
-import socket
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from one_rank import trained_run
 
 from engine import checkpoint
 from engine.safe_load import CheckpointError, deepspeed_loads_safely, load_file
@@ -57,30 +56,13 @@ def overrides(root: Path, *extra: str) -> list[str]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A live one-rank engine whose step-1 checkpoint is in root/ckpt (the process group stays up for the
     module: tests load into this engine)."""
-    from engine import trainer
-    from engine.config_load import load_config
-
     root = tmp_path_factory.mktemp("safety")
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    with mock.patch.dict(os.environ, {**env, "MASTER_PORT": str(free_port())}):
-        cfg = load_config(str(REPO / "configs" / "tiny-cpu.yaml"), overrides(root))
-        run = trainer.setup(cfg)
-        try:
-            trainer.run_loop(run)
-            run.root = root
-            yield run
-        finally:
-            trainer.close(run)
+    with trained_run(REPO / "configs" / "tiny-cpu.yaml", overrides(root), root) as run:
+        yield run
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
+from one_rank import trained_run
 
 from engine import checkpoint, run_lock
 from engine.config import CheckpointConfig
@@ -29,12 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 FAST = ["--data.seq_len=128", "--chunking.chunk_size=64", "--data.num_samples=8", "--optim.warmup_steps=0"]
 FAST += ["--logging.progress_bar=false", "--logging.tensorboard=false"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_main(root: Path, capsys, *overrides: str) -> tuple[int, str]:
@@ -110,20 +104,10 @@ def test_lock_file_that_is_a_link_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from engine import trainer
-    from engine.config_load import load_config
-
     root = tmp_path_factory.mktemp("dirs")
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    with mock.patch.dict(os.environ, {**env, "MASTER_PORT": str(free_port())}):
-        overrides = [*FAST, "--optim.steps=1", f"--logging.dir={root}/log", f"--checkpoint.dir={root}/ckpt"]
-        run = trainer.setup(load_config(str(CONFIG), overrides))
-        try:
-            trainer.run_loop(run)
-            run.root = root
-            yield run
-        finally:
-            trainer.close(run)
+    overrides = [*FAST, "--optim.steps=1", f"--logging.dir={root}/log", f"--checkpoint.dir={root}/ckpt"]
+    with trained_run(CONFIG, overrides, root) as run:
+        yield run
 
 
 def save(run, ckpt: Path, step: int) -> str:

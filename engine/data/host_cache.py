@@ -95,14 +95,14 @@ def dataset_key(data_cfg: Any, vocab_size: int | None, trust_remote_code: bool) 
     for lib in ("torch", "transformers", "tokenizers", "datasets", "jinja2"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[lib] = metadata.version(lib)
-    return dict(
-        data=section,
-        files=files,
-        vocab_size=vocab_size,
-        trust_remote_code=trust_remote_code,
-        code=code,
-        versions=versions,
-    )
+    return {
+        "data": section,
+        "files": files,
+        "vocab_size": vocab_size,
+        "trust_remote_code": trust_remote_code,
+        "code": code,
+        "versions": versions,
+    }
 
 
 def fingerprint(key: dict[str, Any]) -> str:
