@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from one_rank import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -33,12 +34,6 @@ ENV = {
     "OMP_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def outputs(root: Path) -> list[str]:
