@@ -145,7 +145,9 @@ def check_stopped(root: Path, ranks: list[psutil.Process], timeout: float = 240)
     assert 2 <= steps < 300
     assert (root / "ckpt" / "latest").read_text() == f"global_step{steps}", out[-3000:]
     assert (root / "ckpt" / f"global_step{steps}" / "rng_rank1.pt").is_file()
-    assert "preempted by the end of the job: its launcher" in out and f"preempted: steps 1..{steps}" in out
+    # Rank 0 names its own cause; when rank 1's watch saw the launcher go first, rank 0 stops for that rank.
+    causes = ("preempted by the end of the job: its launcher", "preempted by a signal to another rank")
+    assert any(c in out for c in causes) and f"preempted: steps 1..{steps}" in out, out[-3000:]
     assert out.count("exits successfully") == 2  # the inner launcher, still there, saw both ranks exit 0
     time.sleep(2)
     assert steps_logged(root) == steps  # nothing trains on
