@@ -301,7 +301,9 @@ def test_eval_path_loss_is_hf_loss_token_weighted(tmp_path):
 
 
 def test_eval_points_reach_tensorboard_jsonl_and_the_plots(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tiny import event_accumulator
+
+    EventAccumulator = event_accumulator()
 
     from engine import report
     from engine.config import LoggingConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny import event_accumulator
 
 from engine.config import LoggingConfig
 from engine.metrics import TENSORBOARD_DIR, Metrics
@@ -36,7 +36,7 @@ def run(log_dir: Path, start: int, losses: list[float]) -> None:
 def curves(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     out = {}
     for d in sorted((log_dir / TENSORBOARD_DIR).iterdir()):
-        acc = EventAccumulator(str(d))
+        acc = event_accumulator()(str(d))
         acc.Reload()
         out[d.name] = [(e.step, round(e.value, 6)) for e in acc.Scalars("train/loss")]
     return out

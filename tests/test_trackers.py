@@ -26,7 +26,9 @@ def values(step: int) -> dict:
 
 
 def tensorboard(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tiny import event_accumulator
+
+    EventAccumulator = event_accumulator()
 
     (run,) = (log_dir / TENSORBOARD_DIR).iterdir()
     acc = EventAccumulator(str(run))

@@ -154,3 +154,15 @@ def per_document_grads(model, ids, labels, docs: list[list[int]]):
     grads = grads_of(model)
     model.zero_grad(set_to_none=True)
     return loss / total, total, grads
+
+
+def event_accumulator():
+    """TensorBoard's event reader, or a skip where it cannot import: tensorboard 2.14 (the oldest supported)
+    reads events through numpy names that numpy 2 removed (np.string_); writing events is unaffected."""
+    import pytest
+
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except AttributeError as e:
+        pytest.skip(f"this tensorboard's event reader does not import with this numpy: {e}")
+    return EventAccumulator
