@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from engine.backend import LocalBackend, backend_for
-from engine.chunk_runner import ChunkRunner, ce_sum, check_model, pad_id
+from engine.chunk_runner import ChunkRunner, accepts_logits_to_keep, ce_sum, check_model, pad_id
 from engine.concerns import Chunk, ChunkConcern, ChunkOutput
 from engine.documents import IGNORE
 from engine.options import ChunkOptions
 from engine.schedule import ChunkSchedule
 from engine.step_plan import StepPlan, plan_step
-from engine.unwrap import base_model
 
 DEFAULT_OPTIONS = ChunkOptions()
 
@@ -73,9 +71,9 @@ def score(
     hits = _ArgmaxHits(module, plan) if argmax else None
     if argmax:  # the fused loss hands the LM head no input: the kept logits need the model's own head
         options = dataclasses.replace(options, fused_loss=False)
-    runner = ChunkRunner(model, module, plan, options, needs_kv_grad=False, sp=None)
-    if hits is not None:
-        runner.concerns.append(hits)  # last: its logits_to_keep is the one the forward gets
+    # hits last: its logits_to_keep is the one the forward gets
+    extra = [] if hits is None else [hits]
+    runner = ChunkRunner(model, module, plan, options, needs_kv_grad=False, sp=None, extra=extra)
     loss_sum = torch.zeros((), dtype=torch.float64, device=plan.input_ids.device)
     with runner.attention():
         for c in range(plan.num_chunks):
@@ -93,7 +91,7 @@ class _ArgmaxHits(ChunkConcern):
     def __init__(self, module, plan: StepPlan):
         self.module, self.plan = module, plan
         self.correct = torch.zeros(plan.input_ids.shape[0], dtype=torch.long, device=plan.input_ids.device)
-        self.by_index = "logits_to_keep" in inspect.signature(base_model(module).forward).parameters
+        self.by_index = accepts_logits_to_keep(module)
 
     def _kept(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         targets = self.plan.targets[:, chunk.start : chunk.end]

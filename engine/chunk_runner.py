@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,8 @@ from engine.unwrap import base_model, text_config
 
 
 class ChunkRunner:
-    """`model` is what runs a forward (the module, or a DeepSpeed engine); `module` the transformers model."""
+    """`model` is what runs a forward (the module, or a DeepSpeed engine); `module` the transformers model.
+    `extra` concerns run after the step's own, in order: the last one's forward keywords win."""
 
     def __init__(
         self,
@@ -49,6 +51,7 @@ class ChunkRunner:
         options: ChunkOptions,
         needs_kv_grad: bool,
         sp: SequenceStep | None,
+        extra: Sequence[ChunkConcern] = (),
     ):
         self.model, self.module, self.plan, self.sp = model, module, plan, sp
         self.config = text_config(module.config)
@@ -69,7 +72,7 @@ class ChunkRunner:
         self.cache_arg = cache_argument(module)
         self.dtype = next(module.parameters()).dtype
         self.skip_head = accepts_logits_to_keep(module)
-        self.concerns = self._concerns(options)
+        self.concerns = [*self._concerns(options), *extra]
         self.chunk: Chunk | None = None  # the chunk run last
 
     def _concerns(self, options: ChunkOptions) -> list[ChunkConcern]:
