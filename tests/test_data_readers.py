@@ -287,6 +287,55 @@ def test_hub_id_offline_names_the_id_and_how_to_make_it_local(tmp_path):
         load_config(None, ["--data.kind=documents", "--data.path=nope/x.jsonl"])
 
 
+def cache_as_hub_dataset(hf_home: Path, repo_id: str, recs: list[dict]) -> None:
+    """What ``load_dataset(repo_id)`` leaves in ``HF_HOME``'s datasets cache, built here from local records
+    (datasets' json builder, then placed where its cache builder looks for ``owner___name``)."""
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    owner, name = repo_id.split("/")
+    src = hf_home / f"{name}.jsonl"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    builder = Json(cache_dir=str(hf_home / "build"), dataset_name=name, data_files={"train": [str(src)]})
+    builder.download_and_prepare()
+    shutil.copytree(builder.cache_dir, hf_home / "datasets" / f"{owner}___{name}" / "default" / "0.0.0" / "0")
+    shutil.rmtree(hf_home / "build")
+    src.unlink()
+
+
+def test_hub_id_in_the_local_cache_reads_as_its_records(tmp_path):
+    """A hub dataset id that datasets has cached (HF_HOME) loads offline, documents and chat alike, into the
+    rows the same records give from a jsonl file; a mixture names one by id."""
+    hf_home = tmp_path / "hf"
+    cache_as_hub_dataset(hf_home, "someorg/docs", DOCS)
+    cache_as_hub_dataset(hf_home, "someorg/chats", CHAT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
+    code = (
+        "import json, sys\nsys.path.insert(0, sys.argv[1])\n"
+        "from test_data_readers import build, rows\n"
+        "from engine.config import DataConfig, MixtureSource\nfrom engine.data import ByteTokenizer, build_dataset\n"
+        "mix = DataConfig(kind='documents', seq_len=48, mixture=[MixtureSource(path='someorg/docs')])\n"
+        "print(json.dumps({'docs': rows(build('documents', 'someorg/docs')),\n"
+        "                  'chats': rows(build('chat', 'someorg/chats')),\n"
+        "                  'mixture': rows(build_dataset(mix, ByteTokenizer()))}))\n"
+    )
+    here = str(Path(__file__).resolve().parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code, here], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    docs = rows(build("documents", write("jsonl", DOCS, tmp_path / "a")))
+    assert got["docs"] == docs and len(docs) > 1
+    assert got["chats"] == rows(build("chat", write("jsonl", CHAT, tmp_path / "b")))
+    assert sorted(map(json.dumps, got["mixture"])) == sorted(map(json.dumps, docs))
+
+
 def test_long_documents_are_split_not_cut(tmp_path):
     """packing false: a document longer than seq_len gives all of its tokens, over several rows."""
     tok = ByteTokenizer()
