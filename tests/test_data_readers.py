@@ -233,7 +233,7 @@ BAD_FILES = [
 
 
 @pytest.mark.parametrize("name,content,error", BAD_FILES, ids=[b[0] for b in BAD_FILES])
-@pytest.mark.parametrize("kind", ["documents", "prompt_completion"])
+@pytest.mark.parametrize("kind", ["documents", "chat", "prompt_completion"])
 def test_bad_files_are_named_with_the_format_expected(tmp_path, name, content, error, kind):
     path = tmp_path / name
     path.write_bytes(content)
