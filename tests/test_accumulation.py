@@ -143,3 +143,21 @@ def test_a_micro_batch_frees_its_kv_before_the_next():
     finally:
         gc.enable()
     assert peaks[1] <= peaks[0] * 1.05, peaks
+
+
+def test_each_micro_batch_of_a_step_draws_its_own_chunks():
+    """SpaCO: the same row as micro-batch 0 and 1 of one step is drawn independently (different selections on
+    some steps), and every draw repeats for the same (seed, step, micro-batch)."""
+    model = tiny_model()
+    ids = torch.randint(3, VOCAB, (1, 64), generator=torch.Generator().manual_seed(5))
+    schedule = ChunkSchedule(chunk_size=8, mode="spaco", sample_prob=0.5)
+
+    def selected(step: int, micro: int) -> list[int]:
+        stats = chunkwise_backward(model, ids, schedule=schedule, generator=spaco_generator(42, step, micro))
+        model.zero_grad(set_to_none=True)
+        return stats.selected
+
+    draws = [(selected(step, 0), selected(step, 1)) for step in range(1, 6)]
+    assert any(a != b for a, b in draws)  # micro-batches of one step do not share a draw
+    assert selected(3, 1) == draws[2][1]
+    assert selected(1, 0) != selected(2, 0) or selected(3, 0) != selected(4, 0)  # steps draw afresh
