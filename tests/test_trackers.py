@@ -1,9 +1,12 @@
 """logging.report_to: wandb (offline) and mlflow (a local file store) get the scalars TensorBoard gets, at the
-same steps, and the run config once. Skipped where the optional packages are not installed."""
+same steps, and the run config once. Skipped where the optional packages are not installed, unless
+SECO_TRACKERS_REQUIRED=1 (CI's tracker step, which installs them), where a missing one fails."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -83,9 +86,16 @@ def mlflow_store(log_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dic
     return history, run.data.params
 
 
+def require(name: str) -> None:
+    if importlib.util.find_spec(name) is None:
+        if os.environ.get("SECO_TRACKERS_REQUIRED") == "1":
+            pytest.fail(f"SECO_TRACKERS_REQUIRED=1 but {name} is not installed")
+        pytest.skip(f"{name} is not installed (the [{name}] extra)")
+
+
 def test_wandb_and_mlflow_get_the_tensorboard_scalars(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    pytest.importorskip("mlflow")
+    require("wandb")
+    require("mlflow")
     monkeypatch.setenv("WANDB_MODE", "offline")  # wandb's own switch: nothing leaves the machine
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -120,8 +130,6 @@ def test_report_to_rules(tmp_path):
 
 @pytest.mark.parametrize("name", ["wandb", "mlflow"])
 def test_a_tracker_not_installed_is_a_config_error(tmp_path, name):
-    import importlib.util
-
     if importlib.util.find_spec(name) is not None:
         pytest.skip(f"{name} is installed")
     with pytest.raises(ValueError, match=rf"logging.report_to: '{name}' needs the {name} package"):
