@@ -47,6 +47,7 @@ class ChunkStats:
     seq_len: int
     chunk_size: int
     kv_bytes: int = 0  # K/V checkpoints + K/V gradients held during the step
+    state_bytes: int = 0  # the part of kv_bytes that is recurrent layers' boundary states (+ their gradients)
     # MoE with output_router_logits: HF's aux_loss (without its coefficient); `loss` then includes
     # coef * aux_loss, as HF's `.loss` does (engine/moe.py). None: the model's loss has no router term.
     aux_loss: float | None = None
@@ -139,6 +140,7 @@ def _stats(plan: StepPlan, runner: ChunkRunner, backend, loss_sum: float) -> Chu
         seq_len=plan.seq_len,
         chunk_size=plan.chunk_size,
         kv_bytes=runner.cache.kv_bytes(),
+        state_bytes=sum(layer.state_bytes() for layer in runner.cache.state_layers()),
         aux_loss=aux,
         weights=plan.draw.weights,
     )

@@ -40,6 +40,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from engine.attention import _masked, lower_right_causal
 from engine.documents import Documents, document_mask, layer_kinds
 from engine.kv_cache import ChunkKVLayer
+from engine.sharded_mixers import head_sharded, layout_of
 from engine.state_cache import has_states
 from engine.unwrap import base_model
 
@@ -80,6 +81,23 @@ class SequenceGroup:
 
         return _SeqAllToAll.apply(self.group, x.transpose(1, 2).contiguous(), 1, 2, 0)
 
+    def channels_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, m, C] sequence shard -> [b, P * m, C / P]: the r-th block of C / P channels over the whole
+        chunk on rank r (a recurrent mixer's projections, engine/sharded_mixers.py), with gradient."""
+        from deepspeed.sequence.layer import _SeqAllToAll
+
+        b, m, c = x.shape
+        y = _SeqAllToAll.apply(self.group, x.reshape(b, m, self.size, c // self.size), 2, 1, 0)
+        return y.reshape(b, self.size * m, c // self.size)
+
+    def channels_to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, n, C / P] this rank's channel block of the whole chunk -> [b, n / P, C], with gradient."""
+        from deepspeed.sequence.layer import _SeqAllToAll
+
+        b, n, c = x.shape
+        y = _SeqAllToAll.apply(self.group, x.reshape(b, n, 1, c).contiguous(), 1, 2, 0)
+        return y.reshape(b, n // self.size, self.size * c)
+
     def kv_to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """K or V [b, hk, m, d] -> this rank's K/V heads over the whole chunk; hk < P: replicated first."""
         hk = x.shape[1]
@@ -117,11 +135,10 @@ def check_model(cfg, p: int) -> None:
             "heads are split over ranks, or replicated when fewer than P)"
         )
     recurrent = has_states(cfg)
-    if recurrent and cfg.model_type not in GATHERED_FAMILIES:
+    if recurrent and cfg.model_type not in HYBRID_FAMILIES:
         raise ValueError(
             f"{cfg.model_type}: parallel.sequence={p}: its recurrent (linear-attention / SSM) mixers are not "
-            f"run over a sequence group; the families whose mixers run on the gathered chunk are "
-            f"{GATHERED_FAMILIES}"
+            f"run over a sequence group; the hybrid families that are: {HYBRID_FAMILIES}"
         )
     allowed = {"full_attention", "sliding_attention"} | (
         {"linear_attention", "mlp", "moe"} if recurrent else set()
@@ -133,11 +150,43 @@ def check_model(cfg, p: int) -> None:
         )
 
 
-# Hybrid families whose recurrent mixers run on the whole chunk on every rank (`gathered_mixers`): the mixer
-# is the decoder layer's child of one of MIXER_NAMES in the layers transformers' cache mapping calls
-# linear_attention. Tested exact (tests/test_sequence_parallel.py); other hybrids are refused by name.
-GATHERED_FAMILIES = ("qwen3_next", "qwen3_5_text", "nemotron_h")
+# Hybrid families run over a sequence group (tested exact, tests/test_sequence_parallel.py): each recurrent
+# mixer (the decoder layer's child of one of MIXER_NAMES in the layers transformers' cache mapping calls
+# linear_attention) is split by heads where engine/sharded_mixers.py knows its class and P divides its key heads
+# (groups), else it runs on the gathered chunk (`gathered_mixers`). Other hybrids are refused by name.
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5_text", "nemotron_h")
 MIXER_NAMES = ("linear_attn", "mixer")
+
+
+def recurrent_mixers(model, cfg) -> list[torch.nn.Module]:
+    """The recurrent mixer of every layer transformers' cache mapping calls linear_attention."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    base = base_model(model)
+    types, _ = get_layer_types_and_kwargs(cfg)
+    mixers = []
+    for layer, kind in zip(base.model.layers, types):
+        if kind == "linear_attention":
+            mixers += [getattr(layer, n) for n in MIXER_NAMES if hasattr(layer, n)][:1]
+    if len(mixers) != types.count("linear_attention"):
+        raise ValueError(f"{cfg.model_type}: a recurrent layer without a mixer named one of {MIXER_NAMES}")
+    return mixers
+
+
+@contextlib.contextmanager
+def mixers_over_group(model, cfg, group: SequenceGroup):
+    """For one step: recurrent mixers split by heads where they can be, the others on the gathered chunk."""
+    sharded, gathered = [], []
+    for mixer in recurrent_mixers(model, cfg):
+        layout = layout_of(mixer, group.size)
+        if layout is None:
+            gathered.append(mixer)
+        else:
+            sharded.append((mixer, layout))
+    if gathered:
+        _say_gathered(cfg.model_type, group.size)
+    with head_sharded(sharded, group), gathered_mixers(gathered, group):
+        yield
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -161,21 +210,11 @@ class _GatherSequence(torch.autograd.Function):
 
 
 @contextlib.contextmanager
-def gathered_mixers(model, cfg, group: SequenceGroup):
-    """For one step, run each recurrent mixer on the whole chunk on every rank and keep this rank's tokens of
-    its output: exact (the mixer sees what it sees without sequence parallelism), with the mixer's compute
-    and boundary states replicated on the P ranks, not split. Each rank's boundary-state gradients are its
-    own tokens' share (the relay is linear), summed in the parameters like every other share."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    base = base_model(model)
-    types, _ = get_layer_types_and_kwargs(cfg)
-    mixers = []
-    for layer, kind in zip(base.model.layers, types):
-        if kind == "linear_attention":
-            mixers += [getattr(layer, n) for n in MIXER_NAMES if hasattr(layer, n)][:1]
-    if len(mixers) != types.count("linear_attention"):
-        raise ValueError(f"{cfg.model_type}: a recurrent layer without a mixer named one of {MIXER_NAMES}")
+def gathered_mixers(mixers: list[torch.nn.Module], group: SequenceGroup):
+    """For one step, run each of `mixers` on the whole chunk on every rank and keep this rank's tokens of its
+    output: exact (the mixer sees what it sees without sequence parallelism), with the mixer's compute and
+    boundary states replicated on the P ranks, not split. Each rank's boundary-state gradients are its own
+    tokens' share (the relay is linear), summed in the parameters like every other share."""
 
     def before(_module, args, kwargs):
         if args:
@@ -190,8 +229,6 @@ def gathered_mixers(model, cfg, group: SequenceGroup):
 
     handles = [m.register_forward_pre_hook(before, with_kwargs=True) for m in mixers]
     handles += [m.register_forward_hook(after, with_kwargs=True) for m in mixers]
-    if mixers:
-        _say_gathered(cfg.model_type, group.size)
     try:
         yield
     finally:
@@ -204,7 +241,8 @@ def _say_gathered(model_type: str, p: int) -> None:
     """Once per process and family."""
     logger.warning(
         "parallel.sequence=%d: %s's recurrent mixers run on the whole chunk on every rank (exact; their compute "
-        "and boundary states are replicated, not split over the group)",
+        "and boundary states are replicated, not split over the group: engine/sharded_mixers.py splits only "
+        "the mixer classes it knows, and only when P divides their key heads or groups)",
         p,
         model_type,
     )
@@ -285,8 +323,8 @@ class SequenceStep:
 
     @contextlib.contextmanager
     def forward_context(self, config):
-        """Around both passes' forwards: the head-switching attention, and recurrent mixers on the whole chunk."""
-        with ulysses_attention(config), gathered_mixers(self.module, self.cfg, self.group):
+        """Around both passes: the head-switching attention, and recurrent mixers split by heads (or gathered)."""
+        with ulysses_attention(config), mixers_over_group(self.module, self.cfg, self.group):
             yield
 
     def padded_length(self, seq_len: int) -> int:

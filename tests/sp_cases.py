@@ -30,11 +30,13 @@ CASES = {
     "offload_kv": ("LlamaConfig", {}, False, False, dict(chunk_size=8), False, True, {"offload_kv": True}),
     # two steps accumulate into .grad without zeroing: twice the gradient
     "accumulate": ("LlamaConfig", {}, False, False, dict(chunk_size=8), False, True, {"steps": 2}),
-    # hybrids: recurrent mixers on the gathered chunk, attention layers head-sharded
-    "qwen3_next": ("qwen3_next", {}, False, False, dict(chunk_size=8), False, False),
+    # hybrids: recurrent mixers split by heads (engine/sharded_mixers.py), attention layers head-sharded
+    "qwen3_next": ("qwen3_next", {}, False, False, dict(chunk_size=8), False, True),
     "qwen3_5_spaco": ("qwen3_5_text", {}, False, False, SPACO, False, False),
+    "nemotron_h_sharded": ("nemotron_h", {"n_groups": 2}, False, False, dict(chunk_size=8), False, True),
+    # one Mamba-2 group cannot be split over 2 ranks: the mixers run on the gathered chunk
     "nemotron_h": ("nemotron_h", {}, False, False, dict(chunk_size=8), False, False),
-    # checkpointed layers recompute the gathered mixers (and their collectives) inside backward
+    # checkpointed layers recompute the sharded mixers (and their collectives) inside backward
     "qwen3_next_checkpoint_layers": (
         "qwen3_next",
         {},
@@ -46,6 +48,12 @@ CASES = {
         LAYERS,
     ),
 }
+
+# Hybrid cases whose mixers are split by heads (boundary states halve per rank) or gathered (replicated)
+SHARDED_MIXERS = ("qwen3_next", "qwen3_5_spaco", "nemotron_h_sharded", "qwen3_next_checkpoint_layers")
+GATHERED_MIXERS = ("nemotron_h",)
+# Negative control: the "qwen3_next" case with each rank's heads run on the other rank's per-head parameters
+SWAPPED = "qwen3_next_swapped_heads"
 
 # Refused by name before any chunk runs: name -> (case, words the error must contain)
 REFUSALS = {
@@ -127,6 +135,7 @@ def run_case(case, group=None) -> dict:
         "loss": stats.loss,
         "tokens": stats.num_tokens,
         "kv_bytes": stats.kv_bytes,
+        "state_bytes": stats.state_bytes,
         "selected": stats.selected,
     }
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from sp_cases import CASES, REFUSALS, batch, build, run_case
+from sp_cases import CASES, GATHERED_MIXERS, REFUSALS, SHARDED_MIXERS, SWAPPED, batch, build, run_case
 from tiny import reference_grads, rel_error
 from tiny_hybrid import HYBRIDS
 
@@ -50,7 +50,7 @@ def launch(out, cases, nprocs=2) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp")
-    names = [*CASES, *REFUSALS, *EXPECTATIONS]
+    names = [*CASES, *REFUSALS, *EXPECTATIONS, SWAPPED]
     launch(out, names)
     return {name: [torch.load(out / f"{name}.{r}.pt") for r in range(2)] for name in names}
 
@@ -88,6 +88,24 @@ def test_kv_bytes_per_rank_halve(results):
     for got in results["llama"]:
         # the sequence is padded to a multiple of P (37 -> 38 tokens): per-token K/V bytes halve
         assert got["kv_bytes"] / 38 == pytest.approx(one["kv_bytes"] / 37 / 2)
+
+
+@pytest.mark.parametrize("name", [*SHARDED_MIXERS, *GATHERED_MIXERS])
+def test_boundary_states_per_rank(results, name):
+    """Mixers split by heads hold half the boundary-state bytes per rank (same boundaries: 37 -> 38 tokens
+    keeps chunks of 8 at 8, 16, 24, 32); gathered ones all of them, replicated. The state cache's own count."""
+    one = run_case(CASES[name])
+    assert one["state_bytes"] > 0
+    expected = one["state_bytes"] // 2 if name in SHARDED_MIXERS else one["state_bytes"]
+    for got in results[name]:
+        assert got["state_bytes"] == expected, name
+
+
+def test_wrong_shard_order_breaks_equality(results):
+    """Negative control: each rank's heads run on the other rank's per-head parameters."""
+    ref = reference(CASES["qwen3_next"])
+    for got in results[SWAPPED]:
+        assert rel_error(got["grads"], ref["grads"]) > 1e-3
 
 
 @pytest.mark.parametrize("name", list(REFUSALS))

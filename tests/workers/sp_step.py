@@ -13,9 +13,25 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sp_cases import CASES, REFUSALS, run_case, spaco_expectation  # noqa: E402
+from sp_cases import CASES, REFUSALS, SWAPPED, run_case, spaco_expectation  # noqa: E402
 
+from engine import sharded_mixers  # noqa: E402
 from engine.sequence_parallel import SequenceGroup  # noqa: E402
+
+
+def swapped_heads(case):
+    """Each rank's heads run on the next rank's slices of the per-head parameters (a wrong shard order)."""
+    from types import SimpleNamespace
+
+    right = sharded_mixers._sliced
+    sharded_mixers._sliced = lambda module, sliced, group: right(
+        module, sliced, SimpleNamespace(size=group.size, rank=(group.rank + 1) % group.size)
+    )
+    try:
+        return run_case(case, group)
+    finally:
+        sharded_mixers._sliced = right
+
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -29,6 +45,8 @@ group = SequenceGroup()
 for name in args.cases.split(","):
     if name.startswith("spaco_expectation"):  # spaco_expectation or spaco_expectation_uncompensated
         result = spaco_expectation(group, compensate=not name.endswith("uncompensated"))
+    elif name == SWAPPED:
+        result = swapped_heads(CASES["qwen3_next"])
     elif name in REFUSALS:
         try:
             run_case(REFUSALS[name][0], group)
