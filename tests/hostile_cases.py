@@ -20,13 +20,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from one_rank import free_port, hold_lock, launcher, outputs, taken_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -44,16 +45,6 @@ def case(name: str, slow: bool = False):
         return fn
 
     return register
-
-
-def outputs(root: Path) -> list[str]:
-    return [f"--logging.dir={root}/log", f"--checkpoint.dir={root}/ckpt"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def last_error(text: str) -> str:
@@ -95,14 +86,9 @@ def user_error(code: int, out: str, *needles: str) -> tuple[bool, str]:
 
 def quick_main(root: Path, *args: str, config: str = str(CONFIG)) -> tuple[int, str]:
     """launch/train.py's main() in this process (user errors end before any process group)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("seco_launch_train", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = io.StringIO()
     with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
-        code = module.main(["--config", config, *FAST, *outputs(root), *args])
+        code = launcher().main(["--config", config, *FAST, *outputs(root), *args])
     return code, out.getvalue()
 
 
@@ -585,27 +571,10 @@ def _(root):
 
 # ------------------------------------------------------------------ one writer per run, nothing outside it
 
-_HOLDER = """
-import sys, time
-sys.path.insert(0, {repo!r})
-from engine import run_lock
-run_lock.acquire({d!r}, "checkpoint.dir")
-print("held", flush=True)
-time.sleep(900)
-"""
-
-
-def _hold_lock(directory: Path) -> subprocess.Popen:
-    p = subprocess.Popen(
-        [sys.executable, "-c", _HOLDER.format(repo=str(REPO), d=str(directory))], stdout=subprocess.PIPE
-    )
-    assert p.stdout.readline().strip() == b"held"
-    return p
-
 
 @case("second run on a locked checkpoint.dir (1 rank)")
 def _(root):
-    holder = _hold_lock(root / "ckpt")
+    holder = hold_lock(root / "ckpt")
     try:
         return user_error(*quick_main(root), "checkpoint.dir", f"in use by another run (pid {holder.pid}")
     finally:
@@ -615,7 +584,7 @@ def _(root):
 
 @case("second run on a locked checkpoint.dir (2 ranks, deepspeed launcher)", slow=True)
 def _(root):
-    holder = _hold_lock(root / "ckpt")
+    holder = hold_lock(root / "ckpt")
     try:
         code, out = _deepspeed(root)
     finally:
@@ -628,7 +597,7 @@ def _(root):
 
 @case("lock of a SIGKILLed run is taken over with a message")
 def _(root):
-    holder = _hold_lock(root / "ckpt")
+    holder = hold_lock(root / "ckpt")
     holder.kill()
     holder.wait()
     code, out = train(root, "--optim.steps=1")
@@ -788,10 +757,7 @@ def _(root):
 
 @case("MASTER_PORT in use (1 rank)")
 def _(root):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
         cmd = [sys.executable, str(TRAIN), "--config", str(CONFIG), *FAST, *outputs(root)]
         r = subprocess.run(
@@ -807,10 +773,7 @@ def _(root):
 
 @case("MASTER_PORT in use (2 ranks, deepspeed launcher)", slow=True)
 def _(root):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         code, out = _deepspeed(root, port=port)
     return code == 2 and f"error: MASTER_PORT {port} is in use" in out, f"exit {code}: {last_error(out)}"
 

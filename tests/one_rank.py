@@ -1,19 +1,67 @@
-"""A one-rank training run inside the test process, and a free port for a rendezvous."""
+"""Harness of the tests that run the trainer: a one-rank run inside the test process, launch/train.py as a
+module, free and taken ports for a rendezvous, the run directories under a test's root, and another process
+holding a run directory's lock."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def taken_port() -> Iterator[int]:
+    """A port another listener holds while the context is open (a MASTER_PORT in use)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+_HOLDER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from engine import run_lock
+run_lock.acquire({d!r}, "checkpoint.dir")
+print("held", flush=True)
+time.sleep(900)
+"""
+
+
+def hold_lock(directory: Path) -> subprocess.Popen:
+    """Another process holding `directory`'s run lock (as a run's rank 0 does) until it is killed."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER.format(repo=str(REPO), d=str(directory))], stdout=subprocess.PIPE
+    )
+    assert p.stdout.readline().strip() == b"held"
+    return p
+
+
+def outputs(root: Path) -> list[str]:
+    """The overrides that put a run's logging.dir and checkpoint.dir under `root`."""
+    return [f"--logging.dir={root}/log", f"--checkpoint.dir={root}/ckpt"]
+
+
+def launcher():
+    """launch/train.py as a module (it is a script, not a package module): its main() runs in this process."""
+    spec = importlib.util.spec_from_file_location("seco_launch_train", REPO / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @contextlib.contextmanager

@@ -17,13 +17,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from one_rank import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -51,12 +51,6 @@ def unavailable(reason: str):
     if REQUIRED:
         pytest.fail(f"SECO_CLUSTER_REQUIRED=1 but {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_args(out: Path) -> list[str]:

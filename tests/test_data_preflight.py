@@ -3,7 +3,6 @@ line launch/train.py prints (naming the file, record and field), no traceback; s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from one_rank import launcher, outputs
 
 from engine.data.__main__ import main as data_main
 
@@ -33,13 +33,6 @@ CHAT_MODEL += ["--model.hf_config.bos_token_id=1", "--model.hf_config.eos_token_
 GOOD_CHAT = json.dumps(
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 )
-
-
-def _launcher():
-    spec = importlib.util.spec_from_file_location("seco_launch_train", REPO / "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def case_files(root: Path) -> dict[str, tuple[list[str], str]]:
@@ -86,16 +79,15 @@ def case_files(root: Path) -> dict[str, tuple[list[str], str]]:
 
 
 def test_every_bad_data_case_is_the_launchers_error_line(tmp_path, capsys):
-    launcher = _launcher()
-    outputs = [f"--logging.dir={tmp_path}/log", f"--checkpoint.dir={tmp_path}/ckpt"]
+    main = launcher().main
     for name, (overrides, needle) in case_files(tmp_path).items():
-        args = ["--config", CONFIG, *FAST, *outputs, *overrides]
+        args = ["--config", CONFIG, *FAST, *outputs(tmp_path), *overrides]
         assert data_main([*args, "--inspect", "1"]) == 2, name
         out, err = capsys.readouterr()
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert out == "" and len(errors) == 1 and needle in errors[0], (name, err)
         assert "Traceback" not in err, name
-        assert launcher.main(args) == 2, name
+        assert main(args) == 2, name
         assert [
             line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")
         ] == errors, name

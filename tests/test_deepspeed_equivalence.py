@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import os
-import socket
 import subprocess
 
 import pytest
@@ -20,6 +19,7 @@ from ds_reference import (
     make_optimizer,
     moe_reference,
 )
+from one_rank import free_port
 from tiny import per_document_grads, reference_grads, rel_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,12 +69,6 @@ CASES = {
         "always",
     ],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(args, out, nprocs=2):

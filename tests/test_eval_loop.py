@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_e2e import CONFIG, ENV, REPO, TRAIN, free_port, outputs
+from one_rank import free_port, outputs
+from test_train_e2e import CONFIG, ENV, REPO, TRAIN
 
 from engine.config_load import load_config
 from engine.data import ByteTokenizer, SyntheticDataset, collate

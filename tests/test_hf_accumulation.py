@@ -4,8 +4,6 @@ normalisation over the step's micro-batches of uneven lengths, padding and -100 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,9 +135,7 @@ def test_chunkwise_trainer_accumulates_as_the_project_trainer_under_deepspeed(tm
         str(REPO / "configs" / "tiny-cpu.yaml"),
     ]
     args += [*accum, f"--logging.dir={project}/log", f"--checkpoint.dir={project}/ckpt"]
-    done = subprocess.run(
-        args, env=_env(29700 + os.getpid() % 300), cwd=project, capture_output=True, text=True
-    )
+    done = subprocess.run(args, env=_env(), cwd=project, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(x) for x in (project / "log" / "metrics.jsonl").read_text().splitlines()]
     expected = [r["loss"] for r in records]
@@ -149,9 +145,7 @@ def test_chunkwise_trainer_accumulates_as_the_project_trainer_under_deepspeed(tm
         str(tmp_path / "hf"),
         "--deepspeed",
     ]
-    done = subprocess.run(
-        [*worker, "--", *accum], env=_env(30500 + os.getpid() % 300), capture_output=True, text=True
-    )
+    done = subprocess.run([*worker, "--", *accum], env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     losses = json.loads(done.stdout.split("LOSSES ")[-1])
     assert len(losses) == len(expected) == 4 and losses == pytest.approx(expected, rel=1e-5)

@@ -3,12 +3,12 @@ messages, output directories that are files or not writable. All before any proc
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from pathlib import Path
 
 import pytest
+from one_rank import launcher
 
 from engine.config import ConfigError
 from engine.config_load import MAX_YAML_ALIASES, load_config
@@ -86,11 +86,8 @@ def test_output_dir_that_is_not_writable_is_refused(tmp_path, key, monkeypatch):
 
 
 def test_launcher_exits_2_naming_the_key_and_writes_nothing(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("seco_launch_train", REPO / "launch" / "train.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
     (tmp_path / "f").write_text("")
-    code = launcher.main(
+    code = launcher().main(
         ["--config", str(CONFIG), f"--checkpoint.dir={tmp_path}/f", f"--logging.dir={tmp_path}/log"]
     )
     assert code == 2 and capsys.readouterr().err.startswith("error: checkpoint.dir: ")
@@ -101,11 +98,8 @@ def test_launcher_exits_2_naming_the_key_and_writes_nothing(tmp_path, capsys):
 
 
 def launcher_main(tmp_path: Path, capsys, *overrides: str) -> tuple[int, str]:
-    spec = importlib.util.spec_from_file_location("seco_launch_train", REPO / "launch" / "train.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
     out = [f"--logging.dir={tmp_path}/out/log", f"--checkpoint.dir={tmp_path}/out/ckpt"]
-    code = launcher.main(
+    code = launcher().main(
         ["--config", str(CONFIG), "--data.seq_len=128", "--chunking.chunk_size=64", *out, *overrides]
     )
     err = capsys.readouterr().err.strip().splitlines()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import builtins
 import errno
-import importlib.util
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from one_rank import trained_run
+from one_rank import hold_lock, launcher, trained_run
 
 from engine import checkpoint, run_lock
 from engine.config import CheckpointConfig
@@ -33,35 +32,19 @@ FAST += ["--logging.progress_bar=false", "--logging.tensorboard=false"]
 
 def launcher_main(root: Path, capsys, *overrides: str) -> tuple[int, str]:
     """launch/train.py's main() in this process: (exit code, its last stderr line)."""
-    spec = importlib.util.spec_from_file_location("seco_launch_train", REPO / "launch" / "train.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
     out = [f"--logging.dir={root}/log", f"--checkpoint.dir={root}/ckpt", "--optim.steps=1"]
-    code = launcher.main(["--config", str(CONFIG), *FAST, *out, *overrides])
+    code = launcher().main(["--config", str(CONFIG), *FAST, *out, *overrides])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1] if err else ""
 
 
 # ------------------------------------------------------------------------------------------------ the lock
 
-HOLDER = """
-import sys, time
-sys.path.insert(0, {repo!r})
-from engine import run_lock
-run_lock.acquire({d!r}, "checkpoint.dir")
-print("held", flush=True)
-time.sleep(600)
-"""
-
 
 @pytest.fixture
 def holder(tmp_path):
     """Another process holding tmp_path/ckpt's lock."""
-    d = tmp_path / "ckpt"
-    p = subprocess.Popen(
-        [sys.executable, "-c", HOLDER.format(repo=str(REPO), d=str(d))], stdout=subprocess.PIPE
-    )
-    assert p.stdout.readline().strip() == b"held"
+    p = hold_lock(tmp_path / "ckpt")
     yield p
     if p.poll() is None:
         p.kill()

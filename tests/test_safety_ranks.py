@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from one_rank import free_port
+from one_rank import free_port, outputs, taken_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -34,10 +34,6 @@ ENV = {
     "OMP_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
 }
-
-
-def outputs(root: Path) -> list[str]:
-    return [f"--logging.dir={root}/log", f"--checkpoint.dir={root}/ckpt"]
 
 
 def deepspeed_cmd(root: Path, *args: str, port: int | None = None) -> list[str]:
@@ -94,10 +90,7 @@ def test_one_ranks_failure_ends_every_rank(tmp_path):
 
 
 def test_master_port_in_use_is_one_line(tmp_path):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         env = {**ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         cmd = [sys.executable, str(TRAIN), "--config", str(CONFIG), *FAST, *outputs(tmp_path)]

@@ -8,24 +8,18 @@ backprop (packed rows, a SpaCO draw, the router loss, hybrid models).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from one_rank import free_port
 from sp_cases import CASES, GATHERED_MIXERS, REFUSALS, SHARDED_MIXERS, SWAPPED, batch, build, run_case
 from tiny import reference_grads, rel_error
 from tiny_hybrid import HYBRIDS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXPECTATIONS = ("spaco_expectation", "spaco_expectation_uncompensated")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out, cases, nprocs=2) -> None:

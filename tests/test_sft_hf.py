@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from one_rank import free_port
 from workers.hf_trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +40,10 @@ def one_process(monkeypatch):
         monkeypatch.delenv(key, raising=False)
 
 
-def _env(port: int) -> dict:
+def _env() -> dict:
+    """A world of one with its own free rendezvous port."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-    return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def project_losses(tmp_path_factory) -> list[float]:
         f"--checkpoint.dir={root}/ckpt",
         "--checkpoint.every=1000",
     ]
-    done = subprocess.run(args, env=_env(29500 + os.getpid() % 500), cwd=root, capture_output=True, text=True)
+    done = subprocess.run(args, env=_env(), cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(x) for x in (root / "log" / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r][:STEPS]
@@ -85,9 +87,7 @@ def test_resume_from_the_trainers_checkpoint(tmp_path):
 
 def test_chunkwise_trainer_under_the_trainers_deepspeed(project_losses, tmp_path):
     worker = [sys.executable, str(REPO / "tests" / "workers" / "hf_trainer.py"), str(tmp_path), "--deepspeed"]
-    done = subprocess.run(
-        [*worker, "--", *OVERRIDES], env=_env(30100 + os.getpid() % 500), capture_output=True, text=True
-    )
+    done = subprocess.run([*worker, "--", *OVERRIDES], env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     losses = json.loads(done.stdout.split("LOSSES ")[-1])
     assert losses == pytest.approx(project_losses, rel=1e-5)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_e2e import CONFIG, ENV, SHORT, TRAIN, latest, losses, metrics, outputs, run_ranks
+from one_rank import outputs
+from test_train_e2e import CONFIG, ENV, SHORT, TRAIN, latest, losses, metrics, run_ranks
 
 # A jsonl of 16 documents of 20 to 250 bytes, one per row (no packing): rows of uneven lengths, so the
 # micro-batches of a step hold different numbers of loss tokens.

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from one_rank import free_port, outputs
 
 from engine.schedule import spaco_generator
 from engine.trainer import lr_at
@@ -40,16 +40,6 @@ SHORT = [
     "--logging.tensorboard=false",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def outputs(root: Path) -> list[str]:
-    return [f"--logging.dir={root}/log", f"--checkpoint.dir={root}/ckpt"]
 
 
 def start_ranks(

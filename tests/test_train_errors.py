@@ -6,13 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from one_rank import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -189,12 +189,6 @@ def test_user_error_through_deepspeed_launcher(tmp_path):
     errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "error: jsonl data file" in errors[0]  # once, not once per rank
     assert not (tmp_path / "out").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------ non-finite losses
