@@ -154,7 +154,7 @@ def check_model(cfg, p: int) -> None:
 # mixer (the decoder layer's child of one of MIXER_NAMES in the layers transformers' cache mapping calls
 # linear_attention) is split by heads where engine/sharded_mixers.py knows its class and P divides its key heads
 # (groups), else it runs on the gathered chunk (`gathered_mixers`). Other hybrids are refused by name.
-HYBRID_FAMILIES = ("qwen3_next", "qwen3_5_text", "nemotron_h")
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "nemotron_h")
 MIXER_NAMES = ("linear_attn", "mixer")
 
 

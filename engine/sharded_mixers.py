@@ -49,6 +49,9 @@ class MixerLayout:
     sizes: Callable[[nn.Module, int], dict[str, int]]  # the view's head counts and widths for P ranks
     unit: Callable[[nn.Module], int]  # what P must divide (key heads, groups)
     output: str = "out_proj"
+    # children with sliced tensors that the forward calls as modules (they get a view of their own); the
+    # others' tensors it reads directly (conv1d's weight and bias go to a conv function)
+    called: tuple[str, ...] = ()
 
 
 def _gdn_sliced(m) -> dict[str, tuple[int, ...]]:
@@ -107,12 +110,14 @@ NEMOTRON_H_MAMBA2 = MixerLayout(  # in_proj: gate | x | B | C | dt
         n: getattr(m, n) // p for n in ("num_heads", "intermediate_size", "n_groups", "conv_dim")
     },
     unit=lambda m: m.n_groups,
+    called=("norm",),
 )
 
 # By class: the layout is a fact about that class's forward. Classes not here run gathered.
 LAYOUTS = {
     "Qwen3NextGatedDeltaNet": QWEN3_NEXT_GDN,
     "Qwen3_5GatedDeltaNet": QWEN3_5_GDN,
+    "Qwen3_5MoeGatedDeltaNet": QWEN3_5_GDN,
     "NemotronHMamba2Mixer": NEMOTRON_H_MAMBA2,
 }
 
@@ -172,19 +177,15 @@ def shard_view(module: nn.Module, layout: MixerLayout, group, tokens: torch.Tens
     own, nested = _sliced(module, layout.sliced(module), group)
     children = {}
     for name, tensors in nested.items():
-        child = module.get_submodule(name)
-        # A child called as a module (a grouped norm) needs its own view; one whose tensors the forward
-        # reads directly (conv1d) only needs them.
-        children[name] = _view(child, tensors, {}, {}) if _is_called(child) else SimpleNamespace(**tensors)
+        called = name in layout.called
+        children[name] = (
+            _view(module.get_submodule(name), tensors, {}, {}) if called else SimpleNamespace(**tensors)
+        )
     for name, segments in layout.projections(module).items():
         children[name] = _projection(module.get_submodule(name), segments, group, tokens, placeholder)
     out = module.get_submodule(layout.output)
     children[layout.output] = lambda y: out(group.channels_to_sequence(y))
     return _view(module, own, children, layout.sizes(module, group.size))
-
-
-def _is_called(child: nn.Module) -> bool:
-    return not isinstance(child, nn.Conv1d)  # the mixers pass conv1d's weight and bias to a conv function
 
 
 def _projection(proj: nn.Module, segments, group, tokens, placeholder):

@@ -12,6 +12,7 @@ from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
 QWEN2_SLIDING = dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)
 PACKED_DOCS = [[10, 15, 12], [20, 17]]
+ROUTER = dict(output_router_logits=True, router_aux_loss_coef=0.5)
 SPACO = dict(chunk_size=8, mode="spaco", sample_prob=0.5)
 LAYERS = {"checkpoint_layers": True}
 
@@ -33,6 +34,8 @@ CASES = {
     # hybrids: recurrent mixers split by heads (engine/sharded_mixers.py), attention layers head-sharded
     "qwen3_next": ("qwen3_next", {}, False, False, dict(chunk_size=8), False, True),
     "qwen3_5_spaco": ("qwen3_5_text", {}, False, False, SPACO, False, False),
+    # Qwen3.5-MoE with its router loss (routing counts summed over the group)
+    "qwen3_5_moe": ("qwen3_5_moe_text", ROUTER, False, False, dict(chunk_size=8), False, False),
     "nemotron_h_sharded": ("nemotron_h", {"n_groups": 2}, False, False, dict(chunk_size=8), False, True),
     # one Mamba-2 group cannot be split over 2 ranks: the mixers run on the gathered chunk
     "nemotron_h": ("nemotron_h", {}, False, False, dict(chunk_size=8), False, False),
@@ -50,7 +53,9 @@ CASES = {
 }
 
 # Hybrid cases whose mixers are split by heads (boundary states halve per rank) or gathered (replicated)
-SHARDED_MIXERS = ("qwen3_next", "qwen3_5_spaco", "nemotron_h_sharded", "qwen3_next_checkpoint_layers")
+SHARDED_MIXERS = (
+    "qwen3_next", "qwen3_5_spaco", "qwen3_5_moe", "nemotron_h_sharded", "qwen3_next_checkpoint_layers",
+)  # fmt: skip
 GATHERED_MIXERS = ("nemotron_h",)
 # Negative control: the "qwen3_next" case with each rank's heads run on the other rank's per-head parameters
 SWAPPED = "qwen3_next_swapped_heads"

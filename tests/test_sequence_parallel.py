@@ -16,7 +16,7 @@ import torch
 from one_rank import free_port
 from sp_cases import CASES, GATHERED_MIXERS, REFUSALS, SHARDED_MIXERS, SWAPPED, batch, build, run_case
 from tiny import reference_grads, rel_error
-from tiny_hybrid import HYBRIDS
+from tiny_hybrid import HYBRIDS, tiny_hybrid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXPECTATIONS = ("spaco_expectation", "spaco_expectation_uncompensated")
@@ -165,17 +165,46 @@ def test_planner_per_rank_kv_and_activations():
     )
     with pytest.raises(ValueError, match="must divide chunk_size"):
         plan("llama3-8b", seq_len=1 << 16, **{**kw, "chunk_size": 1000}, sequence=16)
-    # a hybrid: the attention layers' K/V halve, the recurrent layers' boundary states stay (replicated)
+    # a hybrid: the attention layers' K/V halve, and so do the recurrent layers' boundary states where the
+    # mixers are split by heads (16 key heads); with 3 key heads they run gathered and the states stay
+    import dataclasses
+
     from engine.plan import ModelShape
 
     shape, n = ModelShape.from_config("qwen3-next-80b-a3b"), 1 << 16
     hybrid = {**kw, "offload_optimizer": True}
     sp, ref = plan(shape, seq_len=n, **hybrid, sequence=2), plan(shape, seq_len=n, **hybrid)
     attention_kv = 2 * shape.attn_layers * shape.kv_width * n * 2  # bf16
-    assert ref.kv - sp.kv == attention_kv // 2 and shape.linear_layers > 0
-    assert longest_sequence(shape, device_memory="80GB", sequence=8, **hybrid) > longest_sequence(
-        shape, device_memory="80GB", **hybrid
+    states = (n // 8192 - 1) * shape.linear_layers * shape.state_bytes(2)  # 7 inner boundaries, batch 1
+    assert shape.linear_layers > 0 and shape.linear_split == 16
+    assert ref.kv - sp.kv == attention_kv // 2 + states // 2
+    odd = dataclasses.replace(shape, linear_split=3)
+    gathered, ref = plan(odd, seq_len=n, **hybrid, sequence=2), plan(odd, seq_len=n, **hybrid)
+    assert ref.kv - gathered.kv == attention_kv // 2 and gathered.activations > sp.activations
+    assert (
+        longest_sequence(shape, device_memory="80GB", sequence=8, **hybrid)
+        > longest_sequence(odd, device_memory="80GB", sequence=8, **hybrid)
+        > longest_sequence(shape, device_memory="80GB", **hybrid)
     )
+
+
+def test_planner_knows_the_split_mixers():
+    """The planner's families with split mixers are those whose mixer class engine/sharded_mixers.py knows."""
+    from engine.plan.memory import SPLIT_FAMILIES
+    from engine.sharded_mixers import LAYOUTS
+
+    families = (
+        "qwen3_next",
+        "qwen3_5_text",
+        "qwen3_5_moe_text",
+        "nemotron_h",
+        "falcon_h1",
+        "bamba",
+        "kimi_linear",
+    )
+    for family in families:
+        classes = {type(m).__name__ for m in tiny_hybrid(family).modules()}
+        assert (family in SPLIT_FAMILIES) == bool(classes & set(LAYOUTS)), family
 
 
 def test_spaco_is_unbiased_over_a_sequence_group(results):

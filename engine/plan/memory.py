@@ -123,10 +123,27 @@ def evaluate(
     )  # fmt: skip
 
 
+# Hybrid families whose recurrent mixers a sequence group splits by heads (engine/sharded_mixers.py's classes;
+# tests/test_sequence_parallel.py checks the two lists agree); others' mixers run gathered (replicated).
+SPLIT_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "nemotron_h")
+
+
+def mixers_split(shape: ModelShape, p: int) -> bool:
+    """Whether a sequence group of p splits the hybrid's recurrent mixers by heads."""
+    return bool(shape.linear_layers) and shape.family in SPLIT_FAMILIES and shape.linear_split % p == 0
+
+
 def rank_shape(shape: ModelShape, p: int) -> ModelShape:
     """What one rank of a sequence group of p holds of each attention layer's K/V: kv_heads / p heads, or
-    one (replicated) when there are fewer K/V heads than ranks."""
-    return dataclasses.replace(shape, kv_heads=max(1, shape.kv_heads // p))
+    one (replicated) when there are fewer K/V heads than ranks; and of each recurrent layer's boundary states:
+    1/p where the mixers are split by heads, else all of them (replicated)."""
+    split = mixers_split(shape, p)
+    return dataclasses.replace(
+        shape,
+        kv_heads=max(1, shape.kv_heads // p),
+        rec_state=shape.rec_state // p if split else shape.rec_state,
+        conv_state=shape.conv_state // p if split else shape.conv_state,
+    )
 
 
 def _sequence_parallel(shape: ModelShape, o: Setup, seq_len: int, device_budget: int | None) -> Breakdown:
@@ -136,19 +153,20 @@ def _sequence_parallel(shape: ModelShape, o: Setup, seq_len: int, device_budget:
     rank with chunks of C/P tokens and `rank_shape`'s K/V heads, with the whole model's parameters (ZeRO
     partitions over all world_size ranks). On top: o_proj's input, which the all-to-all back makes a tensor
     of its own (without sequence parallelism it is the attention kernel's saved output). Hybrids' recurrent
-    mixers run replicated on the whole chunk (engine/sequence_parallel.py): their saved tensors count C
-    tokens, their boundary states the real chunk boundaries (an estimate from shapes, not measured). Not
-    modelled:
-    the all-to-all buffers (one chunk's q, k, v or output in flight at a time), the mixers' gather."""
+    mixers split by heads (`mixers_split`) save C/P tokens x all channels before the all-to-all and C tokens x
+    1/P of them after (the plan of C/P tokens, in bytes), their boundary states 1/P; gathered mixers save C
+    tokens and keep every state (replicated). Hybrid terms are estimates from shapes, not measured. Not
+    modelled: the all-to-all buffers (one chunk's q, k, v or output in flight at a time), the mixers' gather."""
     p, c = o.sequence, o.chunk_size // o.sequence
     dt, ldt = DTYPE_BYTES[o.dtype], DTYPE_BYTES[o.lora_dtype]
     kept = dt if o.lora_rank == 0 else (ldt if "o_proj" in o.lora_targets else 0)
     layers = 1 if o.checkpoint_layers else shape.attn_layers  # checkpointed: only the recomputed layer's
     extra = o.batch * c * shape.q_width * kept * layers
-    # Hybrids (estimated, not measured): the recurrent mixers run on the whole chunk on every rank, their
-    # norms and MLPs on the rank's C/P tokens; boundary states are replicated, at the real chunk boundaries.
-    mixers = min(1, shape.linear_layers) if o.checkpoint_layers else shape.linear_layers  # recomputed: one
-    extra += o.batch * (o.chunk_size - c) * _linear_side(shape, o) * mixers
+    if not mixers_split(shape, p):  # gathered: the mixers run on the whole chunk on every rank
+        mixers = (
+            min(1, shape.linear_layers) if o.checkpoint_layers else shape.linear_layers
+        )  # recomputed: one
+        extra += o.batch * (o.chunk_size - c) * _linear_side(shape, o) * mixers
     room = None if device_budget is None else device_budget - extra  # what offload_kv "auto" may fill
     rank = o.replace(sequence=1, chunk_size=c, state_chunk=o.chunk_size)  # states at the real boundaries
     b = evaluate(rank_shape(shape, p), rank, seq_len, room, shape)

@@ -40,6 +40,9 @@ class ModelShape:
     conv_state: int = 0  # elements of the conv state there (the model's dtype)
     linear_params: int = 0  # the mixer's weights
     linear_width: int = 0  # elements per token the mixer's autograd graph saves (projections, conv, gates)
+    linear_split: int = (
+        0  # what a sequence group's P must divide to split the mixers by heads (key heads, groups)
+    )
     # MoE: experts per layer (0: dense MLP), experts run per token, shared expert's intermediate size
     experts: int = 0
     top_k: int = 0
@@ -176,7 +179,7 @@ def _linear_mixer(cfg: Mapping, hidden: int, layers: int) -> dict:
         kd, vd = cfg["linear_key_head_dim"], cfg["linear_value_head_dim"]
         key, value, kernel = kh * kd, vh * vd, cfg.get("linear_conv_kernel_dim", 4)
         conv = 2 * key + value
-        rec, conv_state = vh * kd * vd, conv * kernel
+        rec, conv_state, split = vh * kd * vd, conv * kernel, kh
         params = hidden * (2 * key + 2 * value + 2 * vh) + conv * kernel + value * hidden + vd + 2 * vh
         # what transformers' torch path (torch_chunk_gated_delta_rule, 64-token blocks, float32) saves per
         # token, counted on a tiny Qwen3-Next: the projections, conv in/out, five [64 x 64] block matrices per
@@ -193,7 +196,7 @@ def _linear_mixer(cfg: Mapping, hidden: int, layers: int) -> dict:
             )
         inner, kernel = heads * head_dim, _first(cfg, "conv_kernel", "mamba_d_conv") or 4
         conv = inner + 2 * groups * d_state
-        rec, conv_state = heads * head_dim * d_state, conv * kernel
+        rec, conv_state, split = heads * head_dim * d_state, conv * kernel, groups
         params = (
             hidden * (2 * inner + 2 * groups * d_state + heads) + conv * kernel + inner * hidden + 3 * heads
         )
@@ -204,8 +207,9 @@ def _linear_mixer(cfg: Mapping, hidden: int, layers: int) -> dict:
             "(known: Gated DeltaNet linear_* fields, Mamba-2 ssm_state_size/mamba_* fields)"
         )
     return dict(
-        linear_layers=n, rec_state=rec, conv_state=conv_state, linear_params=params, linear_width=width
-    )
+        linear_layers=n, rec_state=rec, conv_state=conv_state, linear_params=params, linear_width=width,
+        linear_split=split,
+    )  # fmt: skip
 
 
 def _first(cfg: Mapping, *names: str):
