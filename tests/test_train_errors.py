@@ -200,19 +200,23 @@ def metrics(tmp_path: Path) -> list[dict]:
     ]
 
 
-def init_loss_on_batch(step: int, *overrides: str) -> float:
-    """Loss of the untrained model on the batch a one-process run sees at `step`."""
+def init_loss_on_batch(step: int, *overrides: str, micro_batches: int = 1) -> float:
+    """Loss of the untrained model on what a one-process run trains on at `step`: its `micro_batches`
+    batches, token-weighted (HF's loss over all of them)."""
     from engine.config_load import load_config
     from engine.data import DataStream, build_dataset, load_tokenizer
     from engine.model import build_model
 
     cfg = load_config(str(REPO / "configs" / "tiny-cpu.yaml"), [*FAST, *overrides])
     stream = DataStream(build_dataset(cfg.data, load_tokenizer("byte")), 1, 0, 1, seed=cfg.data.seed)
-    for _ in range(step):
-        batch = next(stream)
+    batches = [next(stream) for _ in range(step * micro_batches)][-micro_batches:]
     model = build_model(cfg.model, seed=cfg.optim.seed)
+    total = tokens = 0.0
     with torch.no_grad():
-        return model(**batch).loss.item()
+        for batch in batches:
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, tokens = total + model(**batch).loss.item() * n, tokens + n
+    return total / tokens
 
 
 @pytest.mark.parametrize("stage", [0, 2])  # stage 0: dropped by the engine; 1-3: DeepSpeed's overflow skip
@@ -228,6 +232,21 @@ def test_nonfinite_step_is_skipped_and_logged(tmp_path, stage):
     assert rec[0]["grad_norm"] is None
     if stage > 0:  # DeepSpeed reports no norm for the plain fp32 stage-0 optimizer
         assert rec[2]["grad_norm"] is not None and rec[2]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_step_with_accumulation_skips_the_whole_step(tmp_path, stage):
+    """2 micro-batches per step, both poisoned at step 1: one optimizer step skipped (none of its micro-batches'
+    gradients applied or left behind), and step 2 trains on micro-batches 3 and 4 from the initial weights."""
+    accum = (f"--deepspeed.zero_stage={stage}", "--optim.grad_accum_steps=2")
+    r = train(tmp_path, *accum, faults=("--nan-steps=1",))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rec = metrics(tmp_path)
+    assert [m["skipped"] for m in rec] == [True, False, False] and [m["step"] for m in rec] == [1, 2, 3]
+    assert rec[1]["loss"] == pytest.approx(init_loss_on_batch(2, micro_batches=2), rel=1e-5)
+    assert rec[1]["loss"] != pytest.approx(init_loss_on_batch(2), rel=1e-5)  # not one micro-batch's
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in rec[1:])
+    assert rec[2]["loss"] != pytest.approx(init_loss_on_batch(3, micro_batches=2), rel=1e-5)  # step 2 applied
 
 
 def test_nonfinite_steps_in_a_row_abort(tmp_path):
