@@ -156,6 +156,22 @@ def test_sharegpt_and_key_maps_give_the_messages_masks(tmp_path, fmt):
         )
 
 
+def test_a_record_in_another_layout_is_named_with_the_setting_that_reads_it(tmp_path):
+    """A missing field lists the record's fields and, for a known layout, the setting that reads it."""
+    cases = [
+        ("chat", [sharegpt(r) for r in CHAT], r"no field 'messages' .*fields are \['conversations'\] "
+         r"\(as data.chat_format: sharegpt reads\)"),
+        ("chat", PC, r"fields are \['completion', 'prompt'\] \(as data.kind: prompt_completion reads\)"),
+        ("prompt_completion", CHAT, r"no field 'prompt' .*\(as data.kind: chat \(data.chat_format: messages\)"),
+        ("chat", [{"dialog": 1}], r"line 1: no field 'messages' \(data.messages_field\) in the record; its "
+         r"fields are \['dialog'\]$"),
+    ]  # fmt: skip
+    for i, (kind, recs, error) in enumerate(cases):
+        (tmp_path / str(i)).mkdir()
+        with pytest.raises(ValueError, match=error):
+            build(kind, write("jsonl", recs, tmp_path / str(i)))
+
+
 def test_chat_mapping_keys_are_checked():
     with pytest.raises(ConfigError, match=r"data.chat_roles: \['robot'\] not among"):
         DataConfig(kind="chat", path="x.jsonl", tokenizer=TOKENIZER, chat_roles={"bot": "robot"})

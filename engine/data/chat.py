@@ -38,7 +38,9 @@ def check_chat(record: Any, where: str, field: str) -> list[dict[str, Any]]:
     `tool_call_id` / `name`; content a string or a list of text parts), or a ValueError naming the record
     and the field."""
     if not isinstance(record, dict) or field not in record:
-        raise ValueError(f"{where}: no field {field!r} (data.messages_field) in the record")
+        raise ValueError(
+            f"{where}: no field {field!r} (data.messages_field) in the record{layout_hint(record)}"
+        )
     messages = record[field]
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: {field} must be a non-empty list of {{role, content}} messages")
@@ -47,6 +49,24 @@ def check_chat(record: Any, where: str, field: str) -> list[dict[str, Any]]:
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: {field} has no assistant turn, so the sample would carry no loss")
     return [dict(m) for m in messages]
+
+
+# A record's fields that say which layout it is in, and the setting that reads that layout.
+_LAYOUTS = (
+    (("conversations",), "data.chat_format: sharegpt"),
+    (("messages",), "data.kind: chat (data.chat_format: messages)"),
+    (("prompt", "completion"), "data.kind: prompt_completion"),
+)
+
+
+def layout_hint(record: Any) -> str:
+    """The record's fields and, where they are a known layout, the setting that reads it (for a missing-field
+    error: the field asked for is usually right for another layout)."""
+    if not isinstance(record, dict):
+        return ""
+    fields = sorted(k for k, v in record.items() if v is not None)
+    known = [setting for keys, setting in _LAYOUTS if all(k in fields for k in keys)]
+    return f"; its fields are {fields}" + (f" (as {known[0]} reads)" if known else "")
 
 
 def _check_message(m: Any, at: str) -> None:
@@ -124,7 +144,7 @@ def check_prompt_completion(
     out = []
     for name, key in ((prompt_field, "data.prompt_field"), (completion_field, "data.completion_field")):
         if not isinstance(record, dict) or name not in record:
-            raise ValueError(f"{where}: no field {name!r} ({key}) in the record")
+            raise ValueError(f"{where}: no field {name!r} ({key}) in the record{layout_hint(record)}")
         value = record[name]
         if not isinstance(value, str):
             raise ValueError(f"{where}: {name} must be a string, got {type(value).__name__}")
