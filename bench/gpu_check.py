@@ -74,7 +74,7 @@ def tiny_batch(device, seq: int = 37):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def _grads(model) -> torch.Tensor:
+def flat_grads(model) -> torch.Tensor:
     return torch.cat([p.grad.detach().double().flatten() for p in model.parameters() if p.requires_grad])
 
 
@@ -92,7 +92,7 @@ def gradient_of(model, batch, chunk: int | None, **kw) -> torch.Tensor:
         chunkwise_backward(
             model, ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=chunk), **kw
         )
-    return _grads(model)
+    return flat_grads(model)
 
 
 def exactness(device: torch.device, attns: list[str]) -> list[dict]:
@@ -139,7 +139,7 @@ def offload(device: torch.device, lengths: tuple[int, int], chunk: int, over: di
                     schedule=ChunkSchedule(chunk_size=chunk),
                     options=ChunkOptions(fused_loss=False, **kw),
                 )
-            grads[(name, L)] = _grads(model)
+            grads[(name, L)] = flat_grads(model)
             on_host = st.kv_bytes if (name != "on_device" and device.type == "cpu") else 0
             out["rows"].append(dict(variant=name, seq_len=L, peak_bytes=mt.peak_bytes, kv_bytes=st.kv_bytes,
                                     device_peak_bytes=mt.peak_bytes - on_host))  # fmt: skip

@@ -59,7 +59,7 @@ def worker(device_type: str, out: str) -> None:
         schedule=ChunkSchedule(chunk_size=CHUNK),
         sequence_group=group,
     )
-    got = gc._grads(model)
+    got = gc.flat_grads(model)
     if rank == 0:
         ref = gc.gradient_of(gc.tiny_model(device, torch.float64, "sdpa"), batch, None)
         one = gc.tiny_model(device, torch.float32, "sdpa")

@@ -17,28 +17,16 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import step_plan
 from engine.backend import backend_for
 from engine.documents import IGNORE, documents_of
-
-
-def loss_targets(
-    input_ids: torch.Tensor,
-    labels: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-) -> torch.Tensor:
-    """The targets chunk-wise backprop trains on (engine/step_plan.py's): IGNORE where there is none."""
-    return step_plan.loss_targets(input_ids, labels, attention_mask, position_ids)[0]
+from engine.step_plan import loss_targets
 
 
 def attention_pairs(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, shape) -> int:
     """Sum over the rows' documents of (real tokens)^2: what causal attention's work grows with."""
     real = torch.ones(shape, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
-    if position_ids is None:
-        return int((real.sum(dim=1).long() ** 2).sum())
-    docs = documents_of(position_ids.cpu())
-    if docs.doc_ids is None:
+    docs = None if position_ids is None else documents_of(position_ids.cpu())
+    if docs is None or docs.doc_ids is None:  # one document per row
         return int((real.sum(dim=1).long() ** 2).sum())
     total = 0
     for row, ids in zip(real, docs.doc_ids, strict=True):
@@ -62,7 +50,10 @@ def count_step_tokens(model, micro_batches: list[dict[str, torch.Tensor]], copie
     loss = real = pairs = 0
     for b in micro_batches:
         ids, mask, pos = b["input_ids"], b.get("attention_mask"), b.get("position_ids")
-        loss += int((loss_targets(ids, b.get("labels"), mask, pos) != IGNORE).sum())
+        targets, _ = loss_targets(
+            ids, b.get("labels"), mask, pos
+        )  # the targets chunk-wise backprop trains on
+        loss += int((targets != IGNORE).sum())
         real += ids.numel() if mask is None else int(mask.sum())
         pairs += attention_pairs(mask, pos, tuple(ids.shape))
     backend = backend_for(model)

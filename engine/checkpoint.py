@@ -75,7 +75,7 @@ def _is_tag_dir(path: Path) -> bool:
     return path.is_dir() and any(path.glob("*model_states.pt"))
 
 
-def _is_own_tag_dir(root: Path, tag: str) -> bool:
+def is_own_tag_dir(root: Path, tag: str) -> bool:
     """A tag found in `root` (named by `latest` or listed): a linked one is refused, never followed."""
     path = entry(root, tag, "checkpoint")
     return is_real_dir(path) and any(path.glob("*model_states.pt"))
@@ -85,7 +85,7 @@ def _newest_complete(root: Path) -> str | None:
     steps = [
         int(m.group(1))
         for p in root.iterdir()
-        if (m := TAG_RE.match(p.name)) and _is_own_tag_dir(root, p.name)
+        if (m := TAG_RE.match(p.name)) and is_own_tag_dir(root, p.name)
     ]
     return tag_for(max(steps)) if steps else None
 
@@ -114,17 +114,17 @@ def find_resume(ckpt_cfg: CheckpointConfig) -> tuple[str, str] | None:
         root = Path(ckpt_cfg.dir)
         if not root.is_dir():
             return None
-        tag = _read_latest(root)
+        tag = read_latest(root)
         # `latest` can only be missing or stale after manual deletion; tag directories are complete anyway.
-        if tag is None or not _is_own_tag_dir(root, tag):
+        if tag is None or not is_own_tag_dir(root, tag):
             tag = _newest_complete(root)
         return None if tag is None else (str(root), tag)
     path = Path(ckpt_cfg.resume)
     if _is_tag_dir(path):
         return str(path.parent), path.name
     if path.is_dir():
-        tag = _read_latest(path)
-        if tag is not None and _is_own_tag_dir(path, tag):
+        tag = read_latest(path)
+        if tag is not None and is_own_tag_dir(path, tag):
             return str(path), tag
         if tag is not None:
             raise ValueError(f"checkpoint.resume: {str(path)!r}: 'latest' names {tag!r}, which is not there")
@@ -138,7 +138,7 @@ def find_resume(ckpt_cfg: CheckpointConfig) -> tuple[str, str] | None:
     )
 
 
-def _read_latest(root: Path) -> str | None:
+def read_latest(root: Path) -> str | None:
     """The tag `latest` names (None without one). Read without following a link or blocking on a pipe, and
     only a `global_stepN` of this very directory is accepted: a tag such as `../x` or `/abs` would resume
     from weights outside it."""

@@ -197,7 +197,7 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _yaml_load(text: str, where: str) -> Any:
+def yaml_load(text: str, where: str) -> Any:
     loader = _Loader(text)
     try:
         node = loader.get_single_node()
@@ -267,7 +267,7 @@ def _apply_override(raw: dict, item: str) -> None:
             f"override {item!r}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping",
         )
         node = child
-    node[parts[-1]] = _yaml_load(text, f"override {item!r}")
+    node[parts[-1]] = yaml_load(text, f"override {item!r}")
 
 
 def load_config(path: str | None, overrides: list[str], check_paths: bool = True) -> Config:
@@ -278,7 +278,7 @@ def load_config(path: str | None, overrides: list[str], check_paths: bool = True
     """
     file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     _require(file.is_file(), f"config file not found: {file}")
-    raw = _yaml_load(_read_utf8(file), str(file))
+    raw = yaml_load(_read_utf8(file), str(file))
     raw = {} if raw is None else raw
     _require(isinstance(raw, dict), f"{file}: the top level must be a mapping of sections, got {_got(raw)}")
     for item in overrides:
@@ -330,10 +330,10 @@ def _follow_ds_config(raw: dict, check_paths: bool) -> dict:
     if ds_raw.get("config") is None and not check_paths:
         return raw  # a placeholder ds_config path on this machine: nothing to read
     from engine.config import DeepSpeedConfig
-    from engine.distributed.ds_config import _user_ds_config
+    from engine.distributed.ds_config import user_ds_config
 
     source = {k: ds_raw[k] for k in ("config", "config_file") if ds_raw.get(k) is not None}
-    user = _user_ds_config(_build(DeepSpeedConfig, source, "deepspeed"))
+    user = user_ds_config(_build(DeepSpeedConfig, source, "deepspeed"))
     for section, key, ds_key, convert in _FROM_DS_CONFIG:
         value: Any = user
         for part in ds_key.split("."):

@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.checkpoint import TAG_RE, TMP_PREFIX, _is_own_tag_dir, _read_latest
+from engine.checkpoint import TAG_RE, TMP_PREFIX, is_own_tag_dir, read_latest
 from engine.safe_paths import entry, is_regular, read_small, write_small
 
 SCORES_FILE = "eval_losses.json"
@@ -77,8 +77,8 @@ def prune(ckpt_dir: str | Path, keep_last: int | None, keep_best: bool, saved: s
     if keep_last is None:
         return []
     root = Path(ckpt_dir)
-    tags = [p.name for p in root.iterdir() if TAG_RE.match(p.name) and _is_own_tag_dir(root, p.name)]
-    latest = _read_latest(root)
+    tags = [p.name for p in root.iterdir() if TAG_RE.match(p.name) and is_own_tag_dir(root, p.name)]
+    latest = read_latest(root)
     protect = frozenset({saved, *([latest] if latest else [])})
     doomed = to_delete(tags, keep_last, keep_best, read_scores(root) if keep_best else {}, protect)
     for tag in doomed:

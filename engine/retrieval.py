@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, Subset
 
 from engine.chunk_eval import score
 from engine.config import RetrievalConfig
+from engine.data.tokenizers import encode_text
 from engine.evaluate import batch_of, device_of, eval_mode, rank_world, reduce_sum, shard_batches
 from engine.options import ChunkOptions
 
@@ -63,9 +64,7 @@ class _Pieces:
     """Token ids of the fixed phrases, digits and pseudo-words under one tokenizer."""
 
     def __init__(self, tokenizer):
-        from engine.data.tokenizers import _encode
-
-        self._encode = lambda text: _encode(tokenizer, text)
+        self.tokenizer = tokenizer
         self.bos = [] if tokenizer.bos_token_id is None else [int(tokenizer.bos_token_id)]
         self.digits = [self.encode(str(d)) for d in range(10)]
         rng = np.random.default_rng(_WORDS_SEED)
@@ -74,7 +73,7 @@ class _Pieces:
         self.word_ids = [self.encode(" " + w) for w in self.words]
 
     def encode(self, text: str) -> np.ndarray:
-        ids = np.asarray(self._encode(text), dtype=np.int64)
+        ids = encode_text(self.tokenizer, text)
         if ids.size == 0:
             raise ValueError(f"eval.retrieval: the tokenizer encodes {text!r} to no tokens")
         return ids

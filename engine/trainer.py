@@ -133,7 +133,7 @@ def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
         cfg.data, tokenizer, model_vocab_size(cfg.model), cfg.model.trust_remote_code
     )
     dataset, evaluator = prepare_eval(cfg, tokenizer, dataset, model_vocab_size(cfg.model))  # eval section
-    _check_sequence_parallel(cfg, world_size)
+    check_sequence_parallel(cfg, world_size)
     resume, weights_only = _resume_target(cfg)
     same_world = True
     if resume is not None:  # every file safe to load, same ranks: on every rank, before any collective
@@ -176,7 +176,7 @@ def _resume_target(cfg: Config) -> tuple[tuple[str, str] | None, bool]:
     return checkpoint.find_resume(cfg.checkpoint), False
 
 
-def _check_sequence_parallel(cfg: Config, world_size: int) -> None:
+def check_sequence_parallel(cfg: Config, world_size: int) -> None:
     """parallel.sequence against the world and the model, before any process group exists."""
     p = cfg.parallel.sequence
     if p == 1:

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from tiny import VOCAB, packed_positions, reference_grads, rel_error, tiny_model
 
-from engine.accumulation import attention_pairs, count_step_tokens, loss_targets, step_context
+from engine.accumulation import attention_pairs, count_step_tokens, step_context
 from engine.chunkwise import chunkwise_backward
 from engine.schedule import ChunkSchedule, spaco_generator
+from engine.step_plan import loss_targets
 
 
 def micro_batches() -> list[dict[str, torch.Tensor]]:
@@ -107,9 +108,12 @@ def test_the_step_token_count_is_what_chunkwise_backward_trains_on():
     model.zero_grad(set_to_none=True)
     b = micro_batches()[0]
     # row 0 of 37 real tokens, a 4-token -100 span; row 1 of 30 real tokens: 36 - 4 + 29 targets
-    assert int((loss_targets(b["input_ids"], b["labels"], b["attention_mask"], None) != -100).sum()) == 61
+    t, _ = loss_targets(b["input_ids"], b["labels"], b["attention_mask"], None)
+    assert int((t != -100).sum()) == 61
     # packed: no target across the 2 document boundaries of row 0 and the 1 of row 1
-    t = loss_targets(packed["input_ids"], packed["labels"], packed["attention_mask"], packed["position_ids"])
+    t, _ = loss_targets(
+        packed["input_ids"], packed["labels"], packed["attention_mask"], packed["position_ids"]
+    )
     assert int((t != -100).sum()) == 61 - 2 - 1
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError
-from engine.config_load import _yaml_load, load_config
+from engine.config_load import load_config, yaml_load
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
@@ -42,9 +42,9 @@ def test_duplicate_section_names_both_lines(tmp_path):
 def test_merge_keys_may_be_overridden():
     """`<<: *anchor` then a key of the mapping's own is YAML's way to override: not a duplicate."""
     text = "base: &o {lr: 3.0e-3, steps: 7}\noptim:\n  <<: *o\n  lr: 2.0e-3\n"
-    assert _yaml_load(text, "c.yaml")["optim"] == {"lr": 2.0e-3, "steps": 7}
+    assert yaml_load(text, "c.yaml")["optim"] == {"lr": 2.0e-3, "steps": 7}
     with pytest.raises(ConfigError, match="duplicate key 'optim.lr' at lines 4 and 5"):
-        _yaml_load(text + "  lr: 1.0e-3\n", "c.yaml")
+        yaml_load(text + "  lr: 1.0e-3\n", "c.yaml")
 
 
 def test_every_shipped_config_has_no_duplicate_keys():

@@ -119,7 +119,7 @@ def test_spaco_draw_is_a_subset(results):
 def test_parallel_sequence_config_errors():
     from engine.config import DEFAULT_CONFIG_PATH, ConfigError
     from engine.config_load import load_config
-    from engine.trainer import _check_sequence_parallel
+    from engine.trainer import check_sequence_parallel
 
     def error_of(*overrides):
         with pytest.raises(ConfigError) as info:
@@ -132,10 +132,10 @@ def test_parallel_sequence_config_errors():
     )
     cfg = load_config(str(DEFAULT_CONFIG_PATH), ["--parallel.sequence=4"])
     with pytest.raises(ValueError, match="must divide the world size"):
-        _check_sequence_parallel(cfg, 6)
+        check_sequence_parallel(cfg, 6)
     with pytest.raises(ValueError, match=r"must divide the attention heads \(4\)"):
-        _check_sequence_parallel(load_config(str(DEFAULT_CONFIG_PATH), ["--parallel.sequence=8"]), 8)
-    _check_sequence_parallel(cfg, 8)  # 4 query heads, 2 K/V heads replicated on 4 ranks: accepted
+        check_sequence_parallel(load_config(str(DEFAULT_CONFIG_PATH), ["--parallel.sequence=8"]), 8)
+    check_sequence_parallel(cfg, 8)  # 4 query heads, 2 K/V heads replicated on 4 ranks: accepted
 
 
 # ------------------------------------------------------------------------------------------- the planner

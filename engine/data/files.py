@@ -13,7 +13,7 @@ import torch
 
 from engine.data.packing import PackedDataset, PaddedDataset
 from engine.data.readers import Source, open_sources
-from engine.data.tokenizers import Tokenizer, _check_seq_len, _encode, _pad_id, _wrap_doc
+from engine.data.tokenizers import Tokenizer, check_seq_len, encode_text, pad_id, wrap_doc
 
 # Document kinds and the format each implies ("documents" reads data.format). "text" reads ONE DOCUMENT PER
 # FILE: long-context data is usually whole books / repositories / papers, whose paragraphs are separated by
@@ -42,7 +42,7 @@ def _document(tokenizer: Tokenizer, text: Any, where: str, text_field: str) -> n
         raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
     if not text.strip():
         raise ValueError(f"{where}: document is empty")
-    ids = _wrap_doc(tokenizer, _encode(tokenizer, text))
+    ids = wrap_doc(tokenizer, encode_text(tokenizer, text))
     if ids.size < 2:
         raise ValueError(f"{where}: document has {ids.size} token(s), fewer than 2")
     return ids
@@ -98,7 +98,7 @@ def load_file_dataset(
     if truncation not in ("split", "drop", "error"):
         raise ValueError(f"data.truncation: {truncation!r} is not one of split, drop, error for documents")
     fmt = FILE_KINDS[kind] if kind != "documents" else format
-    _check_seq_len(seq_len)
+    check_seq_len(seq_len)
     with contextlib.ExitStack() as stack:
         if cache_dir is None:
             cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="seco-datasets-"))
@@ -110,6 +110,6 @@ def load_file_dataset(
     if packing:
         dataset: PackedDataset | PaddedDataset = PackedDataset(tokens, offsets, seq_len, source)
     else:
-        dataset = PaddedDataset(tokens, offsets, seq_len, _pad_id(tokenizer), source, truncation)
+        dataset = PaddedDataset(tokens, offsets, seq_len, pad_id(tokenizer), source, truncation)
     dataset.notes = notes
     return dataset

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from engine.data.stream import _row_lengths
-from engine.data.tokenizers import Sample, _wrap_index
+from engine.data.stream import row_lengths_of
+from engine.data.tokenizers import Sample, wrap_index
 
 
 class MixtureDataset(Dataset):
@@ -45,7 +45,7 @@ class MixtureDataset(Dataset):
         return self.which.size
 
     def __getitem__(self, index: int) -> Sample:
-        index = _wrap_index(index, len(self), "rows")
+        index = wrap_index(index, len(self), "rows")
         return self.components[int(self.which[index])][int(self.row[index])]
 
     def row_lengths(self) -> np.ndarray:
@@ -53,7 +53,7 @@ class MixtureDataset(Dataset):
         out = np.empty(self.which.size, dtype=np.int64)
         for c, part in enumerate(self.components):
             at = self.which == c
-            out[at] = _row_lengths(part)[self.row[at]]
+            out[at] = row_lengths_of(part)[self.row[at]]
         return out
 
     def drawn(self) -> list[int]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from engine.data.tokenizers import IGNORE_INDEX, Sample, _check_seq_len, _wrap_index
+from engine.data.tokenizers import IGNORE_INDEX, Sample, check_seq_len, wrap_index
 
 
 class _TokenStore(Dataset):
     """Shared part of the file datasets: flat token storage, document offsets, vocabulary lookups."""
 
     def __init__(self, tokens: torch.Tensor, doc_offsets: torch.Tensor, seq_len: int, source: str) -> None:
-        _check_seq_len(seq_len)
+        check_seq_len(seq_len)
         self.tokens = tokens
         self.doc_offsets = doc_offsets
         self.seq_len = seq_len
@@ -54,7 +54,7 @@ class PackedDataset(_TokenStore):
         return self.num_blocks
 
     def __getitem__(self, index: int) -> Sample:
-        index = _wrap_index(index, self.num_blocks, "blocks")
+        index = wrap_index(index, self.num_blocks, "blocks")
         start = index * self.seq_len
         input_ids = self.tokens[start : start + self.seq_len].long()
         at = torch.arange(start, start + self.seq_len)
@@ -114,7 +114,7 @@ class PaddedDataset(_TokenStore):
         return self.row_start.numel()
 
     def __getitem__(self, index: int) -> Sample:
-        index = _wrap_index(index, len(self), "rows")
+        index = wrap_index(index, len(self), "rows")
         start, end = int(self.row_start[index]), int(self.row_end[index])
         doc = self.tokens[start:end].long()
         length = doc.numel()

@@ -24,7 +24,7 @@ from engine.data.chat import (
 from engine.data.chat_format import messages_field, to_messages
 from engine.data.chat_render import render_conversation, resolve_template
 from engine.data.readers import read_records
-from engine.data.tokenizers import IGNORE_INDEX, Sample, Tokenizer, _pad_id
+from engine.data.tokenizers import IGNORE_INDEX, Sample, Tokenizer, pad_id
 
 
 def render_samples(
@@ -128,7 +128,7 @@ def build_sft_dataset(
     samples, dropped, dropped_tokens = render_samples(
         data_cfg, tokenizer, path, fmt or data_cfg.format, notes
     )
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     dataset = SftDataset(samples, data_cfg.seq_len, pad, data_cfg.packing, str(path), dropped, dropped_tokens)
     dataset.notes = notes
     return dataset

@@ -14,10 +14,10 @@ from engine.data.tokenizers import Sample
 LENGTH_GROUP_BATCHES = 64  # group_by_length: rows sorted within windows of this many steps
 
 
-def _row_lengths(dataset: Dataset) -> np.ndarray:
+def row_lengths_of(dataset: Dataset) -> np.ndarray:
     """Real (attended) tokens of every row: the dataset's own ``row_lengths()`` where it has one."""
     if isinstance(dataset, Subset):
-        return _row_lengths(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+        return row_lengths_of(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
     own = getattr(dataset, "row_lengths", None)
     if own is not None:
         return np.asarray(own(), dtype=np.int64)
@@ -103,7 +103,7 @@ class DataStream:
         self.shuffle = shuffle
         self.pad_to_longest, self.min_length = pad_to_longest, min_length
         self.group_by_length = group_by_length
-        self._lengths = _row_lengths(dataset) if group_by_length else None
+        self._lengths = row_lengths_of(dataset) if group_by_length else None
         self.samples_per_rank = self.num_samples // world_size
         self.batches_per_epoch = self.samples_per_rank // batch_size
         if self.batches_per_epoch == 0:

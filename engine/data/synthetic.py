@@ -11,9 +11,9 @@ from engine.data.tokenizers import (
     ByteTokenizer,
     Sample,
     Tokenizer,
-    _check_seq_len,
-    _encode,
-    _wrap_index,
+    check_seq_len,
+    encode_text,
+    wrap_index,
 )
 
 SYNTHETIC_TASKS = ("kv_recall", "passkey")
@@ -54,7 +54,7 @@ class SyntheticDataset(Dataset):
     ) -> None:
         if task not in SYNTHETIC_TASKS:
             raise ValueError(f"unknown synthetic task {task!r}; expected one of {SYNTHETIC_TASKS}")
-        _check_seq_len(seq_len)
+        check_seq_len(seq_len)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if seed < 0:
@@ -85,7 +85,7 @@ class SyntheticDataset(Dataset):
 
     def _piece(self, text: str) -> np.ndarray:
         if text not in self._pieces:
-            ids = _encode(self.tokenizer, text)
+            ids = encode_text(self.tokenizer, text)
             if ids.size == 0:
                 raise ValueError(f"tokenizer encodes {text!r} to no tokens; cannot build the synthetic task")
             self._pieces[text] = ids
@@ -100,7 +100,7 @@ class SyntheticDataset(Dataset):
         rng = np.random.default_rng(_FILLER_SEED)
         letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
         words = ["".join(rng.choice(letters, size=int(rng.integers(2, 9)))) for _ in range(_FILLER_WORDS)]
-        encoded = [_encode(self.tokenizer, " " + w) for w in words]
+        encoded = [encode_text(self.tokenizer, " " + w) for w in words]
         self._word_lens = np.asarray([e.size for e in encoded], np.int64)
         self._word_starts = np.concatenate([[0], np.cumsum(self._word_lens)[:-1]])
         self._word_flat = np.concatenate(encoded)
@@ -147,7 +147,7 @@ class SyntheticDataset(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> Sample:
-        index = _wrap_index(index, self.num_samples, "samples")
+        index = wrap_index(index, self.num_samples, "samples")
         # The task is part of the seed so that two tasks with the same seed do not share filler.
         rng = np.random.default_rng((self.seed, SYNTHETIC_TASKS.index(self.task), index))
         if self.task == "kv_recall":

@@ -118,7 +118,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Tokenizer:
     return tokenizer
 
 
-def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
+def encode_text(tokenizer: Tokenizer, text: str) -> np.ndarray:
     """Token ids of ``text`` without special tokens, as int64."""
     if isinstance(tokenizer, ByteTokenizer):
         # Fast path: documents can be megabytes long, and a list of Python ints is ~10x slower here.
@@ -126,7 +126,7 @@ def _encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
 
 
-def _pad_id(tokenizer: Tokenizer) -> int:
+def pad_id(tokenizer: Tokenizer) -> int:
     # Many causal-LM tokenizers have no pad token. The pad id is masked out of attention and loss, so
     # any in-vocabulary id works; eos is the conventional stand-in.
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -135,21 +135,21 @@ def _pad_id(tokenizer: Tokenizer) -> int:
     return 0
 
 
-def _wrap_doc(tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
+def wrap_doc(tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
     """bos + ids + eos, leaving out whichever special token the tokenizer lacks (e.g. Qwen has no bos)."""
     head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     return np.concatenate([np.asarray(head, np.int64), ids, np.asarray(tail, np.int64)])
 
 
-def _wrap_index(index: int, size: int, unit: str) -> int:
+def wrap_index(index: int, size: int, unit: str) -> int:
     """`index` in [-size, size) as an index in [0, size) (Python's sequence convention), else IndexError."""
     if not -size <= index < size:
         raise IndexError(f"index {index} out of range for {size} {unit}")
     return index % size
 
 
-def _check_seq_len(seq_len: int) -> None:
+def check_seq_len(seq_len: int) -> None:
     # One token has nothing to predict after the causal shift.
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")

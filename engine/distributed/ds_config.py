@@ -38,7 +38,7 @@ def grad_accum_steps(cfg: Config) -> int:
     """Micro-batches per optimizer step: optim.grad_accum_steps, else the user's ds_config
     gradient_accumulation_steps, else 1; the two set to different values is a ConfigError naming both."""
     ours = cfg.optim.grad_accum_steps
-    theirs = _user_ds_config(cfg.deepspeed).get("gradient_accumulation_steps", "auto")
+    theirs = user_ds_config(cfg.deepspeed).get("gradient_accumulation_steps", "auto")
     if theirs in ("auto", None):
         return 1 if ours is None else ours
     _require(
@@ -94,7 +94,7 @@ def _mapping_at(ds: dict, dotted: str) -> dict:
     return node
 
 
-def _user_ds_config(ds_cfg: DeepSpeedConfig) -> dict:
+def user_ds_config(ds_cfg: DeepSpeedConfig) -> dict:
     if ds_cfg.config is not None:
         return copy.deepcopy(ds_cfg.config)
     if ds_cfg.config_file is None:
@@ -112,7 +112,7 @@ def _user_ds_config(ds_cfg: DeepSpeedConfig) -> dict:
 
 
 def _derive(cfg: Config, world_size: int | None) -> dict:
-    ds = _user_ds_config(cfg.deepspeed)
+    ds = user_ds_config(cfg.deepspeed)
     micro, dtype, optim = cfg.data.batch_size, cfg.model.dtype, cfg.optim
     accum = grad_accum_steps(cfg)
     ds.pop("gradient_accumulation_steps", None)  # the user's value is `accum` (DeepSpeed's own is 1)

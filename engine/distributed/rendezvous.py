@@ -172,9 +172,9 @@ def join(timeout: timedelta) -> Rendezvous:
 
 def _discover_mpi() -> None:
     """Under mpirun without RANK etc.: DeepSpeed's MPI discovery sets them (and MASTER_ADDR / MASTER_PORT)."""
-    from engine.distributed.runtime import _mpi_world_size
+    from engine.distributed.runtime import mpi_world_size
 
-    if "RANK" in os.environ or _mpi_world_size() is None:
+    if "RANK" in os.environ or mpi_world_size() is None:
         return
     from deepspeed.comm.comm import mpi_discovery
 

@@ -30,7 +30,7 @@ def announced_world_size() -> int:
     """The world size the launcher announced, known before any process group exists."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    return _mpi_world_size() or 1
+    return mpi_world_size() or 1
 
 
 def announced_rank() -> int:
@@ -72,7 +72,7 @@ def init_distributed(rdzv: Rendezvous | None = None) -> None:
 
     if dist.is_initialized():
         return
-    mpi = _mpi_world_size() is not None and "RANK" not in os.environ
+    mpi = mpi_world_size() is not None and "RANK" not in os.environ
     if not mpi:
         for key, value in (
             ("RANK", "0"),
@@ -128,7 +128,7 @@ def _local_rank() -> int:
     return 0
 
 
-def _mpi_world_size() -> int | None:
+def mpi_world_size() -> int | None:
     for key in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):  # Open MPI, MPICH / Intel MPI, PMIx
         if key in os.environ:
             return int(os.environ[key])
