@@ -207,6 +207,15 @@ def setup(cfg: Config) -> Run:
     rdzv = distributed.join_rendezvous()  # before preparing: a taken MASTER_PORT ends the start here
     prep = rdzv.agreed(lambda: prepare(cfg), undo=lambda p: p.claim.abandon())  # one fails: all end
     distributed.init_distributed(rdzv)
+    try:
+        return _start(cfg, prep, chunk_line)
+    except BaseException:  # an in-process caller (tests, a notebook) gets the group and environment back
+        distributed.shutdown()
+        prep.claim.release()
+        raise
+
+
+def _start(cfg: Config, prep: Prepared, chunk_line: str) -> Run:
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != prep.world_size:
         raise ValueError(f"the launcher announced {prep.world_size} ranks but {world} joined")

@@ -32,14 +32,6 @@ OVERRIDES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_process(monkeypatch):
-    """The in-process Trainer runs as one process: a rank environment left by an earlier in-process run
-    (init_distributed's world of one) would make it join a process group and wrap the model in DDP."""
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-
-
 def _env() -> dict:
     """A world of one with its own free rendezvous port."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}

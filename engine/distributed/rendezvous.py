@@ -172,11 +172,13 @@ def join(timeout: timedelta) -> Rendezvous:
 
 def _discover_mpi() -> None:
     """Under mpirun without RANK etc.: DeepSpeed's MPI discovery sets them (and MASTER_ADDR / MASTER_PORT)."""
-    from engine.distributed.runtime import mpi_world_size
+    from engine.distributed.runtime import mpi_world_size, remember_rank_env
 
     if "RANK" in os.environ or mpi_world_size() is None:
         return
     from deepspeed.comm.comm import mpi_discovery
+
+    remember_rank_env()  # discovery writes RANK etc.: shutdown restores them
 
     # MPI discovery would otherwise reset MASTER_PORT to 29500: two jobs on a node would collide.
     mpi_discovery(distributed_port=int(os.environ.get("MASTER_PORT", 29500)), verbose=False)

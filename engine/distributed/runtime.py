@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
 from typing import Any
 
 import torch
@@ -64,24 +63,21 @@ def zero3_context(ds_config: dict):
 
 
 def init_distributed(rdzv: Rendezvous | None = None) -> None:
-    """Join the process group: under deepspeed / torchrun / srun with RANK etc. set, under mpirun through
-    DeepSpeed's MPI discovery, and as a world of one when started as plain `python launch/train.py`.
-    With `rdzv` (the store every rank met in before preparing, engine/distributed/rendezvous.py) the group
-    is built on that store."""
+    """Join the process group: on the rendezvous store every rank met in before preparing (`rdzv`,
+    engine/distributed/rendezvous.py), from RANK etc. in the environment (deepspeed / torchrun / srun without
+    a store), under mpirun through DeepSpeed's MPI discovery, and as a world of one on an in-memory store
+    when started as plain `python launch/train.py`.
+
+    Rank, world size and store are passed to torch explicitly: nothing here announces a rank in the process
+    environment, which a later in-process library (HF Trainer, accelerate) would read as a launcher's and
+    join a group of its own. The one exception is LOCAL_RANK, which DeepSpeed's engine and zero.Init read from
+    the environment only; if this function sets it, `shutdown` removes it again."""
     import deepspeed
 
     if dist.is_initialized():
         return
+    remember_rank_env()
     mpi = mpi_world_size() is not None and "RANK" not in os.environ
-    if not mpi:
-        for key, value in (
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-        ):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if torch.cuda.is_available():  # before the process group, so NCCL binds each rank to its own GPU
         torch.cuda.set_device(_local_rank())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -91,14 +87,16 @@ def init_distributed(rdzv: Rendezvous | None = None) -> None:
     from torch.distributed import distributed_c10d as c10d
 
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout = pg_timeout()
-    if rdzv is not None and rdzv.store is not None:
+    store, rank, world = (rdzv.store, rdzv.rank, rdzv.world) if rdzv is not None else (None, 0, 1)
+    if store is None and not mpi and announced_world_size() == 1:
+        store, rank, world = dist.HashStore(), 0, 1  # nobody to meet: no address, no port to take
+    if store is not None:
         kwargs = {}
-        if torch.cuda.is_available() and rdzv.world > 1:  # as DeepSpeed does: binds NCCL to this GPU early
+        if torch.cuda.is_available() and world > 1:  # as DeepSpeed does: binds NCCL to this GPU early
             kwargs["device_id"] = torch.device("cuda", _local_rank())
-        dist.init_process_group(
-            backend, store=rdzv.store, rank=rdzv.rank, world_size=rdzv.world, timeout=timeout, **kwargs
-        )  # DeepSpeed's init below then only wraps the group
-    deepspeed.init_distributed(
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    os.environ.setdefault("LOCAL_RANK", str(_local_rank()))  # DeepSpeed reads it from there only
+    deepspeed.init_distributed(  # wraps the group built above; otherwise builds it from the environment
         dist_backend=backend,
         auto_mpi_discovery=mpi,
         # MPI discovery would otherwise reset MASTER_PORT to 29500: two jobs on a node would collide.
@@ -107,6 +105,29 @@ def init_distributed(rdzv: Rendezvous | None = None) -> None:
         verbose=False,
     )
     unlink_shm_comm_buffers()
+
+
+# The rank variables (and whether each was there) before this process first joined a group or ran MPI
+# discovery, which writes them: `shutdown` puts them back, so that an in-process run leaves the environment
+# as it found it.
+_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_env_before: dict[str, str | None] = {}
+
+
+def remember_rank_env() -> None:
+    """Record the rank variables as they are now, unless already recorded (before a group is joined)."""
+    if not _env_before:
+        _env_before.update({key: os.environ.get(key) for key in _RANK_ENV})
+
+
+def restore_rank_env() -> None:
+    """Put the recorded rank variables back: set what was set, remove what was not."""
+    for key, value in _env_before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _env_before.clear()
 
 
 def join_rendezvous() -> Rendezvous:
@@ -133,12 +154,6 @@ def mpi_world_size() -> int | None:
         if key in os.environ:
             return int(os.environ[key])
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def unlink_shm_comm_buffers() -> None:
@@ -216,7 +231,9 @@ def any_rank(flag: bool) -> bool:
 def shutdown() -> None:
     """Leave the process group (a no-op when none was joined), through DeepSpeed's own teardown: it also drops
     the groups DeepSpeed cached (its clone of the world group, the sequence-parallel groups). torch's alone
-    would leave them behind, and the next deepspeed.initialize in this process would use destroyed groups."""
+    would leave them behind, and the next deepspeed.initialize in this process would use destroyed groups.
+    The rank variables the join set (LOCAL_RANK, MPI discovery's) are restored first."""
+    restore_rank_env()
     if not dist.is_initialized():
         return
     import deepspeed.comm
