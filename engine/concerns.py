@@ -95,8 +95,11 @@ class CacheConcern(ChunkConcern):
     def __init__(self, cache: ChunkKVCache):
         self.cache = cache
 
+    @contextlib.contextmanager
     def around(self, chunk: Chunk, out: ChunkOutput):
-        return self.cache.saved_kv_offloaded()
+        with self.cache.saved_kv_offloaded():
+            yield
+        self.cache.check_written(chunk.index)  # a model that dropped the cache is never trained on
 
     def objective(self, chunk: Chunk, term: torch.Tensor) -> torch.Tensor:
         return self.cache.with_state_relays(term)  # an identity whose backward relays the final states

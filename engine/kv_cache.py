@@ -29,7 +29,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from engine.state_cache import OwnerRef, StateCacheMixin, build_layers
+from engine.state_cache import ChunkStateLayer, OwnerRef, StateCacheMixin, build_layers
 from engine.unwrap import base_model
 
 
@@ -82,6 +82,7 @@ class ChunkKVLayer(CacheLayerMixin):
         self.cache, self.idx = cache, idx
         self.k_buf = self.v_buf = self.k_grad = self.v_grad = None
         self.offload = False  # this layer's K/V and grads in host memory (decided at allocation)
+        self.written = -1  # the cache's chunk serial when this layer last wrote its K/V
 
     def buffers(self, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         return (self.k_buf, self.k_grad) if which == "k" else (self.v_buf, self.v_grad)
@@ -111,6 +112,7 @@ class ChunkKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, relay, lo = self.cache.offset, self.cache.relay, self.cache.kv_start
+        self.written = self.cache.serial
         end = start + key_states.shape[-2]
         assert end <= self.cache.seq_len, "chunk runs past the planned sequence"
         out = []
@@ -172,6 +174,7 @@ class ChunkKVCache(StateCacheMixin, Cache):
         # K/V gradients accumulate in grad_dtype, or in the K/V's own dtype when that is wider (float64).
         self.grad_dtype, self.device_budget, self._on_device = grad_dtype, device_budget, 0
         self.offset, self.relay, self.kv_start = 0, 1.0, 0
+        self.serial = 0  # counts begin_chunk: which layers wrote their K/V in the chunk run last
         self._device_copies = []  # (weakref to storage, layer, which, end) of this chunk's device copies
         self._prefetched = {}  # (layer, which, end) -> (tensor, event)
         self._stream = None
@@ -186,7 +189,27 @@ class ChunkKVCache(StateCacheMixin, Cache):
         `kv_start` on: packed rows whose documents all start at or after it never look further back."""
         assert 0 <= kv_start <= start, (kv_start, start)
         self.offset, self.relay, self.kv_start = start, relay, kv_start
+        self.serial += 1
         self._device_copies.clear()
+
+    def check_written(self, chunk: int) -> None:
+        """Every attention layer wrote its K/V in the chunk just run. A layer the model ran without this
+        cache (transformers' gradient checkpointing sets use_cache=False, a wrapper that drops
+        past_key_values) saw no prefix, and no later chunk would see this chunk: refused, never trained on."""
+        missed = [
+            layer.idx
+            for layer in self.layers
+            if isinstance(layer, ChunkKVLayer)
+            and not isinstance(layer, ChunkStateLayer)
+            and layer.written != self.serial
+        ]
+        if missed:
+            raise ValueError(
+                f"decoder layers {missed} ran chunk {chunk} without the chunk-wise K/V cache (the model "
+                "dropped it: transformers' gradient checkpointing sets use_cache=False, as does a wrapper that "
+                "drops past_key_values), so the chunk saw no prefix; turn the model's gradient checkpointing "
+                "off and use chunking.checkpoint_layers (ChunkOptions.checkpoint_layers) instead"
+            )
 
     def kv_bytes(self) -> int:
         return sum(layer.kv_bytes() for layer in self.layers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from tiny import chunk_grads, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
@@ -59,9 +60,12 @@ def test_hf_gradient_checkpointing_on_a_lora_model_is_exact():
         assert rel_error(got, ref) <= 1e-12
 
 
-def test_without_the_takeover_the_gradient_is_wrong(monkeypatch):
-    """Negative control: transformers' checkpointing left on drops the prefix (the error the takeover avoids)."""
+def test_without_the_takeover_the_dropped_cache_is_refused(monkeypatch):
+    """Negative control: transformers' checkpointing left on drops the cache in every layer. The check that
+    every attention layer wrote its K/V in each chunk refuses the step; with that check off too, the gradient
+    is wrong (each chunk without its prefix: the error the takeover avoids)."""
     import engine.chunkwise
+    from engine.kv_cache import ChunkKVCache
 
     model = tiny_model("LlamaConfig").train()
     ids, labels, mask = tiny_batch()
@@ -70,6 +74,12 @@ def test_without_the_takeover_the_gradient_is_wrong(monkeypatch):
     monkeypatch.setattr(
         engine.chunkwise, "hf_checkpointing_taken_over", lambda m: contextlib.nullcontext(False)
     )
+    with pytest.raises(
+        ValueError,
+        match=r"decoder layers \[0, 1\] ran chunk 4 without the chunk-wise K/V cache .* chunking\.checkpoint_layers",
+    ):
+        _step(model, ids, labels, mask)
+    monkeypatch.setattr(ChunkKVCache, "check_written", lambda self, chunk: None)
     _, got = _step(model, ids, labels, mask)
     assert rel_error(got, ref) > 0.1
 
