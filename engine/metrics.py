@@ -240,7 +240,7 @@ def tensorboard_run_dir(out: Path, resumed: bool) -> Path:
     if resumed and runs:
         return runs[-1]
     name = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
-    taken = {p.name for p in runs}
+    taken = {p.name for p in root.iterdir()} if root.is_dir() else set()  # links included: never written into
     unique = (
         name
         if name not in taken

@@ -51,3 +51,21 @@ def test_each_run_its_own_subdirectory_and_a_resume_continues_the_latest(tmp_pat
     run(tmp_path, 2, [4.4, 4.1])  # resumed at step 2: continues the second run, step 3 rewritten
     assert len(curves(tmp_path)) == 2
     assert list(curves(tmp_path).values())[1] == [(1, 5.0), (2, 4.5), (3, 4.4), (4, 4.1)]
+
+
+def test_a_link_under_a_fresh_runs_name_is_never_written_into(tmp_path, monkeypatch):
+    """A symbolic link planted at the name a fresh run's TensorBoard directory would take (the UTC second it
+    starts) is passed over: the run gets the next free name, a real directory, and nothing lands outside."""
+    import engine.metrics as metrics
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "log" / TENSORBOARD_DIR
+    root.mkdir(parents=True)
+    (root / "run-20260101-000000").symlink_to(outside)
+    monkeypatch.setattr(metrics.time, "strftime", lambda fmt, t=None: "run-20260101-000000")
+    got = metrics.tensorboard_run_dir(tmp_path / "log", resumed=False)
+    assert got == root / "run-20260101-000000-001"
+    (root / "run-20260101-000000").unlink()  # control: without the link, the name is free
+    assert metrics.tensorboard_run_dir(tmp_path / "log", resumed=False) == root / "run-20260101-000000"
+    assert list(outside.iterdir()) == []
