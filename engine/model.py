@@ -13,6 +13,8 @@ Each function takes only its config section.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -40,11 +42,27 @@ def _hf_config(model_cfg: ModelConfig):
     if model_cfg.hf_config is not None:
         kwargs = dict(model_cfg.hf_config)
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    return AutoConfig.from_pretrained(
-        model_cfg.name_or_path,
-        local_files_only=_local_only(model_cfg),
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
+    with _remote_code_named(model_cfg):
+        return AutoConfig.from_pretrained(
+            model_cfg.name_or_path,
+            local_files_only=_local_only(model_cfg),
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+
+
+@contextlib.contextmanager
+def _remote_code_named(model_cfg: ModelConfig):
+    """transformers refuses a model with code of its own under trust_remote_code=False in a paragraph that
+    names neither the key nor the file: one line naming both instead."""
+    try:
+        yield
+    except ValueError as e:
+        if model_cfg.trust_remote_code or "trust_remote_code" not in str(e):
+            raise
+        raise ValueError(
+            f"model.name_or_path: {model_cfg.name_or_path!r} holds code of its own (auto_map in its "
+            "config.json), which runs only with model.trust_remote_code: true"
+        ) from None
 
 
 def _local_only(model_cfg: ModelConfig) -> bool:
@@ -63,12 +81,13 @@ def build_model(model_cfg: ModelConfig, seed: int) -> PreTrainedModel:
     if model_cfg.hf_config is not None:
         model = AutoModelForCausalLM.from_config(_hf_config(model_cfg), **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.name_or_path,
-            local_files_only=_local_only(model_cfg),
-            trust_remote_code=model_cfg.trust_remote_code,
-            **kwargs,
-        )
+        with _remote_code_named(model_cfg):
+            model = AutoModelForCausalLM.from_pretrained(
+                model_cfg.name_or_path,
+                local_files_only=_local_only(model_cfg),
+                trust_remote_code=model_cfg.trust_remote_code,
+                **kwargs,
+            )
     if model_cfg.router_aux_loss is not None:  # HF's own switch; engine/moe.py splits the loss by chunk
         model.config.output_router_logits = model_cfg.router_aux_loss
     # The chunk-wise code passes its own cache and use_cache=True per chunk; generation settings are moot.

@@ -343,6 +343,26 @@ def _(root):
     return ok and not marker.exists(), detail + (" (its code ran)" if marker.exists() else "")
 
 
+@case("model directory with its own code, 'y' on stdin")
+def _(root):
+    from transformers import LlamaConfig
+
+    model, marker = root / "m", root / "code-ran"
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=259).save_pretrained(model)  # fmt: skip
+    (model / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                                   "from transformers import LlamaConfig\n"
+                                                   "class CustomConfig(LlamaConfig):\n    model_type = 'customllama'\n")  # fmt: skip
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(auto_map={"AutoConfig": "configuration_custom.CustomConfig"}, model_type="customllama")
+    (model / "config.json").write_text(json.dumps(cfg))
+    args = [sys.executable, str(TRAIN), "--config", str(CONFIG), *FAST, *outputs(root)]
+    r = subprocess.run([*args, f"--model.name_or_path={model}", "--model.hf_config=null"], input="y\n",
+                       capture_output=True, text=True, cwd=root, env=ENV, timeout=300)  # fmt: skip
+    ok, detail = user_error(r.returncode, r.stdout + r.stderr, "model.name_or_path", "trust_remote_code")
+    return ok and not marker.exists(), detail + (" (its code ran)" if marker.exists() else "")
+
+
 @case("SFT pad id outside the model's vocabulary")
 def _(root):
     tok = root / "tok"

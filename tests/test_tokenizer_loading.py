@@ -47,3 +47,34 @@ def test_remote_code_is_refused_without_a_prompt(tmp_path, monkeypatch):
     assert not asked and not marker.exists()  # nobody was asked, none of the directory's code ran
     tok = load_tokenizer(str(d), trust_remote_code=True)  # the run config's model.trust_remote_code: true
     assert marker.exists() and type(tok).__name__ == "CustomTok"
+
+
+def test_model_with_code_of_its_own_is_one_error_naming_the_key(tmp_path, monkeypatch):
+    """The model directory's config.json maps AutoConfig to a module of its own: refused in one line naming
+    model.name_or_path and model.trust_remote_code, nothing asked, none of its code run; with
+    trust_remote_code true it loads (the control)."""
+    from transformers import LlamaConfig
+
+    from engine.config import ModelConfig
+    from engine.model import model_config
+
+    d, marker = tmp_path / "model", tmp_path / "code-ran"
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=64).save_pretrained(d)
+    (d / "configuration_custom.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'customllama'\n"
+    )
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(auto_map={"AutoConfig": "configuration_custom.CustomConfig"}, model_type="customllama")
+    (d / "config.json").write_text(json.dumps(cfg))
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": asked.append(prompt) or "y")
+    with pytest.raises(ValueError) as e:
+        model_config(ModelConfig(name_or_path=str(d)))
+    assert str(e.value) == (
+        f"model.name_or_path: {str(d)!r} holds code of its own (auto_map in its config.json), which runs only "
+        "with model.trust_remote_code: true"
+    )
+    assert not asked and not marker.exists()
+    assert model_config(ModelConfig(name_or_path=str(d), trust_remote_code=True)).model_type == "customllama"
+    assert marker.exists()
