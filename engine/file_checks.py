@@ -117,6 +117,19 @@ def check_model_dir(directory: Path, what: str) -> None:
         check_pickled_weights(file, what)
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def check_has_weights(directory: Path, key: str) -> None:
+    """A local model directory holds weight files (transformers says so only after the process group, in
+    words that name no key)."""
+    if not any(next(directory.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise ValueError(
+            f"{key}: {str(directory)!r} holds no weights (no *.safetensors, pytorch_model.bin, *.pt or *.pth): "
+            "copy them there, or start from a random init with model.hf_config"
+        )
+
+
 def check_pickled_weights(file: Path, what: str) -> None:
     """Pickled weights (pytorch_model.bin) load under the weights-only rules: a payload does not run, and
     the refusal names the file (transformers' own refusal is a traceback naming none)."""

@@ -14,6 +14,7 @@ Each function takes only its config section.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -31,6 +32,16 @@ DTYPES = {
 def model_vocab_size(model_cfg: ModelConfig) -> int:
     """The embedding rows of the model the config names, without building it (for checking the data)."""
     return _hf_config(model_cfg).vocab_size
+
+
+def check_weights(model_cfg: ModelConfig) -> None:
+    """Before training starts: a local model directory holds weight files (planning and data inspection
+    read only its config.json, so config load does not ask for them)."""
+    from engine.file_checks import check_has_weights
+    from engine.hub import is_hub_id
+
+    if model_cfg.name_or_path is not None and not is_hub_id(str(model_cfg.name_or_path)):
+        check_has_weights(Path(model_cfg.name_or_path), "model.name_or_path")  # a hub id's may be downloaded
 
 
 def model_config(model_cfg: ModelConfig):

@@ -44,7 +44,7 @@ from engine.evaluate import format_eval, prepare_eval
 from engine.export import export
 from engine.host_memory import check_host_memory
 from engine.metrics import Metrics, peak_memory_bytes
-from engine.model import apply_lora, build_model, model_config, model_vocab_size
+from engine.model import apply_lora, build_model, check_weights, model_config, model_vocab_size
 from engine.schedule import spaco_generator
 from engine.sequence_parallel import check_model as check_sequence_model
 from engine.sequence_parallel import sequence_mpu
@@ -126,6 +126,7 @@ def prepare(cfg: Config) -> Prepared:
 def _prepare(cfg: Config, claim: run_dirs.Claim) -> Prepared:
     world_size = distributed.announced_world_size()
     check_host_memory(cfg, world_size, torch.cuda.is_available())  # sizes that cannot fit: before anything
+    check_weights(cfg.model)
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.trust_remote_code)
     use_template(tokenizer, cfg.data.chat_template)  # the export's tokenizer renders as training did
     # checks ids < vocab_size; tokenized by one rank per host, loaded by the others

@@ -155,6 +155,23 @@ def test_truncated_safetensors_is_named(tmp_path):
         load_config(str(CONFIG), args)
 
 
+def test_model_directory_without_weights_is_named(tmp_path, capsys):
+    """config.json but no weight file: the launcher refuses it before any process group, naming the key
+    (transformers said it after the group had started, naming none); config load, which planning and data
+    inspection share, still takes it (they read only the config)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=259)  # fmt: skip
+    cfg.save_pretrained(tmp_path / "m")
+    args = [f"--model.name_or_path={tmp_path / 'm'}", "--model.hf_config=null"]
+    load_config(str(CONFIG), args)
+    code, err = launcher_main(tmp_path, capsys, *args)
+    assert code == 2 and err.startswith(f"error: model.name_or_path: '{tmp_path / 'm'}' holds no weights"), (
+        err
+    )
+
+
 # --------------------------------------------------------------------------- sizes that cannot fit the host
 
 
