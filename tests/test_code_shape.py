@@ -43,6 +43,29 @@ def test_algorithm_does_not_import_the_application(module):
     assert not bad, f"engine/{module}.py imports {bad}"
 
 
+def application_loaded_by(modules: list[str]) -> list[str]:
+    """The application modules a fresh interpreter holds after importing `modules` (nothing this test
+    session imported counts)."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys\nimport {', '.join(modules)}\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({APPLICATION!r})))"
+    )
+    env = {"PYTHONPATH": str(ENGINE.parent), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return ast.literal_eval(r.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_algorithm_loads_no_application_module():
+    """Transitively too: nothing the algorithm imports pulls the application in. Negative control: a
+    module that does (config_load imports engine.config) is seen."""
+    assert application_loaded_by([f"engine.{m}" for m in (*ALGORITHM, "accumulation", "chunk_eval")]) == []
+    assert "engine.config" in application_loaded_by(["engine.options", "engine.config_load"])
+
+
 def test_the_import_walk_sees_the_application(tmp_path):
     """Negative control: both import forms are caught."""
     f = tmp_path / "m.py"
