@@ -138,5 +138,4 @@ def check_pickled_weights(file: Path, what: str) -> None:
     try:
         load_file(file, mmap=True)
     except CheckpointError as e:
-        reason = str(e).split(f"{str(file)!r} ", 1)[-1].split("; ")[0]
-        raise ValueError(f"{what} {str(file)!r}: {reason}; it is not loaded") from None
+        raise ValueError(f"{what} {str(file)!r}: {e.reason}; it is not loaded") from None

@@ -28,7 +28,13 @@ import torch
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: refused content, truncated, corrupt, or the wrong run."""
+    """A checkpoint file that cannot be used: refused content, truncated, corrupt, or the wrong run.
+    `reason`: what is wrong with the file, without the file's name or advice (for callers that name it in
+    their own words)."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = message if reason is None else reason
 
 
 def _deepspeed_types() -> list[type]:
@@ -59,21 +65,28 @@ def load_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
     except pickle.UnpicklingError as e:
         found = _UNSUPPORTED.search(str(e))
         what = found.group(0) if found else str(e).strip().splitlines()[0][:200]
-        raise CheckpointError(
-            f"checkpoint file {str(path)!r} refused: it holds something other than tensors, plain values and "
-            f"DeepSpeed's optimizer-state types ({what}); loading it could run code, so it is not loaded. "
-            "Only resume from checkpoints this engine wrote"
-        ) from None
+        reason = (
+            "refused: it holds something other than tensors, plain values and DeepSpeed's optimizer-state "
+            f"types ({what})"
+        )
+        advice = (
+            "loading it could run code, so it is not loaded. Only resume from checkpoints this engine wrote"
+        )
+        raise _unusable(path, reason, advice) from None
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {str(path)!r} is missing") from None
+        raise _unusable(path, "is missing") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
         # torch's zip reader raises RuntimeError for a truncated or non-zip file, pickle EOFError / others for a
         # damaged record; either way the file cannot be used, and the message says which one it is.
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"checkpoint file {str(path)!r} is truncated or corrupt ({type(e).__name__}: {first}); "
-            "resume from an older checkpoint (checkpoint.resume=PATH/global_stepN) or delete this one"
-        ) from None
+        reason = f"is truncated or corrupt ({type(e).__name__}: {first})"
+        advice = "resume from an older checkpoint (checkpoint.resume=PATH/global_stepN) or delete this one"
+        raise _unusable(path, reason, advice) from None
+
+
+def _unusable(path: Path, reason: str, advice: str = "") -> CheckpointError:
+    message = f"checkpoint file {str(path)!r} {reason}" + (f"; {advice}" if advice else "")
+    return CheckpointError(message, reason)
 
 
 def _check_format(path: Path) -> None:
