@@ -233,30 +233,17 @@ def _start(cfg: Config, prep: Prepared, chunk_line: str) -> Run:
     stream = DataStream(
         prep.dataset, cfg.data.batch_size, rank // p, world // p, seed=cfg.data.seed, **_batching(cfg)
     )
-    step, streak = 0, 0
+    step, streak, saved_config = 0, 0, None
     if prep.resume is not None:
         state = checkpoint.load(engine, *prep.resume, prep.weights_only, prep.resume_optimizer)
         if not prep.weights_only:  # weights-only: step 0 and a fresh data stream
             stream.load_state_dict(state["data"])
             step, streak = int(state["step"]), int(state.get("nonfinite_streak", 0))
+            saved_config = state["config"]
     metrics = Metrics(
         cfg.logging, prep.total_steps, start_step=step, enabled=rank == 0, run_config=config_to_dict(cfg)
     )
-    if chunk_line:
-        metrics.print(chunk_line)
-    for line in data_summary(prep.dataset):  # what was split, truncated or dropped: never silently
-        metrics.print(f"data: {line}")
-    _print_summary(metrics, cfg, prep, engine.module)
-    if prep.weights_only:
-        what = (
-            "weights and optimizer states"
-            if prep.resume_optimizer
-            else "weights (another world size: fresh optimizer)"
-        )
-        metrics.print(f"started from the {what} of {os.path.join(*prep.resume)}; step 0, a fresh data stream")
-    elif prep.resume is not None:
-        metrics.print(f"resumed from {os.path.join(*prep.resume)} at step {step}")
-        _warn_config_changes(metrics, state["config"], config_to_dict(cfg))
+    _announce(metrics, cfg, prep, engine.module, chunk_line, step, saved_config)
     # From here a signal means "save and stop"; before, it simply ends the process (nothing to save yet).
     _PREEMPT.clear()
     previous = {s: signal.signal(s, _request_stop) for s in PREEMPT_SIGNALS}
@@ -282,6 +269,33 @@ def _start(cfg: Config, prep: Prepared, chunk_line: str) -> Run:
         evaluator=prep.evaluator,
         watch=watch,
     )
+
+
+def _announce(
+    metrics: Metrics,
+    cfg: Config,
+    prep: Prepared,
+    module,
+    chunk_line: str,
+    step: int,
+    saved_config: dict | None,
+) -> None:
+    """The start-up lines: the chosen chunk size, the data, the model and what the run starts from."""
+    if chunk_line:
+        metrics.print(chunk_line)
+    for line in data_summary(prep.dataset):  # what was split, truncated or dropped: never silently
+        metrics.print(f"data: {line}")
+    _print_summary(metrics, cfg, prep, module)
+    if prep.weights_only:
+        what = (
+            "weights and optimizer states"
+            if prep.resume_optimizer
+            else "weights (another world size: fresh optimizer)"
+        )
+        metrics.print(f"started from the {what} of {os.path.join(*prep.resume)}; step 0, a fresh data stream")
+    elif prep.resume is not None:
+        metrics.print(f"resumed from {os.path.join(*prep.resume)} at step {step}")
+        _warn_config_changes(metrics, saved_config, config_to_dict(cfg))
 
 
 def _print_summary(metrics: Metrics, cfg: Config, prep: Prepared, module) -> None:
