@@ -2,11 +2,14 @@
 
 Usage: deepspeed --num_gpus 2 tests/workers/ds_step.py --zero 2 [--offload-optimizer] [--offload-param]
        [--lora] [--mode seco|spaco] [--optim sgd|adamw] [--packed] [--loss-chunks always]
-       [--model llama|moe|nemotron_h] [--accum N [--no-span]] --out result.pt
+       [--model llama|moe|nemotron_h] [--sp P] [--accum N [--no-span] | --and-accum N] --out result.pt
 
---accum N: N micro-batches per rank in one optimizer step (engine/accumulation.py), on ds_reference's
-accum_batch; the result also holds the number of gradient reductions the step made (`reductions`).
+--accum N: N micro-batches per data-parallel rank in one optimizer step (engine/accumulation.py), on
+ds_reference's accum_batch (data-parallel rank d's micro-batch i is row (world / P) x i + d); the result
+also holds the number of gradient reductions the step made (`reductions`).
 --no-span (negative control): each micro-batch in its own step context, as without the trainer's.
+--and-accum N: the one step, then such an accumulated step on the same engine; its result is under
+"accum" (`params` after it), so a case covers accumulation without another launcher start.
 """
 
 import argparse
@@ -45,6 +48,7 @@ p.add_argument("--memory", action="store_true")  # checkpoint_layers + fused_los
 p.add_argument("--sp", type=int, default=1)  # ranks per sequence (DeepSpeed's sequence-parallel mpu)
 p.add_argument("--accum", type=int, default=0)
 p.add_argument("--no-span", action="store_true")
+p.add_argument("--and-accum", type=int, default=0)
 p.add_argument("--out", required=True)
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
@@ -106,22 +110,24 @@ def count_reductions(optimizer) -> list[int] | None:
     return seen
 
 
-def accumulated_step():
-    """N micro-batches per rank, their loss tokens counted over all of them and both ranks first."""
+def accumulated_step(accum: int):
+    """`accum` micro-batches per data-parallel rank, their loss tokens counted over all of them and all
+    ranks first (the P ranks of a sequence group share their rows)."""
     ids, labels, mask = accum_batch()
+    dp, dp_rank = world // args.sp, rank // args.sp
     micro = []
-    for i in range(args.accum):
-        row = 2 * i + rank
+    for i in range(accum):
+        row = dp * i + dp_rank
         n = int(mask[row].sum())
         micro.append({"input_ids": ids[row : row + 1, :n], "labels": labels[row : row + 1, :n]})
-    tokens = count_step_tokens(engine, micro)
+    tokens = count_step_tokens(engine, micro, copies=args.sp)
     reductions = count_reductions(engine.optimizer)
     loss = 0.0
     with contextlib.nullcontext() if args.no_span else step_context(engine):
         for i, b in enumerate(micro):
             stats = chunkwise_backward(
                 engine, **b, schedule=schedule, options=options, num_items_in_batch=tokens.loss_tokens,
-                last_micro_batch=i == args.accum - 1,
+                last_micro_batch=i == accum - 1,
             )  # fmt: skip
             loss += stats.loss
     return {"loss": loss, "tokens": tokens.loss_tokens, "reductions": reductions}
@@ -143,14 +149,23 @@ def one_step():
     return {"loss": stats.loss, "tokens": stats.num_tokens, "kv_bytes": stats.kv_bytes}
 
 
-result = accumulated_step() if args.accum else one_step()
+def weights() -> dict[str, torch.Tensor]:
+    state = {}
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], enabled=args.zero == 3):
+            state[name] = p.detach().clone().float()
+    return state
+
+
+result = accumulated_step(args.accum) if args.accum else one_step()
 engine.step()
-state = {}
-for name, p in engine.module.named_parameters():
-    with deepspeed.zero.GatheredParameters([p], enabled=args.zero == 3):
-        state[name] = p.detach().clone().float()
+result["params"] = weights()
+if args.and_accum:
+    result["accum"] = accumulated_step(args.and_accum)
+    engine.step()
+    result["accum"]["params"] = weights()
 if rank == 0:
-    torch.save({"params": state, **result}, args.out)
+    torch.save(result, args.out)
 # Leave together and tear the process group down before exit: ZeRO-3's offload threads otherwise race the
 # interpreter's shutdown ("terminate called without an active exception", seen once in CI).
 torch.distributed.barrier()
