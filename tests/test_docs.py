@@ -120,6 +120,13 @@ def test_every_docs_page_is_in_the_readme_index():
     assert unlisted == [], "link these docs/ pages from the README's documentation index"
 
 
+def test_every_shipped_config_is_in_the_recipe_table():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    listed = set(re.findall(r"^\| `(configs/[\w.-]+\.yaml)`", page, re.M))
+    shipped = {_rel(p) for p in (ROOT / "configs").glob("*.yaml")}
+    assert listed and shipped - listed == set(), "docs/configuration.md's recipe table lacks these configs"
+
+
 def test_readme_is_at_most_300_lines():
     n = len((ROOT / "README.md").read_text().splitlines())
     assert n <= 300, f"README.md has {n} lines: move depth into a docs/ page"
