@@ -221,6 +221,18 @@ def _(root):
     return err < 1e-10 and model.model.layers[0].gradient_checkpointing, f"relative gradient error {err:.1e}"
 
 
+@case("ChunkwiseTrainer with TrainingArguments(gradient_checkpointing=True): gradient exact")
+def _(root):
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_hf_checkpointing import _trainer_grads
+    from tiny import reference_grads, rel_error, tiny_batch, tiny_model
+
+    _, ref = reference_grads(tiny_model("LlamaConfig").train(), *tiny_batch())
+    seen = _trainer_grads(root, gradient_checkpointing=True)
+    err = rel_error(seen["grads"], ref)
+    return err < 1e-10 and any(seen["flags"]), f"relative gradient error {err:.1e}"
+
+
 @case("YAML duplicate key (lr twice)")
 def _(root):
     cfg = root / "dup.yaml"
@@ -273,6 +285,35 @@ def _(root):
     return user_error(
         *quick_main(root, *CHAT_RUN, chat_data(root, turns)), "chat.jsonl, line 1", "chat template"
     )
+
+
+@case("chat: tool calls, a tool turn and text parts reach the template; the call is trained on")
+def _(root):
+    from engine.data import load_tokenizer
+    from engine.data.chat import check_chat
+    from engine.data.chat_render import render_chat
+
+    template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{% if m.content is string %}"
+        "{{ m.content }}{% elif m.content %}{% for p in m.content %}{{ p.text }}{% endfor %}{% endif %}"
+        "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}</call>{% endfor %}{{ '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    turns = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}],
+        },
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    tok = load_tokenizer(str(SFT / "tokenizer"))
+    got = render_chat(tok, check_chat({"messages": turns}, "r", "messages"), "r", False, template)
+    text, labelled = tok.decode(got.ids), tok.decode([t for t, m in zip(got.ids, got.loss) if m])
+    ok = "Weather in Paris?" in text and "get_weather" in labelled and "sunny<" not in labelled
+    return ok and "It is sunny." in labelled, f"trained on: {labelled!r}"
 
 
 @case("chat: first answer token merged with the space (mask vs HF's)")
