@@ -59,6 +59,19 @@ def test_second_run_is_refused_naming_the_holder(tmp_path, holder, capsys):
     assert time.time() - t0 < 60 and not (tmp_path / "log").exists()  # refused first: nothing else written
 
 
+def test_a_run_sharing_only_the_logging_dir_is_refused(tmp_path, capsys):
+    """Two runs with their own checkpoint.dir but one logging.dir would interleave their metrics: the second
+    is refused naming logging.dir and the holder."""
+    p = hold_lock(tmp_path / "log")
+    try:
+        code, err = launcher_main(tmp_path, capsys)
+    finally:
+        p.kill()
+        p.wait()
+    assert code == 2 and err.startswith("error: logging.dir: ") and f"(pid {p.pid} on host" in err, err
+    assert not (tmp_path / "ckpt").exists()  # refused before anything was written
+
+
 def test_lock_of_a_killed_run_is_taken_over_with_a_message(tmp_path, holder, capsys):
     holder.send_signal(signal.SIGKILL)  # no clean-up at all: the kernel drops the flock
     holder.wait()
