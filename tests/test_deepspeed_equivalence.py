@@ -21,6 +21,9 @@ from ds_reference import (
 )
 from one_rank import free_port
 from tiny import per_document_grads, reference_grads, rel_error
+from tiny_hybrid import HYBRIDS
+
+from engine.chunkwise import ChunkSchedule, chunkwise_backward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.distributed
@@ -60,6 +63,8 @@ CASES = {
     "zero3-sp2": ["--zero", "3", "--sp", "2"],
     "zero3-sp2-lora-packed": ["--zero", "3", "--sp", "2", "--lora", "--packed"],
     "zero3-sp2-moe-aux": ["--zero", "3", "--sp", "2", "--model", "moe"],
+    # a hybrid whose gated-delta-rule mixers are split by heads (engine/sharded_mixers.py)
+    "zero2-sp2-hybrid": ["--zero", "2", "--sp", "2", "--model", "qwen3_next"],
     "zero3-packed-spaco-loss-chunks": [
         "--zero",
         "3",
@@ -103,6 +108,16 @@ def reference_step(lora: bool, optim: str, packed: bool = False, model_name: str
     return loss, {n: p.detach().clone() for n, p in params.items()}
 
 
+def one_process_state_bytes(model_name: str) -> int:
+    """The boundary-state bytes of one process's chunk-wise step on the group's rows (the same boundaries:
+    37 tokens and 38, padded for P = 2, both cut at 8, 16, 24, 32)."""
+    ids, labels, mask = global_batch()
+    stats = chunkwise_backward(
+        build(model_name), ids, labels=labels, attention_mask=mask, schedule=ChunkSchedule(chunk_size=8)
+    )
+    return stats.state_bytes
+
+
 def packed_reference(model, ids, labels, mask):
     loss, _, grads = per_document_grads(model, ids, labels, PACKED_DOCS)
     return loss, grads
@@ -143,7 +158,9 @@ def check_step(args, got, rows=2):
     # SGD's update is the gradient (fp32 rounding: ~1e-7). Adam's first step is g / (|g| + eps), which
     # amplifies rounding on the few elements whose gradient is near eps: compare the update as a whole.
     assert rel_error(got_update, ref_update) <= (1e-5 if optim == "sgd" else 1e-3)
-    if sp > 1:  # the chunks really were split: each rank held half of the K/V heads
+    if sp > 1 and model_name in HYBRIDS:  # the mixers really were split: half the boundary states per rank
+        assert 0 < got["state_bytes"] and got["state_bytes"] * 2 == one_process_state_bytes(model_name)
+    elif sp > 1:  # the chunks really were split: each rank held half of the K/V heads
         cfg = build(model_name).config
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         padded = -(-global_batch()[0].shape[1] // sp) * sp  # rank 0's rows: row 0 (37 tokens) is the longest

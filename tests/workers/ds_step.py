@@ -146,7 +146,10 @@ def one_step():
     stats = chunkwise_backward(
         engine, ids, labels=labels, attention_mask=mask, position_ids=pos, schedule=schedule, options=options
     )
-    return {"loss": stats.loss, "tokens": stats.num_tokens, "kv_bytes": stats.kv_bytes}
+    return {
+        "loss": stats.loss, "tokens": stats.num_tokens, "kv_bytes": stats.kv_bytes,
+        "state_bytes": stats.state_bytes,
+    }  # fmt: skip
 
 
 def weights() -> dict[str, torch.Tensor]:
