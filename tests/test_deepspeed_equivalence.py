@@ -206,11 +206,11 @@ def check_accumulation(got, data_parallel: int, start=None, accum: int = 2):
     ref_update = {n: p.detach() - init[n] for n, p in model.named_parameters()}
     got_update = {n: got["params"][n] - init[n] for n in ref_update}
     assert rel_error(got_update, ref_update) <= 1e-5
-    if got["reductions"] is not None:  # ZeRO-0 reduces in the engine, at the accumulation boundary
-        assert len(got["reductions"]) == 1, got["reductions"]  # one reduction pass for the whole step
+    assert len(got["reductions"]) == 1, got["reductions"]  # one reduction pass for the whole step
 
 
-def test_accumulation_without_the_spanning_step_context_reduces_per_micro_batch(tmp_path):
-    """Negative control of the reduction count: each micro-batch in its own step context reduces twice."""
-    got = launch(["--zero", "2", "--accum", "2", "--no-span"], tmp_path / "out.pt")
+@pytest.mark.parametrize("zero", ["0", "2"])
+def test_accumulation_without_the_spanning_step_context_reduces_per_micro_batch(tmp_path, zero):
+    """Negative control of the reduction count: each micro-batch a step of its own reduces twice."""
+    got = launch(["--zero", zero, "--accum", "2", "--no-span"], tmp_path / "out.pt")
     assert len(got["reductions"]) == 2, got["reductions"]

@@ -7,7 +7,8 @@ Usage: deepspeed --num_gpus 2 tests/workers/ds_step.py --zero 2 [--offload-optim
 --accum N: N micro-batches per data-parallel rank in one optimizer step (engine/accumulation.py), on
 ds_reference's accum_batch (data-parallel rank d's micro-batch i is row (world / P) x i + d); the result
 also holds the number of gradient reductions the step made (`reductions`).
---no-span (negative control): each micro-batch in its own step context, as without the trainer's.
+--no-span (negative control): each micro-batch a step of its own (its own step context, its last backward an
+accumulation boundary), as chunkwise_backward calls without the trainer's accumulation are.
 --and-accum N: the one step, then such an accumulated step on the same engine; its result is under
 "accum" (`params` after it), so a case covers accumulation without another launcher start.
 """
@@ -88,17 +89,27 @@ options = (
 )
 
 
-def count_reductions(optimizer) -> list[int] | None:
+def count_reductions(engine) -> list[int]:
     """Spy on the ZeRO optimizer's bucket reduction (one call reduces every gradient in its bucket; the tiny
-    model fits one bucket): the sizes of the non-empty buckets it reduced."""
+    model fits one bucket): the sizes of the non-empty buckets it reduced. Stage 0: the engine's all-reduce
+    of every gradient at an accumulation boundary (one entry per call)."""
+    seen: list[int] = []
     if args.zero == 0:
-        return None  # stage 0 reduces in the engine at the accumulation boundary
+        real_allreduce = engine.buffered_allreduce_fallback
+
+        def spy_allreduce(*a, **k):
+            seen.append(sum(1 for p in engine.module.parameters() if p.grad is not None))
+            return real_allreduce(*a, **k)
+
+        engine.buffered_allreduce_fallback = spy_allreduce
+        return seen
+    optimizer = engine.optimizer
     name = (
         "reduce_ipg_grads"
         if args.zero in (1, 2)
         else "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads"
     )
-    real, seen = getattr(optimizer, name), []
+    real = getattr(optimizer, name)
 
     def spy(*a, **k):
         n = sum(len(b.params) for b in optimizer.ipg_buckets.values())
@@ -121,13 +132,13 @@ def accumulated_step(accum: int):
         n = int(mask[row].sum())
         micro.append({"input_ids": ids[row : row + 1, :n], "labels": labels[row : row + 1, :n]})
     tokens = count_step_tokens(engine, micro, copies=args.sp)
-    reductions = count_reductions(engine.optimizer)
+    reductions = count_reductions(engine)
     loss = 0.0
     with contextlib.nullcontext() if args.no_span else step_context(engine):
         for i, b in enumerate(micro):
             stats = chunkwise_backward(
                 engine, **b, schedule=schedule, options=options, num_items_in_batch=tokens.loss_tokens,
-                last_micro_batch=i == accum - 1,
+                last_micro_batch=args.no_span or i == accum - 1,
             )  # fmt: skip
             loss += stats.loss
     return {"loss": loss, "tokens": tokens.loss_tokens, "reductions": reductions}
