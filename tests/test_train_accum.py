@@ -66,6 +66,9 @@ def test_two_micro_batches_of_one_row_equal_one_batch_of_two(tmp_path):
     assert len(a) == len(b) == steps
     assert [r["loss_tokens"] for r in a] == [r["loss_tokens"] for r in b]
     assert len({r["loss_tokens"] for r in a}) > 1  # the steps' token counts differ: normalisation matters
+    # grad_clip (1.0) acted on some steps: it clips the step's whole gradient, not each micro-batch's
+    assert max(r["grad_norm"] for r in a) > 1.0
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-9)
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-12, abs=0)
     wa, wb = weights(accum), weights(batch)
     assert wa.keys() == wb.keys() and wa["lm_head.weight"].dtype == torch.float64
