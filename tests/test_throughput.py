@@ -52,3 +52,24 @@ def test_summary_and_duration():
         and format_duration(3725) == "1:02:05"
         and format_duration(float("inf")) == "?"
     )
+
+
+def test_known_cuda_devices_give_their_peak(monkeypatch):
+    """Without logging.peak_tflops, a CUDA device's name picks its data-sheet peak (the more specific name
+    first: H100 PCIe before H100, L40S and L40 before L4); an unknown device gives no MFU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cases = {
+        "NVIDIA H100 80GB HBM3": 989.0,
+        "NVIDIA H100 PCIe": 756.0,
+        "NVIDIA H200": 989.0,
+        "NVIDIA A100-SXM4-80GB": 312.0,
+        "NVIDIA L40S": 362.0,
+        "NVIDIA L40": 181.0,
+        "NVIDIA L4": 121.0,
+        "NVIDIA GeForce RTX 3090": 71.0,
+        "Tesla T4": None,
+    }
+    for name, want in cases.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
+        assert peak_tflops(None) == want, name
+    assert peak_tflops(50.0) == 50.0  # the configured peak wins over the device's
