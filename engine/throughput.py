@@ -138,14 +138,9 @@ def summary_lines(
     ]
 
 
-def dataset_tokens(dataset) -> int | None:
-    """Non-padding tokens in the dataset's rows, where the dataset can say without reading every row."""
-    from engine.data import PackedDataset, PaddedDataset, SftDataset, SyntheticDataset
+def dataset_tokens(dataset) -> int:
+    """Non-padding tokens in the dataset's rows (a mixture's drawn rows, eval.split's training rows), from the
+    row lengths the datasets record."""
+    from engine.data.stream import _row_lengths
 
-    if isinstance(dataset, (PackedDataset, SyntheticDataset)):
-        return len(dataset) * dataset.seq_len  # full rows
-    if isinstance(dataset, PaddedDataset):  # every document's tokens, in one row or split over several
-        return dataset.tokens.numel() - dataset.dropped_tokens
-    if isinstance(dataset, SftDataset):
-        return sum(len(s.ids) for s in dataset.samples)
-    return None  # a mixture or a subset (eval.split): not known without reading the rows
+    return int(_row_lengths(dataset).sum())

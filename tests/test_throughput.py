@@ -73,3 +73,41 @@ def test_known_cuda_devices_give_their_peak(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, name=name: name)
         assert peak_tflops(None) == want, name
     assert peak_tflops(50.0) == 50.0  # the configured peak wins over the device's
+
+
+def test_dataset_tokens_of_every_kind_of_training_set(tmp_path):
+    """The start-up summary's token count: the attention masks' sum, for padded, packed, synthetic and SFT
+    rows, eval.split's training rows (a Subset) and a mixture's drawn rows."""
+    import json
+    from pathlib import Path
+
+    from torch.utils.data import Subset
+
+    from engine.config import DataConfig, MixtureSource
+    from engine.data import ByteTokenizer, SyntheticDataset, build_dataset, load_tokenizer
+    from engine.throughput import dataset_tokens
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": "word " * n}) + "\n" for n in (3, 40, 7, 90, 12)))
+    tok = ByteTokenizer()
+    padded = build_dataset(DataConfig(kind="documents", path=str(docs), seq_len=64, packing=False), tok)
+    packed = build_dataset(DataConfig(kind="documents", path=str(docs), seq_len=64), tok)
+    sft_dir = Path(__file__).resolve().parent / "data" / "sft"
+    sft_cfg = DataConfig(kind="chat", path=str(sft_dir / "chat.jsonl"), tokenizer=str(sft_dir / "tokenizer"))
+    sft = build_dataset(sft_cfg, load_tokenizer(str(sft_dir / "tokenizer")))
+    mixture = build_dataset(
+        DataConfig(kind="documents", seq_len=64, packing=False, mixture=[
+            MixtureSource(path=str(docs), weight=1.0), MixtureSource(path=str(docs), weight=3.0)]),
+        tok,
+    )  # fmt: skip
+    sets = [
+        padded,
+        packed,
+        sft,
+        SyntheticDataset("kv_recall", 64, 6, 0, tok),
+        Subset(padded, [0, 3, 4]),
+        mixture,
+    ]
+    for ds in sets:
+        assert dataset_tokens(ds) == sum(int(ds[i]["attention_mask"].sum()) for i in range(len(ds))), ds
+    assert dataset_tokens(Subset(padded, [0, 3, 4])) < dataset_tokens(padded)

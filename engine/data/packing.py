@@ -66,6 +66,10 @@ class PackedDataset(_TokenStore):
             "position_ids": at - self.doc_offsets[doc].clamp(min=start),
         }
 
+    def row_lengths(self) -> torch.Tensor:
+        """Real tokens of every row: all of them (packed rows are full)."""
+        return torch.full((self.num_blocks,), self.seq_len, dtype=torch.long)
+
 
 class PaddedDataset(_TokenStore):
     """One document per row, right-padded with ``pad_id`` to ``seq_len``. A document longer than ``seq_len``

@@ -198,6 +198,10 @@ class SyntheticDataset(Dataset):
         ]
         return np.concatenate(parts), key.size
 
+    def row_lengths(self) -> np.ndarray:
+        """Real tokens of every row: all of them (no padding)."""
+        return np.full(len(self), self.seq_len, dtype=np.int64)
+
     def max_token_id(self) -> int:
         """Largest id any sample can contain (exact set: bos, fixed pieces, characters, filler words)."""
         candidates = [self._bos, self._word_flat, *self._pieces.values()]
