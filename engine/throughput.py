@@ -141,6 +141,6 @@ def summary_lines(
 def dataset_tokens(dataset) -> int:
     """Non-padding tokens in the dataset's rows (a mixture's drawn rows, eval.split's training rows), from the
     row lengths the datasets record."""
-    from engine.data.stream import _row_lengths
+    from engine.data.stream import row_lengths_of
 
-    return int(_row_lengths(dataset).sum())
+    return int(row_lengths_of(dataset).sum())
