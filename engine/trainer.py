@@ -207,11 +207,13 @@ def setup(cfg: Config) -> Run:
     cfg, chunk_line = resolve_chunk_size(cfg, distributed.announced_world_size())  # chunk_size: auto
     rdzv = distributed.join_rendezvous()  # before preparing: a taken MASTER_PORT ends the start here
     prep = rdzv.agreed(lambda: prepare(cfg), undo=lambda p: p.claim.abandon())  # one fails: all end
+    joins = not dist.is_initialized()  # else the caller built the group and keeps it
     distributed.init_distributed(rdzv)
     try:
         return _start(cfg, prep, chunk_line)
     except BaseException:  # an in-process caller (tests, a notebook) gets the group and environment back
-        distributed.shutdown()
+        if joins:
+            distributed.shutdown()
         prep.claim.release()
         raise
 
