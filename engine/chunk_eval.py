@@ -15,6 +15,10 @@ The targets are the training loss's, so `loss_sum / num_tokens` is HF's `.loss` 
             computes logits only at the target positions (`logits_to_keep` with their indices)
 
 MoE models score the language-model loss alone: the router's load-balancing term is not part of it.
+
+Under sequence parallelism (`sequence_group`, engine/sequence_parallel.py) the P ranks of the group score the
+same rows, each chunk split over them as in training (K/V head-sharded: the memory of a training step's pass
+1 under the same P); each rank computes its tokens' share and the group's sums are returned on every rank.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from engine.concerns import Chunk, ChunkConcern, ChunkOutput
 from engine.documents import IGNORE
 from engine.options import ChunkOptions
 from engine.schedule import ChunkSchedule
+from engine.sequence_parallel import SequenceStep
 from engine.step_plan import StepPlan, plan_step
+from engine.unwrap import text_config
 
 DEFAULT_OPTIONS = ChunkOptions()
 
@@ -55,16 +61,21 @@ def score(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     argmax: bool = False,
+    sequence_group=None,
 ) -> Scores:
     """Score a batch chunk by chunk; `model` is an HF (or PEFT) causal LM or a DeepSpeed engine. The
     caller puts the model in eval mode (no dropout) and, under ZeRO-3, runs the same number of calls with
     the same sequence length on every rank (each chunk's forward gathers parameters): this rank's batch
-    is scored as it is, without agreeing on anything with the other ranks."""
+    is scored as it is, without agreeing on anything with the other ranks but those of `sequence_group`
+    (engine/sequence_parallel.py's SequenceGroup), which hold the same rows and score them together."""
     module = backend_for(model).module
     check_model(module)
+    local = LocalBackend(module)
+    # A plain step over the group (nothing else reduces across it): the group's sums are taken below.
+    sp = SequenceStep.of(local, sequence_group, text_config(module.config), chunk_size)
     plan = plan_step(
-        input_ids, labels, attention_mask, position_ids, ChunkSchedule(chunk_size=chunk_size),
-        LocalBackend(module), pad_id=pad_id(module),
+        input_ids, labels, attention_mask, position_ids, ChunkSchedule(chunk_size=chunk_size), local,
+        pad_id=pad_id(module), sequence=sp,
     )  # fmt: skip
     # Pass 1 alone: no chunk is left for a pass 2, so every chunk's loss is taken in pass 1.
     plan = dataclasses.replace(plan, recomputed=frozenset(), order=[])
@@ -73,7 +84,7 @@ def score(
         options = dataclasses.replace(options, fused_loss=False)
     # hits last: its logits_to_keep is the one the forward gets
     extra = [] if hits is None else [hits]
-    runner = ChunkRunner(model, module, plan, options, needs_kv_grad=False, sp=None, extra=extra)
+    runner = ChunkRunner(model, module, plan, options, needs_kv_grad=False, sp=sp, extra=extra)
     loss_sum = torch.zeros((), dtype=torch.float64, device=plan.input_ids.device)
     with runner.attention():
         for c in range(plan.num_chunks):
@@ -81,7 +92,11 @@ def score(
             if ce is not None:
                 loss_sum += ce.double()
     row_tokens = (plan.targets != IGNORE).sum(dim=1)
-    return Scores(float(loss_sum), int(row_tokens.sum()), row_tokens, None if hits is None else hits.correct)
+    correct = None if hits is None else hits.correct
+    if sp is not None:  # each rank scored its tokens of every chunk; the rows' targets are the group's
+        loss_sum = sp.group.all_sum(loss_sum)
+        correct = None if correct is None else sp.group.all_sum(correct)
+    return Scores(float(loss_sum), int(row_tokens.sum()), row_tokens, correct)
 
 
 class _ArgmaxHits(ChunkConcern):

@@ -6,7 +6,9 @@ eval/loss is HF's `.loss` over the whole held-out set: the cross-entropy summed 
 every row, divided by their number (token-weighted, not an average of per-batch means). Each rank scores
 its shard (rows r, r + W, ...) chunk-wise without a graph (engine/chunk_eval.py), and the sums are reduced
 over ranks. Under ZeRO-3 every chunk's forward gathers parameters, so all ranks run the same number of
-batches of the same length: a rank whose shard is used up scores a row with no targets instead.
+batches of the same length: a rank whose shard is used up scores a row with no targets instead. Under
+sequence parallelism the shards are the data-parallel groups', each scored by its P ranks together with
+every chunk split over them (`EvalShard`): evaluation takes the memory of training's pass 1 there too.
 
 The held-out set is eval.path (read like data.path) or eval.split, a fraction of the training rows drawn
 from data.seed and taken out of the training set before the data stream sees it. Retrieval (needle /
@@ -135,6 +137,29 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalShard:
+    """Which rows this rank evaluates: the shard `index` of `count` data-parallel groups. Under sequence
+    parallelism the P ranks of a `group` (engine/sequence_parallel.py's SequenceGroup) score the same rows
+    together, each chunk split over them as in training, and one of them (`counts`) adds the group's sums."""
+
+    index: int
+    count: int
+    group: Any = None
+    counts: bool = True
+
+
+def eval_shard(model) -> EvalShard:
+    """This rank's shard: a DeepSpeed engine initialised with the sequence-parallel mpu brings its group."""
+    rank, world = rank_world()
+    if getattr(model, "sequence_parallel_size", 1) <= 1:
+        return EvalShard(rank, world)
+    from engine.sequence_parallel import SequenceGroup
+
+    group = SequenceGroup(model.seq_parallel_group)  # consecutive ranks, as the trainer's data stream reads
+    return EvalShard(rank // group.size, world // group.size, group, group.rank == 0)
+
+
 def device_of(model) -> torch.device:
     """Where the model's inputs go (a DeepSpeed engine and an HF model both say; else its parameters')."""
     device = getattr(model, "device", None)
@@ -170,11 +195,11 @@ def eval_loss(
     model, dataset: Dataset, rows: Sequence[int], batch_size: int, chunk_size: int, options: ChunkOptions
 ) -> dict:
     """{'eval/loss', 'eval/ppl', 'eval/tokens'} over `rows` of `dataset`, all ranks together."""
-    rank, world = rank_world()
+    shard = eval_shard(model)
     device = device_of(model)
     loss_sum, tokens = 0.0, 0
     with eval_mode(model):
-        for batch_rows in shard_batches(rows, rank, world, batch_size):
+        for batch_rows in shard_batches(rows, shard.index, shard.count, batch_size):
             b = trim_padding(batch_of(dataset, batch_rows, rows[0], device))
             s = score(
                 model,
@@ -184,8 +209,10 @@ def eval_loss(
                 position_ids=b.get("position_ids"),
                 chunk_size=chunk_size,
                 options=options,
+                sequence_group=shard.group,
             )
-            loss_sum, tokens = loss_sum + s.loss_sum, tokens + s.num_tokens
+            if shard.counts:
+                loss_sum, tokens = loss_sum + s.loss_sum, tokens + s.num_tokens
     loss_sum, tokens = reduce_sum([loss_sum, float(tokens)], device)
     loss = loss_sum / tokens if tokens else math.nan
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 700.0)), "eval/tokens": int(tokens)}

@@ -62,7 +62,11 @@ class ChunkwiseTrainer(Trainer):
             raise ValueError(
                 f"options: expected an engine.options.ChunkOptions, got {type(options).__name__}"
             )
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        refuse_sequence_sharding(getattr(training_args, "parallelism_config", None))  # before any group
         super().__init__(*args, **kwargs)
+        # accelerate may build its parallelism config from the environment (ACCELERATE_USE_PARALLELISM_CONFIG)
+        refuse_sequence_sharding(getattr(self.accelerator, "parallelism_config", None))
         self.schedule, self.options, self.seed = schedule, options, seed
         self.last_stats: ChunkStats | None = None
         self._step = contextlib.ExitStack()  # the open optimizer step's gradient-reduction context
@@ -136,6 +140,23 @@ class ChunkwiseTrainer(Trainer):
             per_rank = world > 1 and not self.args.average_tokens_across_devices
             return int(num_items_in_batch) * (world if per_rank else 1)
         return count_step_tokens(model, [inputs]).loss_tokens * self.current_gradient_accumulation_steps
+
+
+def refuse_sequence_sharding(parallelism_config) -> None:
+    """TrainingArguments' sequence parallelism (`parallelism_config` sp_size: DeepSpeed's ALST/Ulysses) and
+    context parallelism (cp_size) hand each rank a slice of every sequence, where chunk-wise backprop needs the
+    whole rows on every rank: refused by name rather than trained on slices as if they were sequences."""
+    if parallelism_config is None:
+        return
+    for name in ("sp_size", "cp_size"):
+        size = getattr(parallelism_config, name, None) or 1
+        if size > 1:
+            raise ValueError(
+                f"ChunkwiseTrainer: parallelism_config.{name}={size} splits every sequence over ranks, which "
+                "chunk-wise backprop does not take (it needs each rank's rows whole); train with "
+                "parallelism_config unset, or use launch/train.py's parallel.sequence (sequence parallelism "
+                "inside each chunk)"
+            )
 
 
 def _batch(inputs: dict[str, Any]) -> dict[str, Any]:

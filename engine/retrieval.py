@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Subset
 from engine.chunk_eval import score
 from engine.config import RetrievalConfig
 from engine.data.tokenizers import encode_text
-from engine.evaluate import batch_of, device_of, eval_mode, rank_world, reduce_sum, shard_batches
+from engine.evaluate import batch_of, device_of, eval_mode, eval_shard, reduce_sum, shard_batches
 from engine.options import ChunkOptions
 
 _WORDS_SEED = 0x5EC0  # the pseudo-word pool is part of the task definition, not of the run's seed
@@ -180,13 +180,13 @@ def evaluate_items(
 ) -> dict:
     """{'eval/retrieval': [{length, depth, accuracy, items}, ...], 'eval/retrieval_acc': the mean}, all
     ranks together (the model is put in eval mode for the duration)."""
-    rank, world = rank_world()
+    shard = eval_shard(model)
     device = device_of(model)
     counts: list[float] = []
     with eval_mode(model):
         for cell in items.cells:
             answered = total = 0
-            for rows in shard_batches(range(len(cell.items)), rank, world, batch_size):
+            for rows in shard_batches(range(len(cell.items)), shard.index, shard.count, batch_size):
                 b = batch_of(cell.items, rows, 0, device)
                 s = score(
                     model,
@@ -195,9 +195,11 @@ def evaluate_items(
                     chunk_size=chunk_size,
                     options=options,
                     argmax=True,
+                    sequence_group=shard.group,
                 )
-                hit = (s.row_correct == s.row_tokens) & (s.row_tokens > 0)
-                answered, total = answered + int(hit.sum()), total + len(rows)
+                if shard.counts:
+                    hit = (s.row_correct == s.row_tokens) & (s.row_tokens > 0)
+                    answered, total = answered + int(hit.sum()), total + len(rows)
             counts += [answered, total]
     counts = reduce_sum(counts, device)
     cells = [

@@ -7,6 +7,7 @@ import torch
 from tiny import grads_of, tiny_batch, tiny_model
 from tiny_hybrid import HYBRIDS, tiny_hybrid
 
+from engine.chunk_eval import score
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 
 MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
@@ -59,6 +60,16 @@ SHARDED_MIXERS = (
 GATHERED_MIXERS = ("nemotron_h",)
 # Negative control: the "qwen3_next" case with each rank's heads run on the other rank's per-head parameters
 SWAPPED = "qwen3_next_swapped_heads"
+
+# Chunk-wise scoring (engine/chunk_eval.py: eval loss and retrieval's argmax hits) over a sequence group:
+# name -> the case of CASES whose model and batch are scored (padded rows, packed documents, a sliding
+# window, a hybrid with head-sharded mixers)
+SCORES = {
+    "score_llama": "llama",
+    "score_packed": "packed",
+    "score_qwen2_sliding": "qwen2_sliding",
+    "score_qwen3_next": "qwen3_next",
+}
 
 # Refused by name before any chunk runs: name -> (case, words the error must contain)
 REFUSALS = {
@@ -143,6 +154,30 @@ def run_case(case, group=None) -> dict:
         "state_bytes": stats.state_bytes,
         "selected": stats.selected,
     }
+
+
+def score_case(case, group=None) -> dict:
+    """The batch's chunk-wise scores, loss and argmax; `group` None: one process. Argmax hits to count: every
+    other label is what a plain forward predicts there (a random model gets few right by itself)."""
+    model = build(case).eval()
+    ids, labels, mask, position_ids = batch(case)
+    with torch.no_grad():
+        predicted = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.argmax(-1)
+    hinted = labels.clone()
+    hinted[:, 1::2] = torch.where(labels[:, 1::2] == -100, -100, predicted[:, :-1][:, ::2])
+    out = {}
+    for argmax in (False, True):
+        labels = hinted if argmax else labels
+        s = score(
+            model, ids, labels=labels, attention_mask=mask, position_ids=position_ids,
+            chunk_size=case[4]["chunk_size"], options=ChunkOptions(fused_loss=case[5], loss_slice=2),
+            argmax=argmax, sequence_group=group,
+        )  # fmt: skip
+        out["argmax" if argmax else "loss"] = {
+            "loss_sum": s.loss_sum, "num_tokens": s.num_tokens, "row_tokens": s.row_tokens,
+            "row_correct": s.row_correct,
+        }  # fmt: skip
+    return out
 
 
 # SpaCO's unbiasedness over a sequence group: every selection of chunks 1..3 (chunks 0 and 4 always kept)

@@ -54,3 +54,20 @@ def test_chunkwise_eval_loss_equals_the_plain_trainers(tmp_path, chunk, monkeypa
     assert chunked == pytest.approx(plain, rel=1e-6)
     assert plain > 4.0  # a random model over 97 tokens: ~ln(97)
     assert len(calls) == 3 and calls[0] == chunk  # 3 batches, each scored chunk-wise
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("sp_size", {"sp_size": 2, "sp_backend": "deepspeed"}), ("cp_size", {"cp_size": 2})]
+)
+def test_sequence_sharding_is_refused_before_any_process_group(tmp_path, name, kwargs):
+    """accelerate's sequence (ALST) and context parallelism give each rank a slice of every sequence, which
+    chunk-wise backprop would train on as if it were the sequence: refused by name, no group joined."""
+    import torch.distributed as dist
+    from accelerate.parallelism_config import ParallelismConfig
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], parallelism_config=ParallelismConfig(**kwargs)
+    )
+    with pytest.raises(ValueError, match=f"parallelism_config.{name}=2 splits every sequence"):
+        ChunkwiseTrainer(model=tiny_model(), args=args, train_dataset=Rows(), schedule=ChunkSchedule(8))
+    assert not dist.is_initialized()

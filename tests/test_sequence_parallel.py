@@ -14,7 +14,18 @@ import sys
 import pytest
 import torch
 from one_rank import free_port
-from sp_cases import CASES, GATHERED_MIXERS, REFUSALS, SHARDED_MIXERS, SWAPPED, batch, build, run_case
+from sp_cases import (
+    CASES,
+    GATHERED_MIXERS,
+    REFUSALS,
+    SCORES,
+    SHARDED_MIXERS,
+    SWAPPED,
+    batch,
+    build,
+    run_case,
+    score_case,
+)
 from tiny import reference_grads, rel_error
 from tiny_hybrid import HYBRIDS, tiny_hybrid
 
@@ -44,7 +55,7 @@ def launch(out, cases, nprocs=2) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp")
-    names = [*CASES, *REFUSALS, *EXPECTATIONS, SWAPPED]
+    names = [*CASES, *REFUSALS, *EXPECTATIONS, SWAPPED, *SCORES]
     launch(out, names)
     return {name: [torch.load(out / f"{name}.{r}.pt") for r in range(2)] for name in names}
 
@@ -100,6 +111,21 @@ def test_wrong_shard_order_breaks_equality(results):
     ref = reference(CASES["qwen3_next"])
     for got in results[SWAPPED]:
         assert rel_error(got["grads"], ref["grads"]) > 1e-3
+
+
+@pytest.mark.parametrize("name", list(SCORES))
+def test_scores_equal_one_process(results, name):
+    """Evaluation's chunk-wise scoring with each chunk split over the group: the loss sum, target counts and
+    argmax hits of one process, on every rank (each rank scored half of every chunk's tokens)."""
+    case = CASES[SCORES[name]]
+    ref = score_case(case)
+    assert ref["argmax"]["row_correct"].sum() > 0  # hits to count (the tiny random model gets a few right)
+    for got in results[name]:
+        for kind in ("loss", "argmax"):
+            g, r = got[kind], ref[kind]
+            assert g["loss_sum"] == pytest.approx(r["loss_sum"], rel=tolerance(case)), (name, kind)
+            assert g["num_tokens"] == r["num_tokens"] and torch.equal(g["row_tokens"], r["row_tokens"])
+        assert torch.equal(got["argmax"]["row_correct"], ref["argmax"]["row_correct"])
 
 
 @pytest.mark.parametrize("name", list(REFUSALS))

@@ -311,9 +311,13 @@ def test_checkpoint_resolution(tmp_path):
 @pytest.mark.distributed
 def test_sequence_parallel_run_equals_one_rank(tmp_path):
     """parallel.sequence 2 under the deepspeed launcher (both ranks read the same rows, each chunk split over
-    them) has the losses of the same run on one rank with parallel.sequence 1; resuming it is bit-exact."""
+    them) has the losses of the same run on one rank with parallel.sequence 1; resuming it is bit-exact. The
+    evaluation after the last step (held-out loss, a retrieval cell), scored by the group with each chunk
+    split too, equals the one rank's."""
     run = ["--data.seq_len=256", "--chunking.chunk_size=64", "--optim.steps=3", "--optim.warmup_steps=0",
-           "--optim.schedule=constant", "--logging.progress_bar=false", "--logging.tensorboard=false"]  # fmt: skip
+           "--optim.schedule=constant", "--logging.progress_bar=false", "--logging.tensorboard=false",
+           "--eval.split=0.25", "--eval.retrieval.lengths=[96]", "--eval.retrieval.depths=[0.5]",
+           "--eval.retrieval.items=3", "--eval.retrieval.key_digits=2"]  # fmt: skip
     assert wait(start_ranks(tmp_path / "one", *run, nprocs=1)) == [0], logs(tmp_path / "one")
     run_deepspeed(tmp_path / "sp", *run, "--parallel.sequence=2", "--checkpoint.every=2")
     one, sp = losses(tmp_path / "one"), losses(tmp_path / "sp")
@@ -325,3 +329,9 @@ def test_sequence_parallel_run_equals_one_rank(tmp_path):
     resumed = tmp_path / "resumed"
     run_ranks(resumed, *run, "--parallel.sequence=2", f"--checkpoint.resume={tmp_path}/sp/ckpt/global_step2")
     assert [m["loss"] for m in metrics(resumed)] == sp[2:]  # bit for bit: weights, Adam state, data
+    one_eval, sp_eval = metrics(tmp_path / "one")[-1], metrics(tmp_path / "sp")[-1]
+    assert sp_eval["eval/tokens"] == one_eval["eval/tokens"] > 0
+    assert sp_eval["eval/loss"] == pytest.approx(one_eval["eval/loss"], rel=1e-5, abs=0)
+    assert [c["items"] for c in sp_eval["eval/retrieval"]] == [3]
+    assert sp_eval["eval/retrieval"] == one_eval["eval/retrieval"]
+    assert metrics(resumed)[-1]["eval/loss"] == sp_eval["eval/loss"]

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sp_cases import CASES, REFUSALS, SWAPPED, run_case, spaco_expectation  # noqa: E402
+from sp_cases import CASES, REFUSALS, SCORES, SWAPPED, run_case, score_case, spaco_expectation  # noqa: E402
 
 from engine import sharded_mixers  # noqa: E402
 from engine.sequence_parallel import SequenceGroup  # noqa: E402
@@ -45,6 +45,8 @@ group = SequenceGroup()
 for name in args.cases.split(","):
     if name.startswith("spaco_expectation"):  # spaco_expectation or spaco_expectation_uncompensated
         result = spaco_expectation(group, compensate=not name.endswith("uncompensated"))
+    elif name in SCORES:
+        result = score_case(CASES[SCORES[name]], group)
     elif name == SWAPPED:
         result = swapped_heads(CASES["qwen3_next"])
     elif name in REFUSALS:
