@@ -55,6 +55,14 @@ def test_two_micro_batches_of_one_row_equal_one_batch_of_two(tmp_path):
     out = train_alone(accum, *common, "--data.batch_size=1", "--optim.grad_accum_steps=2")
     train_alone(batch, *common, "--data.batch_size=2", "--logging.peak_tflops=0.001")
     assert "effective batch: 2 rows = data.batch_size 1 x 2 micro-batches x 1 data-parallel ranks" in out
+    # what no row holds whole is said at start: the documents longer than seq_len, split over several rows
+    split = re.search(
+        r"data: documents: 16, (\d+) tokens, one per row; (\d+) longer than seq_len 128: split", out
+    )
+    assert split and int(split.group(2)) > 0, out[:2000]
+    assert re.search(
+        rf"train set: \d+ rows of up to 128 tokens, {int(split.group(1)) / 1000:.2f}K non-padding", out
+    )
     # R rows (long documents split into several): R micro-batches of 1 an epoch, 2 per step -> R / 2 steps an
     # epoch, ceil(R / 4) in half an epoch
     rows = int(re.search(r"train set: (\d+) rows", out).group(1))
