@@ -334,6 +334,7 @@ def _follow_ds_config(raw: dict, check_paths: bool) -> dict:
 
     source = {k: ds_raw[k] for k in ("config", "config_file") if ds_raw.get(k) is not None}
     user = user_ds_config(_build(DeepSpeedConfig, source, "deepspeed"))
+    _check_finite(user, "ds_config")  # JSON reads Infinity / NaN, YAML .inf / .nan: DeepSpeed would take them
     for section, key, ds_key, convert in _FROM_DS_CONFIG:
         value: Any = user
         for part in ds_key.split("."):
@@ -471,7 +472,7 @@ def _check_hf_config(model: ModelConfig, data: DataConfig) -> None:
 
 
 def _check_finite(value: Any, key: str) -> None:
-    """Untyped nested values (model.hf_config) get the typed keys' rule: no .inf / .nan."""
+    """Untyped nested values (model.hf_config, the user's ds_config) get the typed keys' rule: no .inf / .nan."""
     if isinstance(value, dict):
         for k, v in value.items():
             _check_finite(v, f"{key}.{k}")

@@ -66,6 +66,23 @@ def test_non_finite_in_a_file_and_in_hf_config(tmp_path):
     assert "model.hf_config.rms_norm_eps: must be a finite number" in msg
 
 
+def test_non_finite_in_the_users_ds_config(tmp_path):
+    """Inline (YAML .inf) or a JSON file (Infinity, NaN: Python's json reads them): refused naming the
+    ds_config key, also where the engine does not own the key; the finite file is taken (the control)."""
+    inline = "--deepspeed.config={zero_optimization: {stage: 2, reduce_bucket_size: .inf}}"
+    assert "ds_config.zero_optimization.reduce_bucket_size: must be a finite number" in error_of(
+        str(CONFIG), [inline]
+    )
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e8}}')
+    load_config(str(CONFIG), [f"--deepspeed.config_file={ds}"], check_paths=True)
+    ds.write_text('{"zero_optimization": {"stage": 2, "reduce_bucket_size": NaN}}')
+    with pytest.raises(
+        ConfigError, match=r"ds_config\.zero_optimization\.reduce_bucket_size: must be a finite"
+    ):
+        load_config(str(CONFIG), [f"--deepspeed.config_file={ds}"], check_paths=True)
+
+
 def test_backward_compatible_hf_config_keys_are_accepted():
     rope = "--model.hf_config.rope_scaling={rope_type: linear, factor: 2.0}"
     cfg = load_config(str(CONFIG), [rope, "--model.hf_config.rope_theta=500000.0"], check_paths=False)
