@@ -1,11 +1,14 @@
 """Sequence parallelism on CPU: per-rank peak memory, K/V bytes and step time for P = 1, 2 at equal lengths.
 
 Each configuration runs P processes on gloo (RANK / WORLD_SIZE / MASTER_* set, as torchrun would), each one
-SeCO step of a small random Llama (float32) through chunkwise_backward with a SequenceGroup of all P ranks:
+SeCO step of a small random Llama (float32; `--model hybrid`: a Qwen3.5-shaped hybrid, 3 gated-delta-rule
+layers to 1 attention layer, its mixers split by heads for P = 2) through chunkwise_backward with a
+SequenceGroup of all P ranks:
 
     peak      rank 0's tensor memory allocated inside the step, beyond what was live before it
               (engine.memory.MemoryTracker: live tensor storages; weights and zeroed .grad excluded)
-    kv        rank 0's K/V checkpoints + K/V gradients (ChunkStats.kv_bytes)
+    kv        rank 0's K/V checkpoints + K/V gradients (ChunkStats.kv_bytes, recurrent states included)
+    state     of which recurrent layers' boundary states and their gradients (ChunkStats.state_bytes)
     step      wall time of the step (median of --repeats after one warm-up)
     a2a       the share of the step spent inside all-to-alls (torch.profiler's CPU time of the collective
               ops, forward and backward, on rank 0)
@@ -15,6 +18,7 @@ is what gloo on shared CPUs costs, and P = 2 has half the cores per rank. Memory
 
     python bench/bench_sequence_parallel.py                 # ~3 min on 2 cores
     python bench/bench_sequence_parallel.py --lengths 1024,2048 --repeats 1
+    python bench/bench_sequence_parallel.py --model hybrid  # -> sequence_parallel_hybrid_cpu.*
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, vocab_size=1024, max_position_embeddings=1 << 16)  # fmt: skip
+HYBRID = dict(MODEL, head_dim=32, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=32,
+              linear_value_head_dim=32,
+              layer_types=["linear_attention"] * 3 + ["full_attention"])  # fmt: skip
+MODELS = {"llama": ("LlamaConfig", MODEL), "hybrid": ("Qwen3_5TextConfig", HYBRID)}
 
 
 def worker(args) -> None:
@@ -49,7 +57,8 @@ def worker(args) -> None:
     dist.init_process_group("gloo")
     group = SequenceGroup() if dist.get_world_size() > 1 else None
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**MODEL)
+    config_cls, fields = MODELS[args.model]
+    cfg = getattr(transformers, config_cls)(**fields)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").float()
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -79,8 +88,8 @@ def worker(args) -> None:
         )
         a2a.append(comm / 1e6 / times[-1])
     if dist.get_rank() == 0:
-        out = {"peak": mt.peak_bytes, "kv": stats.kv_bytes, "step_s": statistics.median(times),
-               "a2a_share": statistics.median(a2a)}  # fmt: skip
+        out = {"peak": mt.peak_bytes, "kv": stats.kv_bytes, "state": stats.state_bytes,
+               "step_s": statistics.median(times), "a2a_share": statistics.median(a2a)}  # fmt: skip
         Path(args.out).write_text(json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()
@@ -95,7 +104,7 @@ def run(p: int, length: int, args) -> dict:
         os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(p), OMP_NUM_THREADS="1"
     )
     cmd = [sys.executable, __file__, "--worker", "--length", str(length), "--chunk", str(args.chunk)]
-    cmd += ["--repeats", str(args.repeats), "--out", str(out)]
+    cmd += ["--repeats", str(args.repeats), "--model", args.model, "--out", str(out)]
     procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r))) for r in range(p)]
     if any(proc.wait(timeout=1800) for proc in procs):
         raise RuntimeError(f"P={p} L={length} failed")
@@ -112,6 +121,7 @@ def main() -> None:
     a.add_argument("--chunk", type=int, default=256)
     a.add_argument("--ranks", default="1,2")
     a.add_argument("--repeats", type=int, default=2)
+    a.add_argument("--model", default="llama", choices=sorted(MODELS))
     a.add_argument("--out")
     a.add_argument("--results", default=str(RESULTS), help="where the JSON and PNG go")
     args = a.parse_args()
@@ -125,13 +135,17 @@ def main() -> None:
             r = {"P": p, "length": length, **run(p, length, args)}
             rows.append(r)
             print(f"P={p} L={length:6d}  peak {r['peak'] / 2**20:8.1f} MiB  kv {r['kv'] / 2**20:7.1f} MiB  "
-                  f"step {r['step_s']:6.2f} s  all-to-all {r['a2a_share']:.0%}", flush=True)  # fmt: skip
-    meta = {"model": MODEL, "chunk": args.chunk, "dtype": "float32", "device": "cpu", "repeats": args.repeats}
-    (results / "sequence_parallel_cpu.json").write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
-    plot(rows, results)
+                  f"(states {r['state'] / 2**20:5.2f} MiB)  step {r['step_s']:6.2f} s  "
+                  f"all-to-all {r['a2a_share']:.0%}", flush=True)  # fmt: skip
+    config_cls, fields = MODELS[args.model]
+    meta = {"model": {"class": config_cls, **fields}, "chunk": args.chunk, "dtype": "float32", "device": "cpu",
+            "repeats": args.repeats}  # fmt: skip
+    name = "sequence_parallel_cpu" if args.model == "llama" else f"sequence_parallel_{args.model}_cpu"
+    (results / f"{name}.json").write_text(json.dumps({"config": meta, "rows": rows}, indent=1))
+    plot(rows, results / f"{name}.png")
 
 
-def plot(rows, results: Path) -> None:
+def plot(rows, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,7 +162,7 @@ def plot(rows, results: Path) -> None:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(results / "sequence_parallel_cpu.png", dpi=100)
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ Masks: a rank's model forward sees m tokens, but attention sees the whole chunk,
 the step (`ChunkShard.masks`: None for plain causal attention, else the additive masks engine/documents.py
 builds for documents and sliding windows over the whole chunk); the mask interface registered with it
 returns None, so the model builds none.
+
+Hybrid models' recurrent mixers switch to heads the same way (engine/sharded_mixers.py), their boundary
+states then 1/P per rank; mixers it cannot split run on the gathered chunk (`mixers_over_group`).
 """
 
 from __future__ import annotations
