@@ -183,6 +183,16 @@ def _(root):
     return user_error(*quick_main(root, *args), "model.name_or_path", "model.safetensors", "truncated")
 
 
+@case("model directory without weights")
+def _(root):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=259).save_pretrained(root / "m")  # fmt: skip
+    args = (f"--model.name_or_path={root}/m", "--model.hf_config=null")
+    return user_error(*quick_main(root, *args), "model.name_or_path", "holds no weights")
+
+
 @case("data.seq_len: 1e9")
 def _(root):
     return user_error(*quick_main(root, "--data.seq_len=1000000000"), "data.seq_len", "GiB of host memory")
@@ -386,11 +396,11 @@ def _(root):
 
 @case("model directory with its own code, 'y' on stdin")
 def _(root):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     model, marker = root / "m", root / "code-ran"
-    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=259).save_pretrained(model)  # fmt: skip
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=1, vocab_size=259)).save_pretrained(model)  # fmt: skip
     (model / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
                                                    "from transformers import LlamaConfig\n"
                                                    "class CustomConfig(LlamaConfig):\n    model_type = 'customllama'\n")  # fmt: skip
