@@ -5,7 +5,7 @@ A gated delta rule or Mamba-2 mixer is per head after its input projections: eac
 projection. So the attention switch carries over. Rank r holds m = C / P tokens of a chunk of C:
 
     in-projections on the m tokens (all channels)   [b, m, C_proj]
-      -> all-to-all to rank r's channel block of the whole chunk   [b, C, C_proj / P]
+      -> one all-to-all (every projection) to rank r's channel block of the whole chunk   [b, C, C_proj / P]
     the mixer's own forward (transformers' code) on a shard view of the module, from and to the cache
       -> all-to-all of the out-projection's input back to the m tokens   [b, m, C_out]
     the out-projection (all channels)
@@ -181,30 +181,48 @@ def shard_view(module: nn.Module, layout: MixerLayout, group, tokens: torch.Tens
         children[name] = (
             _view(module.get_submodule(name), tensors, {}, {}) if called else SimpleNamespace(**tensors)
         )
-    for name, segments in layout.projections(module).items():
-        children[name] = _projection(module.get_submodule(name), segments, group, tokens, placeholder)
+    switch = _Projections(module, layout.projections(module), group, tokens, placeholder)
+    children.update({name: switch.output(name) for name in switch.names})
     out = module.get_submodule(layout.output)
     children[layout.output] = lambda y: out(group.channels_to_sequence(y))
     return _view(module, own, children, layout.sizes(module, group.size))
 
 
-def _projection(proj: nn.Module, segments, group, tokens, placeholder):
-    order = None
-    if len(segments) > 1:  # rank-contiguous channel blocks for the all-to-all
-        order = torch.cat([block(segments, group.size, r) for r in range(group.size)])
+class _Projections:
+    """The view's input projections. At the first call all of them run on this rank's tokens and switch to
+    rank r's channel blocks in one all-to-all (each projection's block side by side in every rank's part);
+    each projection then returns its own block. One collective per mixer forward, however many projections."""
 
-    def project(x: torch.Tensor) -> torch.Tensor:
-        if x is not placeholder:
-            raise RuntimeError(
-                "a sequence-parallel mixer's projection was given something other than the mixer's input: "
-                "its forward transforms the input before projecting, which the head-sharded path cannot see"
-            )
-        y = proj(tokens)
-        if order is not None:
-            y = y.index_select(-1, order.to(y.device))
-        return group.channels_to_heads(y)
+    def __init__(self, module: nn.Module, projections: dict, group, tokens: torch.Tensor, placeholder):
+        self.names = list(projections)
+        self.projections = [(module.get_submodule(n), segments) for n, segments in projections.items()]
+        self.group, self.tokens, self.placeholder = group, tokens, placeholder
+        self.switched: dict[str, torch.Tensor] | None = None
 
-    return project
+    def output(self, name: str):
+        def project(x: torch.Tensor) -> torch.Tensor:
+            if x is not self.placeholder:
+                raise RuntimeError(
+                    "a sequence-parallel mixer's projection was given something other than the mixer's input: "
+                    "its forward transforms the input before projecting, which the head-sharded path cannot see"
+                )
+            if self.switched is None:
+                self.switched = self._switch()
+            return self.switched[name]
+
+        return project
+
+    def _switch(self) -> dict[str, torch.Tensor]:
+        p, (b, m, _) = self.group.size, self.tokens.shape
+        parts = []
+        for proj, segments in self.projections:
+            y = proj(self.tokens)
+            if len(segments) > 1:  # rank-contiguous channel blocks
+                order = torch.cat([block(segments, p, r) for r in range(p)])
+                y = y.index_select(-1, order.to(y.device))
+            parts.append(y.reshape(b, m, p, -1))
+        both = self.group.channels_to_heads(torch.cat(parts, dim=-1).reshape(b, m, -1))
+        return dict(zip(self.names, both.split([t.shape[-1] for t in parts], dim=-1)))
 
 
 def sharded_forward(module: nn.Module, layout: MixerLayout, group, *args, **kwargs):
