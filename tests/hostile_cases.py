@@ -13,7 +13,6 @@ case fails. Runs on CPU (gloo); the 2-rank cases use the real `deepspeed` launch
 from __future__ import annotations
 
 import argparse
-import builtins
 import contextlib
 import io
 import json
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from one_rank import free_port, hold_lock, launcher, outputs, taken_port
+from test_safety import Payload
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -474,14 +474,6 @@ def base_checkpoint(root: Path) -> Path:
     return root / "ckpt" / "global_step2"
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
-
-
 FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank0.pt")
 for _name in FILES:
 
@@ -490,7 +482,7 @@ for _name in FILES:
         import torch
 
         tag = base_checkpoint(root)
-        torch.save({"x": _Payload(root / "ran")}, tag / name)
+        torch.save({"x": Payload(root / "ran")}, tag / name)
         code, out = quick_main(root, "--optim.steps=4", "--checkpoint.resume=auto")
         ok, detail = user_error(code, out, name, "refused")
         return ok and not (root / "ran").exists(), detail + (
@@ -774,7 +766,7 @@ def _(root):
     cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, vocab_size=259)  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(root / "m", safe_serialization=False)
-    torch.save({"x": _Payload(root / "ran")}, root / "m" / "pytorch_model.bin")
+    torch.save({"x": Payload(root / "ran")}, root / "m" / "pytorch_model.bin")
     code, out = quick_main(root, f"--model.name_or_path={root}/m", "--model.hf_config=null")
     ok, detail = user_error(code, out, "pytorch_model.bin", "refused")
     return ok and not (root / "ran").exists(), detail

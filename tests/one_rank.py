@@ -1,5 +1,5 @@
 """Harness of the tests that run the trainer: a one-rank run inside the test process, launch/train.py as a
-module, free and taken ports for a rendezvous, the run directories under a test's root, and another process
+module or a command line, free and taken ports for a rendezvous, the run directories under a test's root, and another process
 holding a run directory's lock."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 
 
 def free_port() -> int:
@@ -54,6 +55,11 @@ def hold_lock(directory: Path) -> subprocess.Popen:
 def outputs(root: Path) -> list[str]:
     """The overrides that put a run's logging.dir and checkpoint.dir under `root`."""
     return [f"--logging.dir={root}/log", f"--checkpoint.dir={root}/ckpt"]
+
+
+def train_cmd(*args: str, config: Path = TINY_CONFIG) -> list[str]:
+    """The command line of a launch/train.py run of `config` with `args` (overrides) in a subprocess."""
+    return [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(config), *args]
 
 
 def launcher():

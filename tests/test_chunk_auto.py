@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from one_rank import outputs, train_cmd
 
 from engine.chunk_auto import resolve_chunk_size
 from engine.config import ConfigError
@@ -46,18 +46,10 @@ def test_auto_with_a_budget_is_refused():
 
 
 def test_trainer_runs_with_auto_and_prints_the_choice(tmp_path):
-    args = [
-        sys.executable,
-        str(REPO / "launch" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny-cpu.yaml"),
-    ]
-    args += ["--chunking.chunk_size=auto", "--data.seq_len=256", "--optim.steps=1", "--optim.warmup_steps=0"]
-    args += [
-        f"--logging.dir={tmp_path}/log",
-        f"--checkpoint.dir={tmp_path}/ckpt",
-        "--logging.progress_bar=false",
-    ]
+    args = train_cmd(
+        "--chunking.chunk_size=auto", "--data.seq_len=256", "--optim.steps=1", "--optim.warmup_steps=0"
+    )
+    args += [*outputs(tmp_path), "--logging.progress_bar=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

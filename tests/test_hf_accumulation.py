@@ -123,18 +123,13 @@ def test_chunkwise_trainer_accumulates_as_the_project_trainer_under_deepspeed(tm
     import subprocess
     import sys
 
+    from one_rank import outputs, train_cmd
     from test_sft_hf import OVERRIDES, REPO, _env
 
     accum = [*OVERRIDES, "--optim.grad_accum_steps=2"]
     project = tmp_path / "project"
     project.mkdir()
-    args = [
-        sys.executable,
-        str(REPO / "launch" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny-cpu.yaml"),
-    ]
-    args += [*accum, f"--logging.dir={project}/log", f"--checkpoint.dir={project}/ckpt"]
+    args = train_cmd(*accum, *outputs(project))
     done = subprocess.run(args, env=_env(), cwd=project, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(x) for x in (project / "log" / "metrics.jsonl").read_text().splitlines()]

@@ -4,16 +4,15 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from one_rank import train_cmd
 
 from engine import report
 from engine.config import LoggingConfig
 from engine.metrics import Metrics
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -94,18 +93,14 @@ def test_progress_bar_only_on_a_terminal(tmp_path, capsys, stream_cls):
 
 def test_a_run_writes_its_png(tmp_path):
     log = tmp_path / "log"
-    args = [
-        sys.executable,
-        str(REPO / "launch" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny-cpu.yaml"),
+    args = train_cmd(
         "--data.seq_len=64",
         "--chunking.chunk_size=32",
         "--optim.steps=2",
         "--optim.warmup_steps=0",
         "--logging.tensorboard=false",
         f"--logging.dir={log}",
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

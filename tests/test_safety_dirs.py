@@ -4,7 +4,6 @@ disk under logging.dir. All on temporary directories; one live one-rank engine (
 
 from __future__ import annotations
 
-import builtins
 import errno
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from one_rank import hold_lock, launcher, trained_run
+from test_safety import Payload
 
 from engine import checkpoint, run_lock
 from engine.config import CheckpointConfig
@@ -270,14 +270,6 @@ def test_named_pipe_in_tokenizer_dir_does_not_block(tmp_path, name):
     os.mkfifo(tok / name)
     e = must_not_block(lambda: check_json_files(tok, "data.tokenizer: file"), tok / name)
     assert isinstance(e, ValueError) and f"{name}' is not a regular file" in str(e)
-
-
-class Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
 
 
 def test_pickle_payload_in_pytorch_model_bin_is_one_error_line(tmp_path, capsys):

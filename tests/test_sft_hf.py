@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from one_rank import free_port
+from one_rank import free_port, outputs, train_cmd
 from workers.hf_trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,18 +41,7 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def project_losses(tmp_path_factory) -> list[float]:
     root = tmp_path_factory.mktemp("project")
-    args = [
-        sys.executable,
-        str(REPO / "launch" / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny-cpu.yaml"),
-    ]
-    args += [
-        *OVERRIDES,
-        f"--logging.dir={root}/log",
-        f"--checkpoint.dir={root}/ckpt",
-        "--checkpoint.every=1000",
-    ]
+    args = train_cmd(*OVERRIDES, *outputs(root), "--checkpoint.every=1000")
     done = subprocess.run(args, env=_env(), cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(x) for x in (root / "log" / "metrics.jsonl").read_text().splitlines()]

@@ -16,22 +16,16 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from one_rank import launcher  # noqa: E402
 
 from engine import trainer  # noqa: E402
-
-
-def _launcher():
-    spec = importlib.util.spec_from_file_location("seco_launch_train", REPO / "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main() -> int:
@@ -62,7 +56,7 @@ def main() -> int:
         log_full_from=args.enospc_in_log,
         no_loss_steps=frozenset(int(s) for s in args.no_loss_steps.split(",") if s.strip()),
     )
-    return _launcher().main(rest, faults)
+    return launcher().main(rest, faults)
 
 
 if __name__ == "__main__":
