@@ -110,7 +110,7 @@ def shard_batches(rows: Sequence[int], rank: int, world: int, batch_size: int) -
 
 def reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum over ranks (float64); the values themselves without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if rank_world()[1] == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -123,7 +123,7 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     never attended, so the scores do not change; unpacked rows of mostly padding then cost their length."""
     used = batch["attention_mask"].any(dim=0).nonzero()
     length = int(used[-1]) + 1 if used.numel() else 2
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_world()[1] > 1:
         t = torch.tensor([length], device=batch["input_ids"].device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         length = int(t)
