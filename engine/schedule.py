@@ -212,7 +212,8 @@ def draw_chunks(
     if s.sampler == "bernoulli":
         weights = [1.0 / q for q in probs]
         if selected is None:
-            u = torch.rand(k, generator=generator)  # one number per chunk: equal q_c reproduce older draws
+            # One uniform per chunk whatever the q_c: equal q_c draw the chunks a scalar q draws.
+            u = torch.rand(k, generator=generator)
             selected = [c for c in range(k) if u[c] < probs[c]]
     else:
         t = s._fixed_t(k)

@@ -17,8 +17,9 @@ with them; `all` is refused saying so.
 
 What a record holds is rendered as it is or refused by name, never dropped: tool calls the template ignores
 (the conversation renders the same without them, or a function's name is not in the output) and text parts
-whose text is not in the output are errors naming the message. A template that fails or runs longer than `RENDER_SECONDS` on one record is an error naming
-the record; the bound interrupts Jinja's Python code from a watchdog thread.
+whose text is not in the output are errors naming the message. A template that fails or runs longer than
+`RENDER_SECONDS` on one record is an error naming the record; the bound interrupts Jinja's Python code from
+a watchdog thread.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ trained by engine/chunkwise.py:
     grad_accum        chunkwise_backward's float32 sums of 16-bit gradients (backend "local" only)
     kv                K/V checkpoints of the attention layers, 2 * kv_heads * head_dim * L * batch each, in
                       the model dtype; hybrids add each linear layer's state at every chunk boundary
-    kv_grads          the same K/V shape in kv_grad_dtype (bfloat16 for bf16 models by default), and one boundary's state
-                      gradient per linear layer (with offload_kv in host memory, `kv_host`; "auto": only
-                      what does not fit on the device)
+    kv_grads          the same K/V shape in kv_grad_dtype (bfloat16 for bf16 models by default), and one
+                      boundary's state gradient per linear layer (with offload_kv in host memory, `kv_host`;
+                      "auto": only what does not fit on the device)
     activations       what autograd saves for backward of ONE chunk of C tokens, the last one (its keys span
                       the whole sequence): per layer the RMSNorm inputs (float32), the inputs of trainable
                       linears and LoRA adapters, RoPE'd queries, the attention output, the MLP (or top-k
@@ -19,7 +19,8 @@ trained by engine/chunkwise.py:
                       flash-attn get no mask and grouped heads. checkpoint_layers: each layer's input only,
                       plus one layer recomputed during its backward
     transient         the largest of what backward allocates on top of that: the chunk's cross-entropy
-                      (float32 [C, vocab] x 3; fused_loss: one slice's float32 [loss_slice, vocab], in place), the lm_head backward,
+                      (float32 [C, vocab] x 3; fused_loss: one slice's float32 [loss_slice, vocab], in
+                      place), the lm_head backward,
                       the top layer's attention backward (gradients over prefix + chunk K/V; with offload_kv
                       its K/V fetched back from the host, the next layer's prefetched, the deposit staged),
                       the top layer's MLP backward (full fine-tuning)
@@ -248,9 +249,8 @@ def kv_bytes(shape: ModelShape, o: Setup, seq_len: int) -> tuple[int, int]:
     elems = 2 * shape.attn_layers * shape.kv_width * seq_len * o.batch
     states = shape.linear_layers * shape.state_bytes(DTYPE_BYTES[o.dtype]) * o.batch
     state_grads = shape.linear_layers * 4 * (shape.rec_state + shape.conv_state) * o.batch if seq_len else 0
-    boundaries = max(
-        0, math.ceil(seq_len / (o.state_chunk or o.chunk_size)) - 1
-    )  # the first starts from zero
+    # States are kept at every chunk boundary but the first (the first chunk starts from zero states).
+    boundaries = max(0, math.ceil(seq_len / (o.state_chunk or o.chunk_size)) - 1)
     kv = elems * DTYPE_BYTES[o.dtype] + boundaries * states
     return kv, elems * DTYPE_BYTES[o.kv_grad_dtype] + state_grads
 
