@@ -5,6 +5,7 @@ length on the two ranks)."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 
@@ -77,17 +78,44 @@ CASES = {
 }
 
 
-def launch(args, out, nprocs=2):
+# One launcher start per group of cases (tests/workers/ds_step.py runs a group's cases one after another in one
+# process group): a start costs more than a tiny model's step. A case of a failed group fails with its log.
+GROUPS = {
+    "sp2": [n for n, a in CASES.items() if "--sp" in a],
+    # one launch with every --memory case: its log must not say the fused loss fell back (logged once a process)
+    "memory": [n for n, a in CASES.items() if "--memory" in a],
+    "zero3": [n for n, a in CASES.items() if a[1] == "3" and "--sp" not in a and "--memory" not in a],
+    "zero0-2": [n for n, a in CASES.items() if a[1] != "3" and "--sp" not in a and "--memory" not in a],
+}
+
+
+def launch(cases: dict[str, list[str]], out_dir, nprocs=2) -> dict[str, dict]:
+    """Run `cases` ({name: ds_step arguments}) in one launch; each case's result by name."""
     port = free_port()
+    spec = out_dir / "cases.json"
+    spec.write_text(json.dumps(cases))
     cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", str(port)]
-    cmd += [os.path.join(HERE, "workers", "ds_step.py"), *args, "--out", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(HERE))
+    cmd += [os.path.join(HERE, "workers", "ds_step.py"), "--cases", str(spec), "--out-dir", str(out_dir)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(HERE))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # DeepSpeed's CPU all-reduce leaves a 64 MiB /dev/shm file per rank unless we unlink it
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
-    if "--memory" in args:
+    if any("--memory" in a for a in cases.values()):
         assert "using the whole-chunk loss" not in r.stdout + r.stderr, r.stderr[-3000:]
-    return torch.load(out)
+    return {name: torch.load(out_dir / f"{name}.pt") for name in cases}
+
+
+@pytest.fixture(scope="module")
+def group_results(tmp_path_factory):
+    """The launch of a group of cases, run once for the module when its first case asks for it."""
+    done: dict[str, dict] = {}
+
+    def of(group: str, cases: dict[str, list[str]]) -> dict:
+        if group not in done:
+            done[group] = launch(cases, tmp_path_factory.mktemp(group))
+        return done[group]
+
+    return of
 
 
 def initial(lora: bool, model: str = "llama"):
@@ -123,9 +151,15 @@ def packed_reference(model, ids, labels, mask):
     return loss, grads
 
 
+def test_every_case_is_in_one_group():
+    grouped = [n for names in GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(CASES)
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_one_step_matches_single_process(tmp_path, name):
-    got = launch(CASES[name], tmp_path / "out.pt")
+def test_one_step_matches_single_process(group_results, name):
+    group = next(g for g, names in GROUPS.items() if name in names)
+    got = group_results(group, {n: CASES[n] for n in GROUPS[group]})[name]
     check_step(CASES[name], got)
     if "--and-accum" in CASES[name]:  # the accumulated step that followed, from the weights the first left
         sp = int(CASES[name][CASES[name].index("--sp") + 1]) if "--sp" in CASES[name] else 1
@@ -136,7 +170,7 @@ def test_one_step_matches_single_process(tmp_path, name):
 def test_data_times_sequence_zero3(tmp_path):
     """4 ranks: 2 data-parallel groups of 2 sequence ranks (one row each, uneven lengths), ZeRO-3."""
     args = ["--zero", "3", "--sp", "2"]
-    check_step(args, launch(args, tmp_path / "out.pt", nprocs=4), rows=1)
+    check_step(args, launch({"dp2-sp2": args}, tmp_path, nprocs=4)["dp2-sp2"], rows=1)
 
 
 def check_step(args, got, rows=2):
@@ -180,11 +214,18 @@ ACCUM_CASES = {
 }
 
 
+ACCUM_LAUNCH = {
+    **{name: [*args, "--accum", "2"] for name, args in ACCUM_CASES.items()},
+    # negative controls of the reduction count: each micro-batch a step of its own reduces twice
+    **{f"zero{z}-no-span": ["--zero", z, "--accum", "2", "--no-span"] for z in ("0", "2")},
+}
+
+
 @pytest.mark.parametrize("name", list(ACCUM_CASES))
-def test_accumulation_matches_single_process_on_the_global_batch(tmp_path, name):
+def test_accumulation_matches_single_process_on_the_global_batch(group_results, name):
     """2 ranks x 2 micro-batches (sequences of four lengths) in one optimizer step: SGD's update is one
     process's full backprop on all four sequences, and the gradients were reduced over the ranks once."""
-    check_accumulation(launch([*ACCUM_CASES[name], "--accum", "2"], tmp_path / "out.pt"), data_parallel=2)
+    check_accumulation(group_results("accum", ACCUM_LAUNCH)[name], data_parallel=2)
 
 
 def check_accumulation(got, data_parallel: int, start=None, accum: int = 2):
@@ -210,7 +251,7 @@ def check_accumulation(got, data_parallel: int, start=None, accum: int = 2):
 
 
 @pytest.mark.parametrize("zero", ["0", "2"])
-def test_accumulation_without_the_spanning_step_context_reduces_per_micro_batch(tmp_path, zero):
+def test_accumulation_without_the_spanning_step_context_reduces_per_micro_batch(group_results, zero):
     """Negative control of the reduction count: each micro-batch a step of its own reduces twice."""
-    got = launch(["--zero", zero, "--accum", "2", "--no-span"], tmp_path / "out.pt")
+    got = group_results("accum", ACCUM_LAUNCH)[f"zero{zero}-no-span"]
     assert len(got["reductions"]) == 2, got["reductions"]
