@@ -158,9 +158,8 @@ def _read_file(file: Path, fmt: str, expected: str, cache_dir: str, what: str) -
             check_utf8(file, f"{what} file")
         except ValueError as e:
             raise ValueError(f"{e} ({expected})") from None
-    if (
-        fmt == "parquet"
-    ):  # datasets reports a zero-row file only as "Instruction 'train' corresponds to no data"
+    if fmt == "parquet":
+        # Checked here: datasets reports a zero-row file only as "Instruction 'train' corresponds to no data".
         import pyarrow.parquet as pq
 
         try:
