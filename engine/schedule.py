@@ -17,7 +17,7 @@ This module imports no torch at load time: validating a config must not pull in 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,14 +55,28 @@ def check_chunking(s: Any, prefix: str = "", error: type[ValueError] = ScheduleE
     need(loss_chunks in LOSS_CHUNKS, f"{p}loss_chunks: {loss_chunks!r} is not one of {LOSS_CHUNKS}")
     # A knob set while its feature is off is an error: the run would silently ignore it.
     if mode == "seco":
-        for name in ("sample_prob", "budget", "compensation_cap", "selected", "chunk_probs"):
-            need(
-                get(name) is None,
-                f"{p}{name}: only used by {p}mode 'spaco' (mode is 'seco', which back-propagates every "
-                "chunk); set it to null",
-            )
-        need(loss_chunks == "sampled", f"{p}loss_chunks: only used by {p}mode 'spaco' (mode is 'seco')")
-        return
+        _check_seco(get, p, loss_chunks, need)
+    else:
+        _check_spaco(get, p, sampler, loss_chunks, need)
+
+
+def _check_seco(
+    get: Callable[[str], Any], p: str, loss_chunks: str, need: Callable[[bool, str], None]
+) -> None:
+    """SeCO back-propagates every chunk: none of SpaCO's knobs may be set."""
+    for name in ("sample_prob", "budget", "compensation_cap", "selected", "chunk_probs"):
+        need(
+            get(name) is None,
+            f"{p}{name}: only used by {p}mode 'spaco' (mode is 'seco', which back-propagates every "
+            "chunk); set it to null",
+        )
+    need(loss_chunks == "sampled", f"{p}loss_chunks: only used by {p}mode 'spaco' (mode is 'seco')")
+
+
+def _check_spaco(
+    get: Callable[[str], Any], p: str, sampler: str, loss_chunks: str, need: Callable[[bool, str], None]
+) -> None:
+    """SpaCO's draw: the probabilities (or t of k) and the cap on the compensation."""
     q = get("sample_prob")
     need(
         q is None or (isinstance(q, (int, float)) and not isinstance(q, bool) and 0.0 < q <= 1.0),
@@ -77,7 +91,7 @@ def check_chunking(s: Any, prefix: str = "", error: type[ValueError] = ScheduleE
         need(sampler == "bernoulli", f"{p}chunk_probs: only used by {p}sampler 'bernoulli'")
         need(q is None, f"{p}chunk_probs: set either {p}chunk_probs or {p}sample_prob, not both")
         need(loss_chunks == "sampled", f"{p}chunk_probs: explicit q_c replace {p}loss_chunks 'always'")
-    budget, selected = get("budget"), get("selected")
+    budget = get("budget")
     if sampler == "bernoulli":
         need(
             q is not None or probs is not None,
@@ -85,29 +99,30 @@ def check_chunking(s: Any, prefix: str = "", error: type[ValueError] = ScheduleE
             f"(or use sampler 'fixed' with {p}budget)",
         )
         need(budget is None, f"{p}budget: only used by sampler 'fixed'; set it to null")
-    else:  # the paper's t-of-k draw: t = budget, or round(sample_prob x number of chunks), or len(selected)
-        given = [
-            name
-            for name, v in (("budget", budget), ("sample_prob", q), ("selected", selected))
-            if v is not None
-        ]
-        need(
-            len(given) == 1,
-            f"{p.rstrip('.') or 'chunking'}: sampler 'fixed' needs exactly one of {p}budget (chunks per step) "
-            f"and {p}sample_prob (budget = round(sample_prob x chunks))"
-            + (", or selected" if not p else "")
-            + f"; got {given or 'none'}",
-        )
-        need(
-            budget is None or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1),
-            f"{p}budget: must be an integer >= 1, got {budget!r}",
-        )
-        need(
-            loss_chunks == "sampled", f"{p}loss_chunks: 'always' needs {p}sampler 'bernoulli' (per-chunk q_c)"
-        )
+    else:
+        _check_fixed(p, budget, q, get("selected"), loss_chunks, need)
     cap = get("compensation_cap")
     # The factor 1/q is >= 1; a cap below 1 would scale selected chunks *down*.
     need(cap is None or cap >= 1.0, f"{p}compensation_cap: must be >= 1, got {cap}")
+
+
+def _check_fixed(p: str, budget, q, selected, loss_chunks: str, need: Callable[[bool, str], None]) -> None:
+    """The paper's t-of-k draw: t = budget, or round(sample_prob x number of chunks), or len(selected)."""
+    given = [
+        name for name, v in (("budget", budget), ("sample_prob", q), ("selected", selected)) if v is not None
+    ]
+    need(
+        len(given) == 1,
+        f"{p.rstrip('.') or 'chunking'}: sampler 'fixed' needs exactly one of {p}budget (chunks per step) "
+        f"and {p}sample_prob (budget = round(sample_prob x chunks))"
+        + (", or selected" if not p else "")
+        + f"; got {given or 'none'}",
+    )
+    need(
+        budget is None or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1),
+        f"{p}budget: must be an integer >= 1, got {budget!r}",
+    )
+    need(loss_chunks == "sampled", f"{p}loss_chunks: 'always' needs {p}sampler 'bernoulli' (per-chunk q_c)")
 
 
 def check_budget(budget: int | None, num_chunks: int, where: str = "budget", error=ScheduleError) -> None:
