@@ -4,7 +4,7 @@ in one process (the reference the test computes), on the same tiny float64 model
 from __future__ import annotations
 
 import torch
-from tiny import grads_of, tiny_batch, tiny_model
+from tiny import grads_of, live_lora, tiny_batch, tiny_model
 from tiny_hybrid import HYBRIDS, tiny_hybrid
 
 from engine.chunk_eval import score
@@ -94,17 +94,8 @@ REFUSALS = {
 
 
 def _lora(model):
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(3)
-    cfg = LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0
-    )
-    model = get_peft_model(model, cfg)
-    for n, p in model.named_parameters():  # LoRA's B starts at zero: make every path carry gradient
-        if "lora_B" in n:
-            p.data.normal_(0, 0.05)
-    return model
+    return live_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0)
 
 
 def build(case):

@@ -7,8 +7,16 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from tiny import chunk_grads, chunk_step, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+from tiny import (
+    chunk_grads,
+    chunk_step,
+    grads_of,
+    live_lora,
+    reference_grads,
+    rel_error,
+    tiny_batch,
+    tiny_model,
+)
 
 from engine.kv_cache import ChunkKVCache, cache_argument
 from engine.memory import MemoryTracker
@@ -39,11 +47,7 @@ def test_checkpointed_chunks_are_exact(family, attn, kw):
 
 def test_checkpointed_chunks_with_lora_offload_and_fused_loss():
     base = tiny_model("LlamaConfig")
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    model = live_lora(base, ["q_proj", "v_proj", "o_proj"])
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     for offload in (True, "auto"):

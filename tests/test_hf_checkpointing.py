@@ -8,8 +8,7 @@ import contextlib
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from tiny import chunk_grads, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+from tiny import chunk_grads, grads_of, live_lora, reference_grads, rel_error, tiny_batch, tiny_model
 
 from engine.chunkwise import ChunkSchedule, chunkwise_backward
 from engine.layer_checkpoint import hf_checkpointing_taken_over  # noqa
@@ -17,15 +16,6 @@ from engine.layer_checkpoint import hf_checkpointing_taken_over  # noqa
 
 def _flags(model) -> list[bool]:
     return [bool(getattr(m, "gradient_checkpointing", False)) for m in model.modules()]
-
-
-def _lora(model):
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return peft
 
 
 def _step(model, ids, labels, mask, **options):
@@ -50,7 +40,7 @@ def test_hf_gradient_checkpointing_is_exact_and_restored():
 
 def test_hf_gradient_checkpointing_on_a_lora_model_is_exact():
     """PEFT: the flags sit on the wrapped base model's modules."""
-    model = _lora(tiny_model("LlamaConfig")).train()
+    model = live_lora(tiny_model("LlamaConfig"), ["q_proj", "v_proj"]).train()
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     model.gradient_checkpointing_enable()

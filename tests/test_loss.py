@@ -8,7 +8,16 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import chunk_grads, chunk_step, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
+from tiny import (
+    chunk_grads,
+    chunk_step,
+    grads_of,
+    live_lora,
+    reference_grads,
+    rel_error,
+    tiny_batch,
+    tiny_model,
+)
 
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.memory import MemoryTracker
@@ -50,11 +59,7 @@ def test_fused_loss_is_the_models_loss(family, attn, kw, bound):
 
 def test_fused_loss_with_lora_and_spaco():
     base = tiny_model("LlamaConfig")
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    model = live_lora(base, ["q_proj", "v_proj"])
     ids, labels, mask = tiny_batch()
     kw = dict(
         labels=labels,

@@ -44,6 +44,19 @@ def tiny_batch(batch: int = 2, seq: int = 37, seed: int = 1, pad_from: int | Non
     return ids, labels, mask
 
 
+def live_lora(model, targets, **lora_kw):
+    """`model` with LoRA adapters (r 4, alpha 8) on `targets`, their B drawn from N(0, 0.05) with torch's RNG:
+    PEFT zero-initialises B, which would leave every adapter's A without gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **lora_kw))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
 def reference_grads(model, ids, labels, mask=None):
     """Plain full-sequence backprop; the loss is computed from the logits in the model's own dtype
     (float32 at least), since HF's loss upcasts float64 logits down to float32."""
