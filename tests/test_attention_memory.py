@@ -6,17 +6,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tiny
 import torch
-from tiny import (
-    chunk_grads,
-    chunk_step,
-    grads_of,
-    live_lora,
-    reference_grads,
-    rel_error,
-    tiny_batch,
-    tiny_model,
-)
+from tiny import chunk_grads, chunk_step, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
 from engine.kv_cache import ChunkKVCache, cache_argument
 from engine.memory import MemoryTracker
@@ -47,7 +39,7 @@ def test_checkpointed_chunks_are_exact(family, attn, kw):
 
 def test_checkpointed_chunks_with_lora_offload_and_fused_loss():
     base = tiny_model("LlamaConfig")
-    model = live_lora(base, ["q_proj", "v_proj", "o_proj"])
+    model = tiny.live_lora(base, ["q_proj", "v_proj", "o_proj"])
     ids, labels, mask = tiny_batch()
     _, ref = reference_grads(model, ids, labels, mask)
     for offload in (True, "auto"):

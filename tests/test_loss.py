@@ -6,18 +6,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+import tiny
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny import (
-    chunk_grads,
-    chunk_step,
-    grads_of,
-    live_lora,
-    reference_grads,
-    rel_error,
-    tiny_batch,
-    tiny_model,
-)
+from tiny import chunk_grads, chunk_step, grads_of, reference_grads, rel_error, tiny_batch, tiny_model
 
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
 from engine.memory import MemoryTracker
@@ -59,7 +51,7 @@ def test_fused_loss_is_the_models_loss(family, attn, kw, bound):
 
 def test_fused_loss_with_lora_and_spaco():
     base = tiny_model("LlamaConfig")
-    model = live_lora(base, ["q_proj", "v_proj"])
+    model = tiny.live_lora(base, ["q_proj", "v_proj"])
     ids, labels, mask = tiny_batch()
     kw = dict(
         labels=labels,
