@@ -43,6 +43,13 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(ckpt / "mp_rank_00_model_states.pt")["module"]
 
 
+def adam_steps(ckpt: Path) -> int:
+    """The optimizer's own step count in a ZeRO checkpoint: what a fresh optimizer restarts from 0."""
+    (optim,) = ckpt.glob("zero_pp_rank_0_*optim_states.pt")
+    state = torch.load(optim, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["state"]
+    return int(state[0]["step"])
+
+
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
@@ -58,6 +65,10 @@ def test_weights_only_across_world_sizes_then_exact_requeue(tmp_path):
     out = train(tmp_path / "b", *b_args, "--checkpoint.resume_weights_only=true")
     assert "started from the weights (another world size: fresh optimizer)" in out and "step 1/1" in out
     assert max_diff(weights(tmp_path / "b" / "ckpt" / "global_step1"), source) < 1e-8
+    assert (
+        adam_steps(a / "ckpt" / "global_step3") == 3
+        and adam_steps(tmp_path / "b" / "ckpt" / "global_step1") == 1
+    )
     train(tmp_path / "fresh", "--optim.steps=1", "--optim.lr=1e-12")  # negative control: no resume
     assert max_diff(weights(tmp_path / "fresh" / "ckpt" / "global_step1"), source) > 1e-3
     # Same world size: the optimizer states come along.
@@ -68,6 +79,7 @@ def test_weights_only_across_world_sizes_then_exact_requeue(tmp_path):
         "--checkpoint.resume_weights_only=true",
     )
     assert "started from the weights and optimizer states of" in out
+    assert adam_steps(tmp_path / "c" / "ckpt" / "global_step1") == 2  # b's Adam state, one step further
     # The same command again (a requeued job): checkpoint.dir's own checkpoint wins and resumes exactly.
     out = train(
         tmp_path / "b", *b_args[:2], "--optim.steps=2", *b_args[2:], "--checkpoint.resume_weights_only=true"
