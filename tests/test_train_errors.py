@@ -126,22 +126,21 @@ def test_empty_data_file(tmp_path, capsys):
     assert_user_error(r, tmp_path, "empty.jsonl", "empty")
 
 
+def unpacked_documents(tmp_path, capsys, docs: list[str], *args: str):
+    """train_inprocess on d.jsonl holding `docs`, one document per row (no packing)."""
+    path = jsonl(tmp_path / "d.jsonl", docs)
+    return train_inprocess(
+        tmp_path, capsys, "--data.kind=jsonl", f"--data.path={path}", "--data.packing=false", *args
+    )
+
+
 def test_blank_document(tmp_path, capsys):
-    path = jsonl(tmp_path / "d.jsonl", ["a real document", "   "])
-    r = train_inprocess(tmp_path, capsys, "--data.kind=jsonl", f"--data.path={path}", "--data.packing=false")
+    r = unpacked_documents(tmp_path, capsys, ["a real document", "   "])
     assert_user_error(r, tmp_path, "d.jsonl", "line 2", "empty")
 
 
 def test_document_shorter_than_two_tokens(tmp_path, capsys, word_tokenizer):
-    path = jsonl(tmp_path / "d.jsonl", ["a b a b", "a"])
-    r = train_inprocess(
-        tmp_path,
-        capsys,
-        "--data.kind=jsonl",
-        f"--data.path={path}",
-        "--data.packing=false",
-        f"--data.tokenizer={word_tokenizer}",
-    )
+    r = unpacked_documents(tmp_path, capsys, ["a b a b", "a"], f"--data.tokenizer={word_tokenizer}")
     assert_user_error(r, tmp_path, "d.jsonl", "line 2", "fewer than 2")
 
 
@@ -152,15 +151,7 @@ def test_token_ids_outside_vocab_byte_tokenizer(tmp_path, capsys):
 
 
 def test_token_ids_outside_vocab_hf_tokenizer(tmp_path, capsys, word_tokenizer):
-    path = jsonl(tmp_path / "d.jsonl", ["a b a b", "a big b"])
-    r = train_inprocess(
-        tmp_path,
-        capsys,
-        "--data.kind=jsonl",
-        f"--data.path={path}",
-        "--data.packing=false",
-        f"--data.tokenizer={word_tokenizer}",
-    )
+    r = unpacked_documents(tmp_path, capsys, ["a b a b", "a big b"], f"--data.tokenizer={word_tokenizer}")
     assert_user_error(r, tmp_path, "token id 300", "vocab_size=259", "document 1")
 
 
