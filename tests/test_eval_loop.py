@@ -373,3 +373,29 @@ def test_evaluate_command_refuses_by_name(tmp_path, capsys):
     assert "holds no checkpoint" in capsys.readouterr().err
     assert evaluate_main(["--config", str(CONFIG), "--model", str(tmp_path / "none"), *split]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_evaluate_command_on_a_lora_adapter_export(tmp_path):
+    """--model on a LoRA export (an adapter directory): the adapter is put on the config's base model, so the
+    loss is the merged model's, and not the base model's."""
+    from engine.model import apply_lora, build_model
+
+    run = [*RUN, "--eval.retrieval.lengths=[]", "--lora.enabled=true"]
+    cfg = load_config(str(CONFIG), run)
+    model = apply_lora(build_model(cfg.model, seed=cfg.optim.seed), cfg.lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # zero at init: an adapter that changes nothing would prove nothing
+                p.copy_(
+                    torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype) * 0.05
+                )
+    model.save_pretrained(tmp_path / "adapter")
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    losses = {}
+    for name, source in (("adapter", ["--model", str(tmp_path / "adapter")]),
+                         ("merged", ["--model", str(tmp_path / "merged")]), ("base", [])):  # fmt: skip
+        out = tmp_path / f"cli-{name}"
+        assert evaluate_main(["--config", str(CONFIG), *source, "--out", str(out), *run]) == 0
+        losses[name] = json.loads((out / "evaluation.json").read_text())["eval/loss"]
+    assert losses["adapter"] == pytest.approx(losses["merged"], rel=1e-10)
+    assert abs(losses["adapter"] - losses["base"]) > 1e-3
