@@ -332,6 +332,24 @@ def test_cli_reads_a_run_config_and_the_launchers_overrides(capsys):
         **{**LLAMA_24GB_KW, "attn": "sdpa", "lora_rank": 16},
     )
     assert f"longest sequence that fits: {n} tokens" in out and "LoRA r=16" in out
+    assert "micro-batches per optimizer step" not in out
+    # accumulation: the same memory (one micro-batch at a time), N x the time per optimizer step
+    assert (
+        planner.main(
+            [*LLAMA_24GB, "--model.attn_implementation=sdpa", "--lora.r=16", "--optim.grad_accum_steps=4"]
+        )
+        == 0
+    )
+    accum = capsys.readouterr().out
+    assert (
+        "accum      4 micro-batches per optimizer step: memory as one micro-batch; an optimizer step takes 4 x"
+        in accum
+    )
+
+    def table(text: str) -> list[str]:  # without the command line and the accumulation line
+        return [line for line in text.splitlines() if not line.startswith(("# ", "accum "))]
+
+    assert table(accum) == table(out)
     # the config loader's rules and messages, not the planner's own
     assert planner.main([*LLAMA_24GB, "--deepspeed.offload_param=true"]) == 2
     assert "deepspeed.offload_param: needs deepspeed.zero_stage 3" in capsys.readouterr().err

@@ -201,12 +201,22 @@ def _describe(name: str, shape: ModelShape, kw: dict, b0: Breakdown, cfg) -> lis
     extras = [k for k in ("checkpoint_layers", "fused_loss") if kw[k]]
     extras += [f"offload_kv {kw['offload_kv']}"] if kw["offload_kv"] else []
     extras += [f"K/V grads in {Setup(**kw).kv_grad_dtype}"]
+    from engine.distributed.ds_config import grad_accum_steps
+
+    accum = grad_accum_steps(cfg)
+    # Each micro-batch frees its K/V before the next, so memory is one micro-batch's whatever the accumulation.
+    step = (
+        [f"accum      {accum} micro-batches per optimizer step: memory as one micro-batch; an optimizer step "
+         f"takes {accum} x the step time below"]
+        if accum > 1 else []
+    )  # fmt: skip
     return [
         f"model      {name}: hidden {shape.hidden}, {kinds}, {shape.heads} heads / {shape.kv_heads} KV heads "
         f"(head_dim {shape.head_dim}), MLP {shape.intermediate}, vocab {shape.vocab}; {b0.params / 1e9:.2f}B params",
         f"training   {what}; {kw['dtype']}, batch {kw['batch']}, attention {attn}; chunking.mode {cfg.chunking.mode}"
         + ("; " + ", ".join(extras) if extras else ""),
         f"ZeRO       {zero}",
+        *step,
     ]
 
 
