@@ -18,6 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
 
 
+def rank_zero_of_one() -> dict[str, str]:
+    """The rank variables a launcher gives the one rank of a world of one, with a free rendezvous port."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    return {**env, "MASTER_PORT": str(free_port())}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,8 +83,7 @@ def trained_run(config: Path, overrides: list[str], root: Path) -> Iterator:
     from engine import trainer
     from engine.config_load import load_config
 
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    with mock.patch.dict(os.environ, {**env, "MASTER_PORT": str(free_port())}):
+    with mock.patch.dict(os.environ, rank_zero_of_one()):
         run = trainer.setup(load_config(str(config), overrides))
         try:
             trainer.run_loop(run)

@@ -124,13 +124,13 @@ def test_chunkwise_trainer_accumulates_as_the_project_trainer_under_deepspeed(tm
     import sys
 
     from one_rank import outputs, train_cmd
-    from test_sft_hf import OVERRIDES, REPO, _env
+    from test_sft_hf import OVERRIDES, REPO, one_rank_env
 
     accum = [*OVERRIDES, "--optim.grad_accum_steps=2"]
     project = tmp_path / "project"
     project.mkdir()
     args = train_cmd(*accum, *outputs(project))
-    done = subprocess.run(args, env=_env(), cwd=project, capture_output=True, text=True)
+    done = subprocess.run(args, env=one_rank_env(), cwd=project, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(x) for x in (project / "log" / "metrics.jsonl").read_text().splitlines()]
     expected = [r["loss"] for r in records]
@@ -140,7 +140,7 @@ def test_chunkwise_trainer_accumulates_as_the_project_trainer_under_deepspeed(tm
         str(tmp_path / "hf"),
         "--deepspeed",
     ]
-    done = subprocess.run([*worker, "--", *accum], env=_env(), capture_output=True, text=True)
+    done = subprocess.run([*worker, "--", *accum], env=one_rank_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     losses = json.loads(done.stdout.split("LOSSES ")[-1])
     assert len(losses) == len(expected) == 4 and losses == pytest.approx(expected, rel=1e-5)

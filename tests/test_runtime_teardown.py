@@ -49,10 +49,9 @@ def test_a_world_of_one_leaves_the_environment_unchanged(no_launcher, tmp_path):
 
 def test_a_launchers_environment_is_kept(monkeypatch):
     """Under a launcher the rank variables are the launcher's: used, and left as they were."""
-    from one_rank import free_port
+    from one_rank import rank_zero_of_one
 
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    for key, value in {**env, "MASTER_PORT": str(free_port())}.items():
+    for key, value in rank_zero_of_one().items():
         monkeypatch.setenv(key, value)
     before = dict(os.environ)
     distributed.init_distributed(distributed.join_rendezvous())

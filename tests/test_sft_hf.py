@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from one_rank import free_port, outputs, train_cmd
+from one_rank import outputs, rank_zero_of_one, train_cmd
 from workers.hf_trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,17 +32,16 @@ OVERRIDES = [
 ]
 
 
-def _env() -> dict:
-    """A world of one with its own free rendezvous port."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-    return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+def one_rank_env() -> dict:
+    """This process's environment for a subprocess that is the one rank of a world of one."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **rank_zero_of_one()}
 
 
 @pytest.fixture(scope="module")
 def project_losses(tmp_path_factory) -> list[float]:
     root = tmp_path_factory.mktemp("project")
     args = train_cmd(*OVERRIDES, *outputs(root), "--checkpoint.every=1000")
-    done = subprocess.run(args, env=_env(), cwd=root, capture_output=True, text=True)
+    done = subprocess.run(args, env=one_rank_env(), cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(x) for x in (root / "log" / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r][:STEPS]
@@ -68,7 +67,7 @@ def test_resume_from_the_trainers_checkpoint(tmp_path):
 
 def test_chunkwise_trainer_under_the_trainers_deepspeed(project_losses, tmp_path):
     worker = [sys.executable, str(REPO / "tests" / "workers" / "hf_trainer.py"), str(tmp_path), "--deepspeed"]
-    done = subprocess.run([*worker, "--", *OVERRIDES], env=_env(), capture_output=True, text=True)
+    done = subprocess.run([*worker, "--", *OVERRIDES], env=one_rank_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     losses = json.loads(done.stdout.split("LOSSES ")[-1])
     assert losses == pytest.approx(project_losses, rel=1e-5)
