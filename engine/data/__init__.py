@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from engine.config import DataConfig
 from engine.data.files import FILE_KINDS, load_file_dataset
 from engine.data.mixture import MixtureDataset
-from engine.data.packing import PackedDataset, PaddedDataset, _TokenStore
+from engine.data.packing import PackedDataset, PaddedDataset, TokenStore
 from engine.data.sft import SftDataset, build_sft_dataset
 from engine.data.stream import DataStream, collate
 from engine.data.synthetic import SYNTHETIC_TASKS, SyntheticDataset
@@ -66,7 +66,7 @@ def check_vocab(dataset: Dataset, vocab_size: int) -> None:
         return
     source = getattr(dataset, "source", type(dataset).__name__)
     where = ""
-    if isinstance(dataset, _TokenStore):
+    if isinstance(dataset, TokenStore):
         where = f" (first in document {dataset.locate_token(top)})"
     elif getattr(dataset, "pad_id", None) == top:
         where = " (the pad id: the tokenizer's pad token, or its eos where it has none)"

@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 from engine.data.tokenizers import IGNORE_INDEX, Sample, check_seq_len, wrap_index
 
 
-class _TokenStore(Dataset):
+class TokenStore(Dataset):
     """Shared part of the file datasets: flat token storage, document offsets, vocabulary lookups."""
 
     def __init__(self, tokens: torch.Tensor, doc_offsets: torch.Tensor, seq_len: int, source: str) -> None:
@@ -34,7 +34,7 @@ class _TokenStore(Dataset):
         return int(torch.searchsorted(self.doc_offsets, pos, right=True)) - 1
 
 
-class PackedDataset(_TokenStore):
+class PackedDataset(TokenStore):
     """All documents concatenated (each as bos + text + eos) and cut into ``seq_len`` blocks.
 
     The remainder after the last full block is dropped (counted in ``dropped_tokens``). Documents keep to themselves: `position_ids`
@@ -71,7 +71,7 @@ class PackedDataset(_TokenStore):
         return torch.full((self.num_blocks,), self.seq_len, dtype=torch.long)
 
 
-class PaddedDataset(_TokenStore):
+class PaddedDataset(TokenStore):
     """One document per row, right-padded with ``pad_id`` to ``seq_len``. A document longer than ``seq_len``
     is split into consecutive rows of at most ``seq_len`` tokens (``truncation`` split: every token is
     trained on, each piece as a sequence of its own) or left out (drop: counted in ``dropped_tokens``).
