@@ -144,7 +144,7 @@ def check_model(cfg, p: int) -> None:
             f"run over a sequence group; the hybrid families that are: {HYBRID_FAMILIES}"
         )
     allowed = {"full_attention", "sliding_attention"} | (
-        {"linear_attention", "mlp", "moe"} if recurrent else set()
+        {"linear_attention", "hybrid", "mlp", "moe"} if recurrent else set()
     )
     other = set(layer_kinds(cfg)) - allowed
     if other:
@@ -155,23 +155,24 @@ def check_model(cfg, p: int) -> None:
 
 # Hybrid families run over a sequence group (tested exact, tests/test_sequence_parallel.py): each recurrent
 # mixer (the decoder layer's child of one of MIXER_NAMES in the layers transformers' cache mapping calls
-# linear_attention) is split by heads where engine/sharded_mixers.py knows its class and P divides its key heads
+# linear_attention or hybrid) is split by heads where engine/sharded_mixers.py knows its class and P divides its key heads
 # (groups), else it runs on the gathered chunk (`gathered_mixers`). Other hybrids are refused by name.
-HYBRID_FAMILIES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "nemotron_h")
-MIXER_NAMES = ("linear_attn", "mixer")
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "nemotron_h", "falcon_h1")
+MIXER_NAMES = ("linear_attn", "mixer", "mamba")
+MIXER_KINDS = ("linear_attention", "hybrid")  # hybrid: attention and a mixer side by side (Falcon-H1)
 
 
 def recurrent_mixers(model, cfg) -> list[torch.nn.Module]:
-    """The recurrent mixer of every layer transformers' cache mapping calls linear_attention."""
+    """The recurrent mixer of every layer transformers' cache mapping calls linear_attention or hybrid."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     base = base_model(model)
     types, _ = get_layer_types_and_kwargs(cfg)
     mixers = []
     for layer, kind in zip(base.model.layers, types):
-        if kind == "linear_attention":
+        if kind in MIXER_KINDS:
             mixers += [getattr(layer, n) for n in MIXER_NAMES if hasattr(layer, n)][:1]
-    if len(mixers) != types.count("linear_attention"):
+    if len(mixers) != sum(kind in MIXER_KINDS for kind in types):
         raise ValueError(f"{cfg.model_type}: a recurrent layer without a mixer named one of {MIXER_NAMES}")
     return mixers
 

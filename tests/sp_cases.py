@@ -40,6 +40,8 @@ CASES = {
     "nemotron_h_sharded": ("nemotron_h", {"n_groups": 2}, False, False, dict(chunk_size=8), False, True),
     # one Mamba-2 group cannot be split over 2 ranks: the mixers run on the gathered chunk
     "nemotron_h": ("nemotron_h", {}, False, False, dict(chunk_size=8), False, False),
+    # attention and a Mamba-2 mixer side by side in every layer; the mixers gathered
+    "falcon_h1": ("falcon_h1", {}, False, False, dict(chunk_size=8), False, True),
     # checkpointed layers recompute the sharded mixers (and their collectives) inside backward
     "qwen3_next_checkpoint_layers": (
         "qwen3_next",
@@ -57,7 +59,7 @@ CASES = {
 SHARDED_MIXERS = (
     "qwen3_next", "qwen3_5_spaco", "qwen3_5_moe", "nemotron_h_sharded", "qwen3_next_checkpoint_layers",
 )  # fmt: skip
-GATHERED_MIXERS = ("nemotron_h",)
+GATHERED_MIXERS = ("nemotron_h", "falcon_h1")
 # Negative control: the "qwen3_next" case with each rank's heads run on the other rank's per-head parameters
 SWAPPED = "qwen3_next_swapped_heads"
 
@@ -89,7 +91,7 @@ REFUSALS = {
         ("LlamaConfig", {}, False, False, dict(chunk_size=7), False, False),
         "multiple of parallel.sequence",
     ),
-    "hybrid": (("falcon_h1", {}, False, False, dict(chunk_size=8), False, False), "recurrent"),
+    "hybrid": (("bamba", {}, False, False, dict(chunk_size=8), False, False), "recurrent"),
 }
 
 
