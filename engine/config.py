@@ -126,6 +126,10 @@ class MixtureSource:
     format: Literal["auto", "jsonl", "json", "parquet", "csv", "text", "arrow"] | None = None
     """How its files are stored; null: `data.format`."""
 
+    chat_format: Literal["messages", "sharegpt"] | None = None
+    """data.kind chat: how its conversations are laid out (`messages` or `sharegpt`, as `data.chat_format`),
+    so one mixture can hold both; null: `data.chat_format`."""
+
     def __post_init__(self):
         _require(bool(self.path), "data.mixture[].path: must not be empty")
         _require(
@@ -155,7 +159,7 @@ class DataConfig:
     from each file's extension (.jsonl .json .parquet .csv .txt .md .arrow)."""
 
     mixture: list[MixtureSource] | None = None
-    """Several datasets of this `kind`, instead of `path`: a list of {path, weight, format}. Every row of
+    """Several datasets of this `kind`, instead of `path`: a list of {path, weight, format, chat_format}. Every row of
     every dataset is rendered; the mixture has as many rows as they together, each drawn from dataset i with
     probability weight_i / sum(weights) (from `seed`, deterministic), reusing a dataset's rows in a fixed
     shuffled order when it is drawn more often than it has rows."""
@@ -293,6 +297,11 @@ class DataConfig:
             self.chat_format == "messages" or self.kind == "chat",
             f"data.chat_format: {self.chat_format!r} applies to data.kind chat only",
         )
+        for i, m in enumerate(self.mixture or []):
+            _require(
+                m.chat_format is None or self.kind == "chat",
+                f"data.mixture[{i}].chat_format: {m.chat_format!r} applies to data.kind chat only",
+            )
         _require(
             self.mixture is None or self.kind != "synthetic",
             "data.mixture: needs a file data.kind (documents, jsonl, parquet, text, chat or prompt_completion)",

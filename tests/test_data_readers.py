@@ -215,6 +215,31 @@ def test_mixture_proportions_and_determinism(tmp_path):
         DataConfig(kind="documents", path="a.jsonl", mixture=[MixtureSource(path="b.jsonl")])
 
 
+def test_a_chat_mixture_of_two_layouts(tmp_path):
+    """data.mixture[].chat_format: a messages dataset and a ShareGPT one in one mixture give the rows of the
+    same mixture of two messages datasets; the key applies to chat only."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "m").mkdir()
+    share = write("jsonl", [sharegpt(r) for r in CHAT], tmp_path / "s")
+    twin = write("jsonl", CHAT, tmp_path / "m")
+    tok = load_tokenizer(TOKENIZER)
+
+    def mixture(second: MixtureSource) -> list[dict]:
+        cfg = DataConfig(kind="chat", tokenizer=TOKENIZER, seq_len=512, packing=False,
+                         mixture=[MixtureSource(path=str(DATA / "chat.jsonl")), second])  # fmt: skip
+        return rows(build_dataset(cfg, tok))
+
+    assert mixture(MixtureSource(path=str(share), chat_format="sharegpt")) == mixture(
+        MixtureSource(path=str(twin))
+    )
+    with pytest.raises(ValueError, match="no field 'messages'"):  # without it: the mixture's data.chat_format
+        mixture(MixtureSource(path=str(share)))
+    with pytest.raises(
+        ConfigError, match=r"data.mixture\[0\].chat_format: 'sharegpt' applies to data.kind chat"
+    ):
+        DataConfig(kind="documents", mixture=[MixtureSource(path=str(share), chat_format="sharegpt")])
+
+
 def test_mixture_large_sample_proportions(tmp_path):
     mix = MixtureDataset(
         [range(1000), range(1000), range(1000)], [0.5, 0.3, 0.2], seed=3, names=["a", "b", "c"]

@@ -17,9 +17,11 @@ convention: the model / loss shifts them by one); positions that must not contri
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch.utils.data import Dataset
 
-from engine.config import DataConfig
+from engine.config import DataConfig, MixtureSource
 from engine.data.files import FILE_KINDS, load_file_dataset
 from engine.data.mixture import MixtureDataset
 from engine.data.packing import PackedDataset, PaddedDataset, TokenStore
@@ -97,11 +99,13 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int | 
         ]
     elif kind in FILE_KINDS or kind in SFT_KINDS:
         sources = (
-            [(data_cfg.path, data_cfg.format, 1.0)]
+            [(data_cfg, data_cfg.path, data_cfg.format)]
             if data_cfg.mixture is None
-            else [(m.path, m.format or data_cfg.format, m.weight) for m in data_cfg.mixture]
+            else [
+                (_source_config(data_cfg, m), m.path, m.format or data_cfg.format) for m in data_cfg.mixture
+            ]
         )
-        parts = [_file_dataset(data_cfg, tokenizer, path, fmt) for path, fmt, _ in sources]
+        parts = [_file_dataset(cfg, tokenizer, path, fmt) for cfg, path, fmt in sources]
     else:
         raise ValueError(
             f"unknown data kind {kind!r}; expected 'synthetic' or one of {sorted(FILE_KINDS) + list(SFT_KINDS)}"
@@ -113,6 +117,13 @@ def build_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, vocab_size: int | 
         return parts[0]
     names = [str(m.path) for m in data_cfg.mixture]
     return MixtureDataset(parts, [m.weight for m in data_cfg.mixture], data_cfg.seed, names)
+
+
+def _source_config(data_cfg: DataConfig, source: MixtureSource) -> DataConfig:
+    """The data section as one mixture dataset reads it: its own chat layout where it names one."""
+    if source.chat_format is None:
+        return data_cfg
+    return dataclasses.replace(data_cfg, chat_format=source.chat_format)
 
 
 def _file_dataset(data_cfg: DataConfig, tokenizer: Tokenizer, path: str | None, fmt: str) -> Dataset:
