@@ -4,11 +4,12 @@ in one process (the reference the test computes), on the same tiny float64 model
 from __future__ import annotations
 
 import torch
-from tiny import grads_of, live_lora, tiny_batch, tiny_model
+from tiny import VOCAB, grads_of, live_lora, tiny_batch, tiny_model
 from tiny_hybrid import HYBRIDS, tiny_hybrid
 
 from engine.chunk_eval import score
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward
+from engine.memory import MemoryTracker
 
 MOE = dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5)
 QWEN2_SLIDING = dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)
@@ -72,6 +73,11 @@ SCORES = {
     "score_qwen2_sliding": "qwen2_sliding",
     "score_qwen3_next": "qwen3_next",
 }
+
+# The per-rank step peak of the tiny float32 Llama at two lengths: name -> (K/V heads, sequence length). Its
+# 2 K/V heads are split one per rank under P = 2; a single K/V head is replicated on both ranks (K/V not split)
+PEAK_LENGTHS = (128, 256)
+PEAKS = {f"peak_kv{heads}_{n}": (heads, n) for heads in (2, 1) for n in PEAK_LENGTHS}
 
 # Refused by name before any chunk runs: name -> (case, words the error must contain)
 REFUSALS = {
@@ -210,3 +216,15 @@ def spaco_expectation(group, compensate: bool = True) -> dict:
             else {n: total[n] + p * grads[n] for n in total}
         )
     return {"grads": total}
+
+
+def step_peak(kv_heads: int, length: int, group=None) -> dict:
+    """Tensor bytes allocated inside one SeCO step on this rank (engine.memory.MemoryTracker) and its K/V bytes:
+    the tiny Llama in float32 with `kv_heads` K/V heads, one row of `length` tokens, chunks of 16."""
+    model = tiny_model("LlamaConfig", dtype=torch.float32, num_key_value_heads=kv_heads)
+    ids = torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(1))
+    with MemoryTracker("cpu") as mt:
+        stats = chunkwise_backward(
+            model, ids, schedule=ChunkSchedule(chunk_size=16), options=ChunkOptions(), sequence_group=group
+        )
+    return {"peak": mt.peak_bytes, "kv_bytes": stats.kv_bytes}

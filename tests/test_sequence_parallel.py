@@ -17,6 +17,8 @@ from one_rank import free_port
 from sp_cases import (
     CASES,
     GATHERED_MIXERS,
+    PEAK_LENGTHS,
+    PEAKS,
     REFUSALS,
     SCORES,
     SHARDED_MIXERS,
@@ -25,6 +27,7 @@ from sp_cases import (
     build,
     run_case,
     score_case,
+    step_peak,
 )
 from tiny import reference_grads, rel_error
 from tiny_hybrid import HYBRIDS, tiny_hybrid
@@ -55,7 +58,7 @@ def launch(out, cases, nprocs=2) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp")
-    names = [*CASES, *REFUSALS, *EXPECTATIONS, SWAPPED, *SCORES]
+    names = [*CASES, *REFUSALS, *EXPECTATIONS, SWAPPED, *SCORES, *PEAKS]
     launch(out, names)
     return {name: [torch.load(out / f"{name}.{r}.pt") for r in range(2)] for name in names}
 
@@ -93,6 +96,32 @@ def test_kv_bytes_per_rank_halve(results):
     for got in results["llama"]:
         # the sequence is padded to a multiple of P (37 -> 38 tokens): per-token K/V bytes halve
         assert got["kv_bytes"] / 38 == pytest.approx(one["kv_bytes"] / 37 / 2)
+
+
+def test_step_peak_grows_per_token_at_half_the_rate(results):
+    """Rank 0's step peak (engine.memory.MemoryTracker) grows per token at half P = 1's rate: the K/V and K/V
+    gradients (2 layers x 2 K/V heads x 16 x 4 bytes x 2 x 2 = 1 KiB per token, float32) are held one K/V head
+    per rank, and the chunk's activations are split too. Bound: ratio 0.5 +- 0.1; the rest of the per-token
+    growth (token ids, not split; the attention's chunk x prefix scores, which the peak holds or not depending
+    on the length) moves it by a few hundredths (measured 0.508 for 128 -> 256 tokens, 0.460 for 256 -> 512).
+    K/V not split gives >= 0.98: the K/V alone is that share of P = 1's slope, and one K/V head, replicated on
+    both ranks, gives 1.0 (the negative control)."""
+    short, long = PEAK_LENGTHS
+
+    def slope(peak) -> float:  # bytes per token
+        return (peak[long] - peak[short]) / (long - short)
+
+    measured = {}
+    for heads in (2, 1):
+        one = {n: step_peak(heads, n) for n in PEAK_LENGTHS}
+        two = {n: results[f"peak_kv{heads}_{n}"][0]["peak"] for n in PEAK_LENGTHS}
+        p1, p2 = slope({n: r["peak"] for n, r in one.items()}), slope(two)
+        kv = slope({n: r["kv_bytes"] for n, r in one.items()})
+        measured[heads] = dict(p1=p1, p2=p2, ratio=p2 / p1, kv_share=kv / p1)
+    msg = f"bytes per token, P = 1 and P = 2, by K/V heads: {measured}"
+    assert abs(measured[2]["ratio"] - 0.5) <= 0.1, msg
+    assert measured[2]["kv_share"] > 0.6, msg  # unsplit K/V alone would put P = 2's slope outside the bound
+    assert abs(measured[1]["ratio"] - 0.5) > 0.1, msg  # negative control: replicated K/V
 
 
 @pytest.mark.parametrize("name", [*SHARDED_MIXERS, *GATHERED_MIXERS])

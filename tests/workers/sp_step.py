@@ -13,7 +13,17 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sp_cases import CASES, REFUSALS, SCORES, SWAPPED, run_case, score_case, spaco_expectation  # noqa: E402
+from sp_cases import (  # noqa: E402
+    CASES,
+    PEAKS,
+    REFUSALS,
+    SCORES,
+    SWAPPED,
+    run_case,
+    score_case,
+    spaco_expectation,
+    step_peak,
+)
 
 from engine import sharded_mixers  # noqa: E402
 from engine.sequence_parallel import SequenceGroup  # noqa: E402
@@ -47,6 +57,8 @@ for name in args.cases.split(","):
         result = spaco_expectation(group, compensate=not name.endswith("uncompensated"))
     elif name in SCORES:
         result = score_case(CASES[SCORES[name]], group)
+    elif name in PEAKS:
+        result = step_peak(*PEAKS[name], group)
     elif name == SWAPPED:
         result = swapped_heads(CASES["qwen3_next"])
     elif name in REFUSALS:
