@@ -56,6 +56,11 @@ CASES = {
     # (tests/ds_reference.py's moe_reference); and a hybrid (Mamba-2 + attention) through its state cache.
     "zero2-moe-aux": ["--zero", "2", "--model", "moe"],
     "zero2-hybrid": ["--zero", "2", "--model", "nemotron_h"],
+    # ZeRO-3 with MoE blocks that run only their tokens' experts: the blocks are fetched whole (leaf
+    # modules, engine/distributed/zero3_leaves.py), else the ranks' all-gathers go out of step
+    "zero3-moe-aux": ["--zero", "3", "--model", "moe"],
+    "zero3-hybrid-moe": ["--zero", "3", "--model", "qwen3_next"],
+    "zero3-hybrid-moe-qwen3_5": ["--zero", "3", "--model", "qwen3_5_moe_text"],
     # Sequence parallelism: both ranks share both rows (P = 2, one data-parallel group), each chunk split
     # over them (engine/sequence_parallel.py); DeepSpeed reduces over data x sequence ranks.
     "zero0-sp2": ["--zero", "0", "--sp", "2"],
@@ -171,6 +176,19 @@ def test_data_times_sequence_zero3(tmp_path):
     """4 ranks: 2 data-parallel groups of 2 sequence ranks (one row each, uneven lengths), ZeRO-3."""
     args = ["--zero", "3", "--sp", "2"]
     check_step(args, launch({"dp2-sp2": args}, tmp_path, nprocs=4)["dp2-sp2"], rows=1)
+
+
+@pytest.mark.parametrize("family", ["moe", "qwen3_next", "qwen3_5_moe_text", "granitemoehybrid", "llama"])
+def test_zero3_leaves_are_the_moe_blocks(family):
+    """Every layer's MoE block is found by structure (one per layer of an MoE family), and nothing in a
+    dense model."""
+    from engine.distributed.zero3_leaves import moe_blocks
+
+    model = build(family)
+    blocks = moe_blocks(model)
+    dense = family in ("llama",)
+    assert len(blocks) == (0 if dense else model.config.num_hidden_layers)
+    assert all("experts" in dict(b.named_children()) for b in blocks)
 
 
 def check_step(args, got, rows=2):

@@ -40,6 +40,7 @@ from ds_reference import (  # noqa: E402
 from engine.accumulation import count_step_tokens, step_context  # noqa: E402
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward  # noqa: E402
 from engine.distributed import unlink_shm_comm_buffers  # noqa: E402
+from engine.distributed.zero3_leaves import mark_moe_blocks_as_leaves  # noqa: E402
 
 CASE = argparse.ArgumentParser()
 CASE.add_argument("--zero", type=int, required=True)
@@ -81,6 +82,8 @@ class Case:
             "zero_force_ds_cpu_optimizer": False,
             "zero_allow_untested_optimizer": True,  # plain SGD: its update is the gradient
         }
+        if args.zero == 3:  # as engine.distributed.initialize does
+            mark_moe_blocks_as_leaves(model)
         opt = make_optimizer(args.optim, [p for p in model.parameters() if p.requires_grad])
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config, mpu=mpu)
         kw = {"sample_prob": 1.0, "loss_chunks": args.loss_chunks} if args.mode == "spaco" else {}
