@@ -30,12 +30,14 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from engine.accumulation import count_step_tokens, step_context
 from engine.chunk_eval import score
 from engine.chunkwise import DEFAULT_OPTIONS, ChunkOptions, ChunkStats, chunkwise_backward
 from engine.evaluate import eval_mode
 from engine.schedule import ChunkSchedule, spaco_generator
+from engine.zero3_leaves import mark_moe_blocks_as_leaves
 
 
 class ChunkwiseTrainer(Trainer):
@@ -64,6 +66,9 @@ class ChunkwiseTrainer(Trainer):
             )
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         refuse_sequence_sharding(getattr(training_args, "parallelism_config", None))  # before any group
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None and is_deepspeed_zero3_enabled():  # before accelerate hands it to DeepSpeed
+            mark_moe_blocks_as_leaves(model)
         super().__init__(*args, **kwargs)
         # accelerate may build its parallelism config from the environment (ACCELERATE_USE_PARALLELISM_CONFIG)
         refuse_sequence_sharding(getattr(self.accelerator, "parallelism_config", None))

@@ -57,7 +57,7 @@ CASES = {
     "zero2-moe-aux": ["--zero", "2", "--model", "moe"],
     "zero2-hybrid": ["--zero", "2", "--model", "nemotron_h"],
     # ZeRO-3 with MoE blocks that run only their tokens' experts: the blocks are fetched whole (leaf
-    # modules, engine/distributed/zero3_leaves.py), else the ranks' all-gathers go out of step
+    # modules, engine/zero3_leaves.py), else the ranks' all-gathers go out of step
     "zero3-moe-aux": ["--zero", "3", "--model", "moe"],
     "zero3-hybrid-moe": ["--zero", "3", "--model", "qwen3_next"],
     "zero3-hybrid-moe-qwen3_5": ["--zero", "3", "--model", "qwen3_5_moe_text"],
@@ -185,7 +185,7 @@ def test_data_times_sequence_zero3(tmp_path):
 def test_zero3_leaves_are_the_moe_blocks(family):
     """Every layer's MoE block is found by structure (one per layer of an MoE family), and nothing in a
     dense model."""
-    from engine.distributed.zero3_leaves import moe_blocks
+    from engine.zero3_leaves import moe_blocks
 
     model = build(family)
     blocks = moe_blocks(model)

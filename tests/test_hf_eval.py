@@ -71,3 +71,19 @@ def test_sequence_sharding_is_refused_before_any_process_group(tmp_path, name, k
     with pytest.raises(ValueError, match=f"parallelism_config.{name}=2 splits every sequence"):
         ChunkwiseTrainer(model=tiny_model(), args=args, train_dataset=Rows(), schedule=ChunkSchedule(8))
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("zero3", [True, False])
+def test_moe_blocks_are_zero3_leaves_under_zero3(tmp_path, monkeypatch, zero3):
+    """Under ZeRO-3 (the Trainer's DeepSpeed config) the MoE blocks are fetched whole (engine/zero3_leaves.py),
+    flagged before accelerate hands the model to DeepSpeed; without ZeRO-3 nothing is flagged."""
+    from deepspeed.utils import z3_leaf_module
+
+    import engine.hf_trainer
+
+    monkeypatch.setattr(engine.hf_trainer, "is_deepspeed_zero3_enabled", lambda: zero3)
+    model = tiny_model("MixtralConfig", num_local_experts=4, num_experts_per_tok=2)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    ChunkwiseTrainer(model=model, args=args, train_dataset=Rows(), schedule=ChunkSchedule(8))
+    blocks = [m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock"]
+    assert blocks and all(z3_leaf_module(b) == zero3 for b in blocks)

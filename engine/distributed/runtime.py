@@ -23,7 +23,7 @@ from engine.config import Config
 from engine.distributed import rendezvous
 from engine.distributed.ds_config import derive_ds_config
 from engine.distributed.rendezvous import Rendezvous
-from engine.distributed.zero3_leaves import mark_moe_blocks_as_leaves
+from engine.zero3_leaves import mark_moe_blocks_as_leaves
 
 
 def announced_world_size() -> int:
@@ -174,7 +174,7 @@ def unlink_shm_comm_buffers() -> None:
 def initialize(model: torch.nn.Module, ds_config: dict, mpu=None) -> Any:
     """deepspeed.initialize on the trainable parameters; returns the DeepSpeedEngine. It copies them into
     its optimizer's fp32 partitions: nothing may change the weights' values or trainability after this.
-    Under ZeRO-3 the mixture-of-experts blocks become leaf modules first (engine/distributed/zero3_leaves.py).
+    Under ZeRO-3 the mixture-of-experts blocks become leaf modules first (engine/zero3_leaves.py).
     `mpu`: DeepSpeed's sequence-parallel groups (engine/sequence_parallel.py's sequence_mpu) or None."""
     import deepspeed
 

@@ -40,7 +40,7 @@ from ds_reference import (  # noqa: E402
 from engine.accumulation import count_step_tokens, step_context  # noqa: E402
 from engine.chunkwise import ChunkOptions, ChunkSchedule, chunkwise_backward  # noqa: E402
 from engine.distributed import unlink_shm_comm_buffers  # noqa: E402
-from engine.distributed.zero3_leaves import mark_moe_blocks_as_leaves  # noqa: E402
+from engine.zero3_leaves import mark_moe_blocks_as_leaves  # noqa: E402
 
 CASE = argparse.ArgumentParser()
 CASE.add_argument("--zero", type=int, required=True)
