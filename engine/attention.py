@@ -78,7 +78,7 @@ def chunk_attention_forward(
         )
     groups = query.shape[1] // key.shape[1]
     if attention_mask is not None:  # the model's own pattern (sliding window, ...)
-        out = _masked(query, key, value, attention_mask, dropout, scaling, groups)
+        out = masked_attention(query, key, value, attention_mask, dropout, scaling, groups)
     else:
         out = lower_right_causal(query, key, value, dropout=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -151,7 +151,7 @@ class _PrefixPlusDiagonal(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _masked(q, k, v, mask, dropout, scale, groups):
+def masked_attention(q, k, v, mask, dropout, scale, groups):
     """SDPA with the model's own (additive) mask. On CPU torch takes grouped K/V together with a mask; on
     CUDA `enable_gqa` with a mask would select the math kernel, so K/V are repeated there, as transformers
     does (use flash_attention_2 for sliding windows on a GPU)."""

@@ -140,7 +140,7 @@ def _stats(plan: StepPlan, runner: ChunkRunner, backend, loss_sum: float) -> Chu
         seq_len=plan.seq_len,
         chunk_size=plan.chunk_size,
         kv_bytes=runner.cache.kv_bytes(),
-        state_bytes=sum(layer.state_bytes() for layer in runner.cache.state_layers()),
+        state_bytes=runner.cache.state_bytes(),
         aux_loss=aux,
         weights=plan.draw.weights,
     )

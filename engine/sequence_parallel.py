@@ -40,7 +40,7 @@ import torch.distributed as dist
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from engine.attention import _masked, lower_right_causal
+from engine.attention import lower_right_causal, masked_attention
 from engine.documents import Documents, document_mask, layer_kinds
 from engine.kv_cache import ChunkKVLayer
 from engine.sharded_mixers import head_sharded, layout_of
@@ -420,7 +420,7 @@ def ulysses_attention_forward(
     q = shard.group.to_heads(query)
     mask = shard.mask_for(getattr(module, "layer_idx", None))
     if mask is not None:
-        out = _masked(q, key, value, mask, dropout, scaling, q.shape[1] // key.shape[1])
+        out = masked_attention(q, key, value, mask, dropout, scaling, q.shape[1] // key.shape[1])
     else:
         out = lower_right_causal(q, key, value, dropout=dropout, scale=scaling)
     return shard.group.to_sequence(out), None

@@ -340,6 +340,10 @@ class StateCacheMixin:
     def state_layers(self) -> list[ChunkStateLayer]:
         return [layer for layer in self.layers if isinstance(layer, ChunkStateLayer)]
 
+    def state_bytes(self) -> int:
+        """The recurrent layers' boundary states and their gradients: the part of kv_bytes() they hold."""
+        return sum(layer.state_bytes() for layer in self.state_layers())
+
     def get_conv_state(self, layer_idx: int, state_idx: int = 0):
         return self._state_layer(layer_idx).state("conv", state_idx)
 
